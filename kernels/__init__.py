@@ -1,0 +1,1 @@
+"""vpd_kernels: fused distillation losses (log-softmax + divergence + trust region) for PyTorch."""
