@@ -1,0 +1,54 @@
+"""Row bookkeeping shared by the autograd functions: flattening, mask weights and reductions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """View (..., D) as (N, D) with unit stride along D, copying only when the layout needs it."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _safe_total(weights: torch.Tensor) -> torch.Tensor:
+    """sum(weights), or 1 when it is 0, so that an all-masked batch divides 0 by 1 (no NaN)."""
+    total = weights.sum()
+    return torch.where(total == 0, torch.ones_like(total), total)
+
+
+def row_coefficients(weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """d reduced_loss / d loss_row for each row: w / sum(w) for "mean", w otherwise."""
+    return weights / _safe_total(weights) if reduction == "mean" else weights
+
+
+def reduce_rows(loss_rows: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Weight per-row losses and reduce; rows with weight 0 count as exactly 0 even if NaN."""
+    weighted = torch.where(weights != 0, loss_rows * weights, 0.0)
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    return weighted.sum() / _safe_total(weights)
+
+
+def consume_once(ctx) -> None:
+    """Guard for gradients that were computed in the forward and are scaled in place in backward.
+
+    Scaling in place keeps peak memory at one gradient buffer; the price is that such a backward
+    may run only once per forward.
+    """
+    if getattr(ctx, "grad_consumed", False):
+        raise RuntimeError(
+            "vpd_kernels computes gradients in the forward and scales them in place, so backward "
+            "can run only once per forward; recompute the loss instead of using retain_graph=True"
+        )
+    ctx.grad_consumed = True
+
+
+def scale_grad(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """grad *= grad_loss in place; grad_loss is a scalar, or one value per row of `grad`."""
+    if grad is None:
+        return None
+    scale = grad_loss.reshape(-1, *([1] * (grad.dim() - 1))) if grad_loss.dim() else grad_loss
+    return grad.mul_(scale)
