@@ -20,7 +20,7 @@ from vpd_kernels.config import (
     resolve_backend,
 )
 from vpd_kernels.engine import Engine
-from vpd_kernels.rows import as_rows, consume_once, reduce_rows, row_coefficients, scale_grad
+from vpd_kernels.rows import as_rows, reduce_rows, row_coefficients, scale_grad
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk: 256 MiB per bf16 stream (about 880 rows at V=152k)
 
@@ -92,6 +92,7 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
         grad_w = torch.zeros_like(sw) if need_w and early else None
         coef = row_coefficients(weights, cfg.reduction)
         rows = _distill_chunks(sh, sw, th, tw, rh, rw, coef, cfg, engine, chunk, grad_h, grad_w)
+        ctx.grads_ready = early
         if early:
             ctx.save_for_backward(grad_h, grad_w)
         else:
@@ -108,9 +109,8 @@ class _FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if len(ctx.saved_tensors) == 2:
+        if ctx.grads_ready:
             grad_h, grad_w = ctx.saved_tensors
-            consume_once(ctx)
             grad_h, grad_w = scale_grad(grad_h, grad_loss), scale_grad(grad_w, grad_loss)
         else:
             sh, sw, th, tw, rh, rw, weights = ctx.saved_tensors

@@ -14,7 +14,7 @@ from vpd_kernels.config import (
     resolve_backend,
 )
 from vpd_kernels.engine import Engine
-from vpd_kernels.rows import as_rows, consume_once, reduce_rows, row_coefficients, scale_grad
+from vpd_kernels.rows import as_rows, reduce_rows, row_coefficients, scale_grad
 
 
 class _DistillFunction(torch.autograd.Function):
@@ -37,7 +37,6 @@ class _DistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
         (grad,) = ctx.saved_tensors
-        consume_once(ctx)
         return scale_grad(grad, grad_loss), None, None, None, None, None
 
 

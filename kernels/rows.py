@@ -32,22 +32,12 @@ def reduce_rows(loss_rows: torch.Tensor, weights: torch.Tensor, reduction: str) 
     return weighted.sum() / _safe_total(weights)
 
 
-def consume_once(ctx) -> None:
-    """Guard for gradients that were computed in the forward and are scaled in place in backward.
-
-    Scaling in place keeps peak memory at one gradient buffer; the price is that such a backward
-    may run only once per forward.
-    """
-    if getattr(ctx, "grad_consumed", False):
-        raise RuntimeError(
-            "vpd_kernels computes gradients in the forward and scales them in place, so backward "
-            "can run only once per forward; recompute the loss instead of using retain_graph=True"
-        )
-    ctx.grad_consumed = True
-
-
 def scale_grad(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
-    """grad *= grad_loss in place; grad_loss is a scalar, or one value per row of `grad`."""
+    """grad *= grad_loss in place; grad_loss is a scalar, or one value per row of `grad`.
+
+    In place keeps peak memory at one gradient buffer. Because the buffer is a saved tensor,
+    autograd's version check refuses a second backward through the same forward.
+    """
     if grad is None:
         return None
     scale = grad_loss.reshape(-1, *([1] * (grad.dim() - 1))) if grad_loss.dim() else grad_loss

@@ -1,0 +1,77 @@
+"""Independent float64 references for the kernel tests: plain softmax math, autograd for grads."""
+
+from __future__ import annotations
+
+import torch
+from torch.special import xlogy
+
+
+def kl64(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """sum p log(p / q) over the last dim with 0 log 0 = 0, in float64 probabilities."""
+    return (xlogy(p, p) - xlogy(p, q)).sum(-1)
+
+
+def distill_rows64(student, teacher, divergence, beta=0.5, temperature=1.0, ref=None, ref_coef=0.0):
+    """Per-token loss (...) in float64; differentiable wrt `student`."""
+    s = torch.softmax(student.double() / temperature, -1)
+    t = torch.softmax(teacher.double() / temperature, -1)
+    if divergence == "reverse_kl":
+        loss = kl64(s, t)
+    elif divergence == "forward_kl":
+        loss = kl64(t, s)
+    else:
+        m = (1 - beta) * s + beta * t
+        loss = beta * kl64(t, m) + (1 - beta) * kl64(s, m)
+    if ref is not None:
+        loss = loss + ref_coef * kl64(
+            torch.softmax(student.double(), -1), torch.softmax(ref.double(), -1)
+        )
+    return loss
+
+
+def reduce64(rows: torch.Tensor, mask, reduction: str) -> torch.Tensor:
+    w = torch.ones_like(rows) if mask is None else mask.double()
+    if reduction == "none":
+        return rows * w
+    if reduction == "sum":
+        return (rows * w).sum()
+    return (rows * w).sum() / w.sum() if w.sum() != 0 else (rows * 0).sum()
+
+
+def entropy64(student, temperature=1.0) -> torch.Tensor:
+    s = torch.softmax(student.double() / temperature, -1)
+    return -xlogy(s, s).sum(-1)
+
+
+def token_logprobs64(logits, tokens, temperature=1.0) -> torch.Tensor:
+    return (
+        torch.log_softmax(logits.double() / temperature, -1)
+        .gather(-1, tokens[..., None])
+        .squeeze(-1)
+    )
+
+
+def loss_and_grad(fn, leaf: torch.Tensor, grad_out: torch.Tensor | None = None):
+    """Evaluate fn(x) on a fresh leaf copy of `leaf` and return (value, d sum(value * grad_out) / dx)."""
+    x = leaf.detach().clone().requires_grad_(True)
+    value = fn(x)
+    weight = torch.ones_like(value) if grad_out is None else grad_out.to(value.dtype)
+    (value * weight).sum().backward()
+    return value.detach(), x.grad
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (a scale-aware relative error for whole tensors)."""
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual.double() - expected).abs().max() / scale)
+
+
+def assert_rel_close(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-9
+) -> None:
+    actual, expected = actual.detach(), expected.detach()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    err = float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    bound = rtol * float(expected.double().abs().max()) + atol if actual.numel() else 0.0
+    assert err <= bound, f"max abs err {err:.3e} > {bound:.3e} (rtol {rtol})"

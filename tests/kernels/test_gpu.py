@@ -1,0 +1,60 @@
+"""Checks that need a CUDA device: real Triton compilation, production sizes, int64 offsets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_reference import max_rel_err
+
+import vpd_kernels as vk
+
+pytestmark = pytest.mark.gpu
+
+
+def test_auto_backend_is_triton_and_matches_torch_at_production_vocab():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (300, 151936)
+    student = torch.randn(*shape, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    teacher = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    ref = torch.randn(*shape, device="cuda", generator=g).bfloat16()
+    results = []
+    for backend in ("auto", "torch"):
+        student.grad = None
+        loss, stats = vk.distill_loss(
+            student, teacher, ref_logits=ref, ref_coef=0.1, backend=backend, return_stats=True
+        )
+        loss.backward()
+        results.append((loss.detach(), student.grad.clone(), stats.entropy))
+    (la, ga, ea), (lb, gb, eb) = results
+    assert max_rel_err(la, lb) < 1e-5 and max_rel_err(ea, eb) < 1e-5
+    assert max_rel_err(ga.float(), gb.float()) < 1e-2  # both round the same fp32 gradient to bf16
+
+
+def test_more_rows_than_a_grid_dimension_and_int64_offsets():
+    """N * V > 2**31 elements and more row blocks than the 65535 limit of grid dims 1 and 2."""
+    n, v = 70000, 32768
+    student = torch.zeros(n, v, device="cuda", dtype=torch.bfloat16)
+    teacher = torch.zeros(n, v, device="cuda", dtype=torch.bfloat16)
+    teacher[-1, 0] = 5.0  # only the last row differs, at an offset beyond 2**31
+    student.requires_grad_(True)
+    loss = vk.distill_loss(student, teacher, divergence="forward_kl", reduction="none")
+    loss.sum().backward()
+    assert loss[:-1].abs().max() < 1e-6 and loss[-1] > 1.0
+    assert student.grad[-1, 0] < 0 and student.grad[:-1].abs().max() == 0
+
+
+def test_fused_linear_on_gpu_matches_logits_in():
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, h, v = 1000, 256, 50000
+    hidden = torch.randn(n, h, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_(True)
+    teacher_hidden = torch.randn(n, h, device="cuda", generator=g).bfloat16()
+    loss = vk.fused_linear_distill_loss(hidden, weight, teacher_hidden, divergence="jsd")
+    loss.backward()
+    h2 = hidden.detach().clone().requires_grad_(True)
+    expected = vk.distill_loss(
+        h2 @ weight.detach().T, teacher_hidden @ weight.detach().T, divergence="jsd"
+    )
+    expected.backward()
+    assert max_rel_err(loss.detach(), expected.detach()) < 1e-4
+    assert max_rel_err(hidden.grad.float(), h2.grad.float()) < 2e-2
