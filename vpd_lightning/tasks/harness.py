@@ -1,0 +1,152 @@
+"""Run a response's code against trusted tests in the sandbox and turn the outcome into feedback.
+
+Shared by the code tasks (HumanEval, JSONL with ``tests``). The in-sandbox half is
+``sandbox_driver.py``; this half writes its payload, runs it, checks the nonce and words the result
+the way a teacher should see it: the failing assertion, the call that failed and what it returned, or
+the exception, or the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vpd_lightning.tasks.sandbox import SandboxLimits, SandboxResult, run_python
+
+DRIVER_SOURCE = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
+RESPONSE = "<response>"
+TESTS = "<tests>"
+# The driver's own alarm fires this long before the sandbox's wall-clock kill, so it can say which
+# call was running.
+ALARM_MARGIN_S = 0.5
+
+
+@dataclass
+class TestOutcome:
+    """Whether every test ran and passed, what to tell the model, and details for logging."""
+
+    passed: bool
+    feedback: str
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def truncate(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters, marking the cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(limit - 15, 0)] + " ...[truncated]"
+
+
+def run_tests(
+    response_chunks: list[tuple[str, str]],
+    test_chunks: list[tuple[str, str]],
+    *,
+    entry_point: str | None = None,
+    check: str | None = None,
+    limits: SandboxLimits | None = None,
+) -> TestOutcome:
+    """Execute ``response_chunks`` then ``test_chunks`` ((name, source) pairs) in one namespace.
+
+    With ``check``, the tests define a function that is then called with the entry point (HumanEval's
+    ``check(candidate)``); otherwise the tests are top-level asserts. With ``entry_point``, calls of
+    that function are recorded for feedback and must return plain data.
+    """
+    limits = limits or SandboxLimits()
+    if check is not None and entry_point is None:
+        raise ValueError("run_tests: `check` needs an `entry_point` to call it with")
+    nonce = secrets.token_hex(16)
+    payload = {
+        "response": [{"name": n, "source": s} for n, s in response_chunks],
+        "tests": [{"name": n, "source": s} for n, s in test_chunks],
+        "entry_point": entry_point,
+        "check": check,
+        "deadline_s": max(limits.timeout_s - ALARM_MARGIN_S, 0.1),
+    }
+    result = run_python(
+        DRIVER_SOURCE,
+        files={"payload.json": json.dumps(payload)},
+        secret=nonce.encode(),
+        limits=limits,
+    )
+    return _interpret(result, nonce, entry_point, limits)
+
+
+def _interpret(
+    result: SandboxResult, nonce: str, entry_point: str | None, limits: SandboxLimits
+) -> TestOutcome:
+    try:
+        report = json.loads(result.report.decode("utf-8")) if result.report else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        report = {"status": "garbled"}
+    status = report.get("status", "no_report")
+    info: dict[str, object] = {
+        "status": status,
+        "duration_s": round(result.duration_s, 3),
+        "returncode": result.returncode,
+        "timed_out": result.timed_out,
+        "calls": report.get("calls", 0),
+        "error_type": report.get("error_type"),
+        "network_isolated": result.network_isolated,
+        "output": truncate(result.output, 1000),
+    }
+    if status == "passed" and report.get("nonce") == nonce and result.returncode == 0:
+        return TestOutcome(True, "All tests passed.", info)
+    if status == "passed":
+        info["status"] = "forged"
+        return TestOutcome(False, "The response interfered with the test harness.", info)
+    return TestOutcome(False, _failure_text(report, result, entry_point, limits), info)
+
+
+def _failure_text(
+    report: dict, result: SandboxResult, entry_point: str | None, limits: SandboxLimits
+) -> str:
+    status = report.get("status", "no_report")
+    call, returned = report.get("last_call"), report.get("last_result")
+    error = f"{report.get('error_type')}: {report.get('message', '')}".rstrip(": ")
+    if result.timed_out or status == "timeout":
+        where = f" while running {call}" if call and report.get("phase") == "tests" else ""
+        return f"Timed out after {limits.timeout_s:g} s{where} (an infinite loop, or too slow)."
+    if status == "error" and report.get("phase") == "response":
+        if report.get("error_type") == "SystemExit":
+            return "The code exited (SystemExit) before the tests ran."
+        line = f" (line {report['lineno']} of the code)" if report.get("lineno") else ""
+        return f"The code failed to run: {error}{line}."
+    if status == "missing_entry_point":
+        return f"The code does not define the function `{entry_point}`."
+    if status == "assertion":
+        text = f"Test failed: {report.get('test_line') or 'assertion'}"
+        if report.get("message"):
+            text += f" ({report['message']})"
+        if call is not None and returned is not None:
+            text += f"\n{call} returned {returned}."
+        return text
+    if status == "error":
+        if report.get("error_type") == "SystemExit":
+            return "The code exited (SystemExit) during the tests."
+        if report.get("in_response") and call:
+            return f"{call} raised {error}."
+        line = f" at: {report['test_line']}" if report.get("test_line") else ""
+        return f"The tests raised {error}{line}."
+    if status == "tampered":
+        return f"The code tampered with the test harness ({report.get('problem')})."
+    if status == "bad_return":
+        return (
+            f"{call} returned a {report.get('return_type')} object; the tests need plain values "
+            "(numbers, strings, lists, tuples, dicts, sets, None)."
+        )
+    return _death_text(result, limits)
+
+
+def _death_text(result: SandboxResult, limits: SandboxLimits) -> str:
+    """Why a program ended without a report, from its CPU time and exit status."""
+    if result.cpu_s >= limits.cpu_s - 0.05:
+        return f"The code exceeded the CPU time limit ({limits.cpu_s} s)."
+    code = result.returncode
+    if code is not None and code < 0:
+        if -code == signal.SIGXFSZ:
+            return "The code exceeded the file size limit."
+        return f"The process was killed ({signal.Signals(-code).name})."
+    return f"The program exited (code {code}) before the tests finished."
