@@ -1,0 +1,143 @@
+"""Teacher contexts: sources, sibling choice, masking, truncation, and shared completion ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from vpd_lightning.tasks import (
+    ArithmeticTask,
+    TeacherContextBuilder,
+    Verdict,
+    render_prompt,
+    teacher_sequence,
+)
+
+RECORD = {"prompt": "Compute (2 + 3) * 4.", "system": "Answer in <answer></answer>.", "answer": 20}
+QUESTION = RECORD["prompt"]
+OK, BAD = Verdict(1.0, "Correct."), Verdict(0.0, "Your answer 14 is incorrect.")
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids)
+
+
+def test_student_prompt_uses_the_chat_template(tiny_tokenizer):
+    text = decode(tiny_tokenizer, render_prompt(tiny_tokenizer, RECORD))
+    assert text == (
+        "<|im_start|>system\nAnswer in <answer></answer>.<|im_end|>\n"
+        f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "system": "S"}
+    assert decode(tiny_tokenizer, render_prompt(tiny_tokenizer, chat)).startswith(
+        "<|im_start|>system\nS"
+    )
+
+
+def test_verifier_context_and_teacher_prompt_layout(tiny_tokenizer):
+    builder = TeacherContextBuilder(tiny_tokenizer, source="verifier")
+    contexts = builder.build(RECORD, ["<answer>20</answer>", "<answer>14</answer>"], [OK, BAD])
+    assert [c.context for c in contexts] == ["Correct.", "Your answer 14 is incorrect."]
+    assert all(c.has_context and c.source == "verifier" for c in contexts)
+    text = decode(tiny_tokenizer, contexts[1].prompt_ids)
+    assert text.startswith(
+        "<|im_start|>system\nAnswer in <answer></answer>.<|im_end|>\n<|im_start|>user\n"
+    )
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    q, c, i = (text.index(s) for s in (QUESTION, "Your answer 14", "answer the original question"))
+    assert q < c < i
+
+
+def test_empty_feedback_is_masked(tiny_tokenizer):
+    builder = TeacherContextBuilder(tiny_tokenizer, source="verifier")
+    (context,) = builder.build(RECORD, ["x"], [Verdict(0.0, "  ")])
+    assert not context.has_context and context.context == ""
+    assert context.prompt_ids == render_prompt(tiny_tokenizer, RECORD)
+
+
+def test_sibling_never_picks_the_rollout_itself(tiny_tokenizer):
+    builder = TeacherContextBuilder(tiny_tokenizer, source="sibling")
+    completions = [f"response {i}" for i in range(6)]
+    for pattern in range(1 << 6):
+        verdicts = [OK if pattern >> i & 1 else BAD for i in range(6)]
+        for i, context in enumerate(builder.build(RECORD, completions, verdicts)):
+            successes = [j for j in range(6) if verdicts[j].success and j != i]
+            if successes:
+                assert context.source == "sibling" and context.context != completions[i]
+                assert context.context in [completions[j] for j in successes]
+            else:  # falls back to the rollout's own verifier feedback
+                assert context.source == "verifier" and context.context == verdicts[i].feedback
+
+
+def test_sibling_spreads_over_successes(tiny_tokenizer):
+    builder = TeacherContextBuilder(tiny_tokenizer, source="sibling")
+    contexts = builder.build(RECORD, ["a", "b", "c", "d"], [OK, BAD, OK, BAD])
+    assert [c.context for c in contexts] == ["c", "c", "a", "a"]
+    assert "A correct solution to this question:" in decode(tiny_tokenizer, contexts[1].prompt_ids)
+
+
+def test_question_survives_truncation(tiny_tokenizer):
+    long_question = "Question: " + "why? " * 200
+    record = {"prompt": long_question}
+    builder = TeacherContextBuilder(tiny_tokenizer, source="verifier", max_context_tokens=32)
+    (context,) = builder.build(record, ["x"], [Verdict(0.0, "feedback " * 500)])
+    assert context.context.endswith("...[truncated]")
+    assert len(tiny_tokenizer(context.context, add_special_tokens=False)["input_ids"]) <= 32
+    text = decode(tiny_tokenizer, context.prompt_ids)
+    assert long_question in text and text.rstrip().endswith("assistant")
+
+
+def test_student_and_teacher_share_the_exact_completion_ids(tiny_tokenizer):
+    builder = TeacherContextBuilder(tiny_tokenizer, source="verifier")
+    student_prompt = render_prompt(tiny_tokenizer, RECORD)
+    completion_ids = tiny_tokenizer(
+        "Step 1: 2 + 3 = 5\n<answer>20</answer>", add_special_tokens=False
+    )["input_ids"] + [tiny_tokenizer.eos_token_id]
+    (context,) = builder.build(RECORD, [tiny_tokenizer.decode(completion_ids)], [OK])
+    student = teacher_sequence(student_prompt, completion_ids)
+    teacher = teacher_sequence(context.prompt_ids, completion_ids)
+    assert len(context.prompt_ids) > len(student_prompt)
+    assert student[len(student_prompt) :] == teacher[len(context.prompt_ids) :] == completion_ids
+
+
+def test_self_critique(tiny_tokenizer):
+    seen = []
+
+    def critique_fn(prompts: list[str]) -> list[str]:
+        seen.extend(prompts)
+        return [f"critique {i}" for i in range(len(prompts))]
+
+    builder = TeacherContextBuilder(tiny_tokenizer, source="self_critique", critique_fn=critique_fn)
+    contexts = builder.build(RECORD, ["<answer>20</answer>", "<answer>14</answer>"], [OK, BAD])
+    assert [c.context for c in contexts] == ["critique 0", "critique 1"]
+    assert QUESTION in seen[1] and "<answer>14</answer>" in seen[1] and "is incorrect" in seen[1]
+    assert "is correct" in seen[0]
+    batch = builder.build_batch([RECORD, RECORD], [["a"], ["b", "c"]], [[OK], [BAD, OK]])
+    assert [[c.context for c in group] for group in batch] == [
+        ["critique 0"],
+        ["critique 1", "critique 2"],
+    ]
+    broken = TeacherContextBuilder(tiny_tokenizer, source="self_critique", critique_fn=lambda p: [])
+    with pytest.raises(ValueError, match="critique_fn returned 0"):
+        broken.build(RECORD, ["a"], [OK])
+
+
+def test_reference_context(tiny_tokenizer):
+    task = ArithmeticTask(num_train=3, num_test=2)
+    record = task.records("train")[0]
+    builder = TeacherContextBuilder(tiny_tokenizer, source="reference", task=task)
+    contexts = builder.build(record, ["a", "b"], [OK, BAD])
+    assert all(c.context == task.reference_solution(record) for c in contexts)
+    assert "A reference solution" in decode(tiny_tokenizer, contexts[0].prompt_ids)
+
+
+def test_bad_builder_options(tiny_tokenizer):
+    with pytest.raises(ValueError, match="source"):
+        TeacherContextBuilder(tiny_tokenizer, source="oracle")
+    with pytest.raises(ValueError, match="critique_fn"):
+        TeacherContextBuilder(tiny_tokenizer, source="self_critique")
+    with pytest.raises(ValueError, match="task"):
+        TeacherContextBuilder(tiny_tokenizer, source="reference")
+    with pytest.raises(ValueError, match="max_context_tokens"):
+        TeacherContextBuilder(tiny_tokenizer, max_context_tokens=0)
+    with pytest.raises(ValueError, match="verdicts"):
+        TeacherContextBuilder(tiny_tokenizer).build(RECORD, ["a", "b"], [OK])

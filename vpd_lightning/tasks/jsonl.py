@@ -1,0 +1,124 @@
+"""The user's own data: JSONL records checked by answer match or by Python tests.
+
+Each record has ``prompt`` (a string or a list of chat messages), optionally ``system``, and either
+
+- ``answer``: compared with the content of the response's last ``<answer>...</answer>``, exactly
+  (after trimming whitespace) or numerically (``match``: "exact", "numeric", or "auto": numeric when
+  both sides are numbers, else exact); or
+- ``tests``: Python source (a string or a list of lines) of top-level asserts, run after the
+  response's code in the sandbox as for HumanEval. An optional ``entry_point`` names the function
+  under test: its calls are then shown in the feedback and must return plain data.
+
+Records with both or neither are rejected when loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
+from vpd_lightning.tasks.data import check_fraction, load_split
+from vpd_lightning.tasks.harness import RESPONSE, TESTS, run_tests, truncate
+from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
+from vpd_lightning.tasks.sandbox import SandboxLimits
+
+MATCH_MODES = ("auto", "exact", "numeric")
+FEEDBACK_LEVELS = ("outcome", "solution")
+
+
+@register_task
+class JsonlTask(Task):
+    """Prompts with answers or tests from ``path`` (a JSONL file, or a directory of split files)."""
+
+    name = "jsonl"
+    runs_code = True
+
+    def __init__(
+        self,
+        path: str,
+        match: Literal["auto", "exact", "numeric"] = "auto",
+        feedback: Literal["outcome", "solution"] = "outcome",
+        rel_tol: float = 1e-6,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        timeout_s: float = 10.0,
+        memory_mb: int = 4096,
+        feedback_chars: int = 600,
+    ) -> None:
+        if match not in MATCH_MODES:
+            raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
+        if feedback not in FEEDBACK_LEVELS:
+            raise ValueError(f"feedback must be one of {FEEDBACK_LEVELS}, got {feedback!r}")
+        if rel_tol < 0:
+            raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+        check_fraction(test_fraction)
+        if not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"JSONL data path {path} does not exist")
+        self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
+        self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
+        self.limits = SandboxLimits(
+            timeout_s=timeout_s, cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb
+        )
+
+    def records(self, split: str) -> list[Record]:
+        records = load_split(self.path, split, self.test_fraction, self.seed)
+        for i, record in enumerate(records):
+            where = f"{self.path}[{split}][{i}]"
+            prompt = record.get("prompt")
+            if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
+                raise ValueError(f"{where}: needs `prompt` (a string or a list of chat messages)")
+            if ("answer" in record) == ("tests" in record):
+                raise ValueError(f"{where}: needs exactly one of `answer` and `tests`")
+        return records
+
+    def reference_solution(self, record: Record) -> str | None:
+        if "answer" in record:
+            return str(record["answer"])
+        return record.get("solution")
+
+    def verify(self, record: Record, completion: str) -> Verdict:
+        if "tests" in record:
+            return self._verify_tests(record, completion)
+        return self._verify_answer(record, completion)
+
+    def _matches(self, given: str, expected: str) -> bool:
+        if self.match != "exact":
+            a, b = parse_number(given), parse_number(expected)
+            if a is not None and b is not None:
+                return math.isclose(a, b, rel_tol=self.rel_tol, abs_tol=self.rel_tol)
+            if self.match == "numeric":
+                return False
+        return given.strip() == expected.strip()
+
+    def _verify_answer(self, record: Record, completion: str) -> Verdict:
+        expected = str(record["answer"])
+        given = extract_tagged_answer(completion)
+        info = {"answer": given, "expected": expected}
+        if given is None:
+            return Verdict(
+                0.0, "Format error: put the final answer inside <answer>...</answer>.", info
+            )
+        if self._matches(given, expected):
+            return Verdict(1.0, "Correct.", info)
+        text = f"Your answer {given!r} is incorrect."
+        if self.feedback == "solution":
+            text += f" The correct answer is {expected}."
+        return Verdict(0.0, text, info)
+
+    def _verify_tests(self, record: Record, completion: str) -> Verdict:
+        tests = record["tests"]
+        source = "\n".join(tests) if isinstance(tests, list) else str(tests)
+        entry_point = record.get("entry_point")
+        outcome = run_tests(
+            [(RESPONSE, extract_code(completion, entry_point))],
+            [(TESTS, source)],
+            entry_point=entry_point,
+            limits=self.limits,
+        )
+        return Verdict(
+            1.0 if outcome.passed else 0.0,
+            truncate(outcome.feedback, self.feedback_chars),
+            outcome.info,
+        )
