@@ -46,6 +46,7 @@ class JsonlTask(Task):
         timeout_s: float = 10.0,
         memory_mb: int = 4096,
         feedback_chars: int = 600,
+        isolate_network: bool = True,
     ) -> None:
         if match not in MATCH_MODES:
             raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
@@ -59,7 +60,10 @@ class JsonlTask(Task):
         self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
         self.limits = SandboxLimits(
-            timeout_s=timeout_s, cpu_s=max(1, int(timeout_s) + 1), memory_mb=memory_mb
+            timeout_s=timeout_s,
+            cpu_s=max(1, int(timeout_s) + 1),
+            memory_mb=memory_mb,
+            isolate_network=isolate_network,
         )
 
     def records(self, split: str) -> list[Record]:

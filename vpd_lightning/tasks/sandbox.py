@@ -14,8 +14,8 @@ Model output is untrusted code. Each run gets:
 - when the OS allows it without privileges (``unshare --user --net --pid``): no network (an empty
   network namespace) and its own PID namespace, so every process it forks dies with it even if it
   left the process group;
-- when the caller is root: the program runs as ``nobody`` (uid/gid 65534), since root ignores the
-  process limit and may write anywhere.
+- when the caller is root and ``nobody`` can execute the interpreter: the program runs as ``nobody``
+  (uid/gid 65534), since root ignores the process limit and may write anywhere.
 
 What it does NOT stop (it is not a container): reading any file the user can read (source, data,
 keys in ``$HOME`` when not root), writing files outside the temp dir that the user may write, using
