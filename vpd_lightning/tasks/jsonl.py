@@ -54,6 +54,8 @@ class JsonlTask(Task):
             raise ValueError(f"feedback must be one of {FEEDBACK_LEVELS}, got {feedback!r}")
         if rel_tol < 0:
             raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
+        if feedback_chars < 20:
+            raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
         check_fraction(test_fraction)
         if not Path(path).expanduser().exists():
             raise FileNotFoundError(f"JSONL data path {path} does not exist")
