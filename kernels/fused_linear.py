@@ -20,17 +20,10 @@ from vpd_kernels.config import (
     resolve_backend,
 )
 from vpd_kernels.engine import Engine
+from vpd_kernels.reference import chunk_rows
 from vpd_kernels.rows import as_rows, reduce_rows, row_coefficients, scale_grad
 
 CHUNK_LOGITS = 1 << 27  # logits per chunk: 256 MiB per bf16 stream (about 880 rows at V=152k)
-
-
-def _chunk_rows(n_cols: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
-    return max(1, CHUNK_LOGITS // n_cols)
 
 
 def _check_linear(
@@ -54,8 +47,24 @@ def _check_linear(
         )
 
 
-def _distill_chunks(sh, sw, th, tw, rh, rw, coef, cfg, engine, chunk, grad_h, grad_w) -> RowOutputs:
-    """Per-row outputs for all rows; accumulates coef-scaled gradients into grad_h / grad_w."""
+def _distill_chunks(
+    sh: torch.Tensor,
+    sw: torch.Tensor,
+    th: torch.Tensor,
+    tw: torch.Tensor,
+    rh: torch.Tensor | None,
+    rw: torch.Tensor,
+    coef: torch.Tensor,
+    cfg: DistillConfig,
+    engine: Engine,
+    chunk: int,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> RowOutputs:
+    """Per-row outputs for all rows; accumulates coef-scaled gradients into grad_h / grad_w.
+
+    (s|t|r)h are (N, H) hidden rows and (s|t|r)w the (V, H) heads of student, teacher and ref.
+    """
     n_rows = sh.shape[0]
     out = RowOutputs(
         *(torch.empty(n_rows, device=sh.device, dtype=torch.float32) for _ in range(4))
@@ -173,7 +182,7 @@ def fused_linear_distill_loss(
             )
     engine = Engine(resolve_backend(backend, student_hidden.device), block_v, None)
     weights = mask_weights(mask, token_shape, student_hidden.device)
-    chunk = _chunk_rows(student_weight.shape[0], chunk_size)
+    chunk = chunk_rows(student_weight.shape[0], chunk_size, CHUNK_LOGITS)
     ref_rows = as_rows(ref_hidden.detach()) if ref_hidden is not None else None
     loss, div, ref_kl, entropy = _FusedLinearDistillFunction.apply(
         as_rows(student_hidden),
@@ -254,7 +263,7 @@ def fused_linear_token_logprobs(
     token_shape = hidden.shape[:-1]
     flat_tokens = check_tokens(tokens, token_shape, hidden.device)
     engine = Engine(resolve_backend(backend, hidden.device), block_v, None)
-    chunk = _chunk_rows(weight.shape[0], chunk_size)
+    chunk = chunk_rows(weight.shape[0], chunk_size, CHUNK_LOGITS)
     logp = _FusedLinearLogprobsFunction.apply(
         as_rows(hidden), weight, flat_tokens, float(temperature), engine, chunk
     )

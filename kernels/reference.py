@@ -13,16 +13,18 @@ import torch
 
 from vpd_kernels.config import DistillConfig, RowOutputs
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in float32)
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB per float32 temporary)
 
 
-def chunk_rows(n_cols: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk: `chunk_size`, or as many as fit DEFAULT_CHUNK_ELEMENTS logits."""
+def chunk_rows(
+    n_cols: int, chunk_size: int | None = None, target_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> int:
+    """Rows per chunk: `chunk_size`, or as many rows of `n_cols` as fit `target_elements`."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    return max(1, DEFAULT_CHUNK_ELEMENTS // n_cols)
+    return max(1, target_elements // n_cols)
 
 
 def kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

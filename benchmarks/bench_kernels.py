@@ -1,0 +1,292 @@
+"""Benchmark vpd_kernels against eager PyTorch, torch.compile and Liger-Kernel.
+
+Workload: reverse KL + trust-region KL to a reference (ref_coef=0.1), forward + backward.
+- logits-in: student/teacher/ref logits (N, V) -> loss, grad wrt student logits.
+- fused-linear: hidden (N, H) and an LM head (V, H) per model -> loss, grads wrt student hidden
+  and weight (teacher and reference share the student's head).
+
+Every method runs in its own subprocess so that peak memory is its own:
+- CUDA: torch.cuda.max_memory_allocated() minus the memory held before the step (inputs), so
+  gradients produced by the step count as extra.
+- CPU: the process's resident-set high-water mark (getrusage ru_maxrss) minus its RSS after the
+  inputs exist. Tensors this large are mmap'd by the allocator and returned on free, so RSS
+  follows tensor allocations; the step is run once for this measurement before any timing.
+Times are the median of --repeats steps after one warm-up (CUDA events on GPU).
+Hardware floors (GPU only): logits-in = bytes read and written once (3 inputs + 1 gradient) /
+measured device copy bandwidth; fused-linear = matmul FLOPs (3 forward + 2 backward GEMMs of
+2*N*V*H) / measured bf16 GEMM rate.
+
+    python benchmarks/bench_kernels.py            # CPU: N=4096, V=49152, logits-in
+    python benchmarks/bench_kernels.py --n 16384  # GPU defaults: N=16384, V=151936, H=2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REF_COEF = 0.1
+METHODS = ("eager", "torch.compile", "liger", "vpd_kernels")
+
+
+# ---------------------------------------------------------------- the workloads
+def eager_logits_loss(student, teacher, ref):
+    """What one writes by hand: log_softmax + KL, in the input dtype."""
+    log_s = F.log_softmax(student, dim=-1)
+    rev = F.kl_div(F.log_softmax(teacher, dim=-1), log_s, log_target=True, reduction="batchmean")
+    trust = F.kl_div(F.log_softmax(ref, dim=-1), log_s, log_target=True, reduction="batchmean")
+    return rev + REF_COEF * trust
+
+
+def eager_fused_loss(hidden, weight, teacher_hidden, ref_hidden):
+    with torch.no_grad():
+        teacher, ref = teacher_hidden @ weight.T, ref_hidden @ weight.T
+    return eager_logits_loss(hidden @ weight.T, teacher, ref)
+
+
+def build_step(method: str, mode: str):
+    """Return loss_fn(*inputs) for `method`, or raise RuntimeError(reason) if unavailable."""
+    if method == "eager":
+        return eager_logits_loss if mode == "logits" else eager_fused_loss
+    if method == "torch.compile":
+        return torch.compile(eager_logits_loss if mode == "logits" else eager_fused_loss)
+    if method == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD, LigerJSD
+        except ImportError as err:
+            raise RuntimeError("not installed") from err
+        # Liger has JSD (no reverse KL + trust term); beta=1 is its reverse-KL end point.
+        if mode == "logits":
+            jsd = LigerJSD(beta=1.0)
+            return lambda s, t, r: jsd(F.log_softmax(t.float(), -1), F.log_softmax(s.float(), -1))
+        fused = LigerFusedLinearJSD(jsd_beta=1.0)
+        return lambda h, w, th, rh: fused(h, w, th, w)
+    import vpd_kernels as vk
+
+    backend = "auto"
+    if mode == "logits":
+        return lambda s, t, r: vk.distill_loss(
+            s, t, ref_logits=r, ref_coef=REF_COEF, backend=backend
+        )
+    return lambda h, w, th, rh: vk.fused_linear_distill_loss(
+        h, w, th, ref_hidden=rh, ref_coef=REF_COEF, backend=backend
+    )
+
+
+def make_inputs(mode: str, n: int, v: int, h: int, dtype: torch.dtype, device: str):
+    """Random inputs filled in place (no temporaries that would inflate the memory baseline)."""
+
+    def rand(*shape, scale=1.0, grad=False):
+        x = torch.empty(*shape, dtype=dtype, device=device).normal_(0.0, scale)
+        return x.requires_grad_(grad)
+
+    if mode == "logits":
+        return rand(n, v, scale=2.0, grad=True), rand(n, v, scale=2.0), rand(n, v, scale=2.0)
+    return rand(n, h, grad=True), rand(v, h, scale=h**-0.5, grad=True), rand(n, h), rand(n, h)
+
+
+# ---------------------------------------------------------------- one method, in a child process
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return kb * 1024
+
+
+def run_child(args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    try:
+        step_fn = build_step(args.child, args.mode)
+    except RuntimeError as err:
+        return {"status": f"unavailable: {err}"}
+    inputs = make_inputs(args.mode, args.n, args.v, args.h, dtype, device)
+    leaves = [x for x in inputs if x.requires_grad]
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        step_fn(*inputs).backward()
+
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = current_rss_bytes()
+            step()
+            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        times = time_steps(step, args.repeats, device)
+    except torch.OutOfMemoryError:
+        return {"status": "out of memory"}
+    except Exception as err:  # torch.compile failures and the like: report, don't crash the table
+        return {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return {"status": "ok", "time_ms": statistics.median(times), "peak_extra_mb": peak / 2**20}
+
+
+def time_steps(step, repeats: int, device: str) -> list[float]:
+    step()  # warm-up (the first call above may have compiled)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+# ---------------------------------------------------------------- hardware floors (GPU)
+def cuda_median_ms(fn, repeats: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_floors() -> dict:
+    """Device copy bandwidth (bytes/s, read + write) and bf16 GEMM rate (FLOP/s)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() / (cuda_median_ms(lambda: dst.copy_(src)) / 1e3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm = 2 * 8192**3 / (cuda_median_ms(lambda: a @ a) / 1e3)
+    return {"copy_bandwidth_gbs": bandwidth / 1e9, "bf16_matmul_tflops": gemm / 1e12}
+
+
+def floor_ms(mode: str, args, floors: dict) -> float:
+    if mode == "logits":
+        bytes_moved = 4 * args.n * args.v * getattr(torch, args.dtype).itemsize
+        return bytes_moved / (floors["copy_bandwidth_gbs"] * 1e9) * 1e3
+    flops = 5 * 2 * args.n * args.v * args.h
+    return flops / (floors["bf16_matmul_tflops"] * 1e12) * 1e3
+
+
+# ---------------------------------------------------------------- driver
+def device_slug() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def run_method_subprocess(method: str, mode: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, "--mode", mode]
+    cmd += ["--n", str(args.n), "--v", str(args.v), "--h", str(args.h)]
+    cmd += ["--dtype", args.dtype, "--repeats", str(args.repeats)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"failed: timed out after {args.timeout}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": f"failed: exit {proc.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def format_row(row: dict) -> str:
+    def cell(key: str, spec: str) -> str:
+        return format(row[key], spec) if key in row else "-"
+
+    return (
+        f"{row['mode']:<8} {row['method']:<14} {cell('time_ms', '.1f'):>10} "
+        f"{cell('peak_extra_mb', '.0f'):>10} {cell('ratio_to_floor', '.2f'):>8}  {row['status']}"
+    )
+
+
+def main() -> None:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=16384 if on_gpu else 4096, help="tokens")
+    parser.add_argument(
+        "--v", type=int, default=151936 if on_gpu else 49152, help="vocabulary size"
+    )
+    parser.add_argument("--h", type=int, default=2048, help="hidden size (fused-linear)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=20 if on_gpu else 3)
+    parser.add_argument(
+        "--modes",
+        default="logits,fused" if on_gpu else "logits",
+        help="comma list of logits,fused (fused-linear GEMMs are slow on CPU)",
+    )
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per method")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default results/kernels-<device>.json)"
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="logits", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return
+
+    slug = device_slug()
+    floors = measure_floors() if on_gpu else {}
+    results = []
+    print(
+        f"device={slug} N={args.n} V={args.v} H={args.h} dtype={args.dtype} repeats={args.repeats}"
+    )
+    print(f"{'mode':<8} {'method':<14} {'time ms':>10} {'peak MB':>10} {'x floor':>8}  status")
+    for mode in args.modes.split(","):
+        for method in args.methods.split(","):
+            row = {"mode": mode, "method": method, **run_method_subprocess(method, mode, args)}
+            if floors and row.get("time_ms") is not None:
+                row["ratio_to_floor"] = row["time_ms"] / floor_ms(mode, args, floors)
+            results.append(row)
+            print(format_row(row), flush=True)
+
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in ("n", "v", "h", "dtype", "repeats")}
+    payload = {
+        "device": slug,
+        "torch": torch.__version__,
+        "config": {
+            **config,
+            "ref_coef": REF_COEF,
+            "workload": "reverse KL + ref KL, forward+backward",
+        },
+        "memory_method": "cuda max_memory_allocated delta"
+        if on_gpu
+        else "ru_maxrss - RSS after inputs",
+        "floors": floors,
+        "results": results,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
