@@ -1,0 +1,197 @@
+"""One step of every method on the tiny model, the E-step's cadence and BCO state, bad options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vpd_lightning.config import DistillOptions, EStepOptions, SdpoOptions
+from vpd_lightning.module import VPDModule
+
+from .helpers import changed, lora, snapshot, tiny_data, tiny_module, tiny_trainer
+
+
+class Recorder:
+    """Wraps log_dict to keep every logged metric, step by step."""
+
+    def __init__(self, module: VPDModule) -> None:
+        self.rows: list[dict] = []
+        original = module.log_dict
+
+        def log_dict(metrics, *args, **kwargs):
+            self.rows.append(dict(metrics))
+            return original(metrics, *args, **kwargs)
+
+        module.log_dict = log_dict
+
+
+def fit(module: VPDModule, tmp_path, steps: int = 1, **trainer_overrides) -> Recorder:
+    recorder = Recorder(module)
+    tiny_trainer(tmp_path, steps, **trainer_overrides).fit(module, datamodule=tiny_data())
+    return recorder
+
+
+METHODS = [
+    pytest.param(dict(method="vpd"), id="vpd-shared-full"),
+    pytest.param(dict(method="vpd", lora=lora()), id="vpd-shared-lora"),
+    pytest.param(dict(method="vpd", teacher_mode="adapter", lora=lora()), id="vpd-adapter"),
+    pytest.param(dict(method="sdpo"), id="sdpo-current"),
+    pytest.param(dict(method="sdpo", sdpo=SdpoOptions(teacher="ema")), id="sdpo-ema"),
+    pytest.param(
+        dict(method="sdpo", sdpo=SdpoOptions(teacher="interpolate")), id="sdpo-interpolate-full"
+    ),
+    pytest.param(
+        dict(method="sdpo", lora=lora(), sdpo=SdpoOptions(teacher="interpolate")),
+        id="sdpo-interpolate-lora",
+    ),
+    pytest.param(dict(method="opsd", feedback_source="reference"), id="opsd"),
+    pytest.param(dict(method="grpo"), id="grpo"),
+    pytest.param(dict(method="vpd", distill=DistillOptions(grpo_coef=0.5)), id="vpd-hybrid"),
+    pytest.param(dict(method="sdpo", feedback_source="sibling"), id="sdpo-sibling"),
+    pytest.param(
+        dict(method="sdpo", updates_per_batch=2, distill=DistillOptions(trust_region_coef=0.1)),
+        id="sdpo-trust-region",
+    ),
+]
+
+
+@pytest.mark.parametrize("options", METHODS)
+def test_one_step_of_each_method_updates_the_student_with_finite_losses(options, tmp_path):
+    module = tiny_module(**options)
+    params = module.policy.student_parameters()
+    before = snapshot(params)
+    recorder = fit(module, tmp_path)
+    (row,) = recorder.rows
+    losses = {k: v for k, v in row.items() if k.endswith("loss")}
+    assert losses and all(math.isfinite(v) for v in losses.values()), row
+    assert changed(before, params)
+    assert module.trainer.global_step == 1
+    if options.get("method", "vpd") == "vpd":
+        assert "estep/loss" in row and "estep/implicit_reward" in row
+
+
+def test_adapter_mode_steps_touch_only_their_own_adapter(tmp_path):
+    module = tiny_module(
+        method="vpd", teacher_mode="adapter", lora=lora(), estep=EStepOptions(every=2)
+    )
+    student, teacher = module.policy.student_parameters(), module.policy.teacher_parameters()
+    base = [p for n, p in module.policy.model.named_parameters() if "lora_" not in n]
+    s0, t0, b0 = snapshot(student), snapshot(teacher), snapshot(base)
+    fit(module, tmp_path, steps=1)  # an M-step only: F=2
+    assert changed(s0, student) and not changed(t0, teacher) and not changed(b0, base)
+    assert len(module.estep_buffer) == 4
+
+    s1 = snapshot(student)
+    stats = module._teacher_update(module.estep_buffer)
+    assert math.isfinite(stats["estep/loss"])
+    assert changed(t0, teacher) and not changed(s1, student) and not changed(b0, base)
+
+
+def test_estep_runs_every_F_steps_on_the_buffered_rollouts(tmp_path):
+    module = tiny_module(estep=EStepOptions(every=3))
+    sizes = []
+    original = module._teacher_update
+
+    def spy(buffer):
+        sizes.append((module.global_step, len(buffer)))
+        return original(buffer)
+
+    module._teacher_update = spy
+    recorder = fit(module, tmp_path, steps=7)
+    # the E-step ends the 3rd and 6th steps (global_step already counts their student update),
+    # each time on 3 steps x 2 prompts x 2 samples
+    assert sizes == [(3, 12), (6, 12)]
+    assert [("estep/loss" in row) for row in recorder.rows] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert module.steps_since_estep == 1 and len(module.estep_buffer) == 4
+
+
+def test_bco_delta_is_the_running_mean_of_the_implicit_reward(tmp_path):
+    module = tiny_module(estep=EStepOptions(every=1, delta_momentum=0.9, beta=0.5))
+    recorder = fit(module, tmp_path, steps=2)
+    r1, r2 = (row["estep/implicit_reward"] for row in recorder.rows)
+    assert r1 != 0.0
+    expected = 0.9 * (0.1 * r1) + 0.1 * r2
+    assert module.delta.item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert recorder.rows[-1]["estep/delta"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_adaptive_beta_moves_beta(tmp_path):
+    module = tiny_module(estep=EStepOptions(every=1, target_kl=1e-9, beta_rate=0.5))
+    recorder = fit(module, tmp_path, steps=1)
+    assert recorder.rows[0]["estep/teacher_kl"] >= 0
+    assert module.beta.item() == pytest.approx(0.1 * math.exp(0.5))
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
+    import vpd_lightning.module as module_lib
+
+    real = module_lib.vk.fused_linear_distill_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(module_lib.vk, "fused_linear_distill_loss", poisoned)
+    module = tiny_module(method="sdpo", max_nonfinite_in_a_row=2)
+    params = module.policy.student_parameters()
+    before = snapshot(params)
+    with (
+        pytest.warns(UserWarning, match="non-finite loss"),
+        pytest.raises(RuntimeError, match="2 non-finite losses in a row"),
+    ):
+        fit(module, tmp_path, steps=5)
+    assert not changed(before, params)
+    assert module.nonfinite_total == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(estep=EStepOptions(every=0)), r"estep.every \(F\) must be >= 1"),
+        (dict(method="sdpo", teacher_mode="adapter", lora=lora()), "adapter is for method: vpd"),
+        (dict(method="opsd"), "feedback_source: reference"),
+        (dict(method="grpo", distill=DistillOptions(grpo_coef=1.0)), "leave it 0"),
+        (dict(distill=DistillOptions(trust_region_coef=0.1)), "updates_per_batch > 1"),
+        (dict(dtype="float8"), "model.dtype must be one of"),
+    ],
+)
+def test_bad_option_combinations_fail_before_training(options, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_module(**options)
+
+
+def test_adapter_mode_needs_lora():
+    with pytest.raises(ValueError, match="needs LoRA"):
+        tiny_module(method="vpd", teacher_mode="adapter")
+
+
+def test_teacher_optimizer_for_a_method_without_teacher_is_an_error():
+    with pytest.raises(ValueError, match="teacher_optimizer is only used by method: vpd"):
+        VPDModule(method="sdpo", teacher_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def test_missing_model_path_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        VPDModule(model=str(tmp_path / "nowhere"))
+
+
+def test_validation_logs_mean_pass_and_teacher_accuracy(tmp_path):
+    from vpd_lightning.config import ValidationOptions
+
+    module = tiny_module(
+        validation=ValidationOptions(num_samples=2, pass_k=[1, 2], temperature=1.0, teacher=True)
+    )
+    trainer = tiny_trainer(tmp_path, 1, limit_val_batches=1)
+    (results,) = trainer.validate(module, datamodule=tiny_data(), verbose=False)
+    assert set(results) == {"val/mean@2", "val/pass@1", "val/pass@2", "val/teacher_mean@2"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())

@@ -1,0 +1,56 @@
+"""Checkpoints resume everything: N steps straight equal k steps + resume + N - k steps."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from vpd_lightning.config import EStepOptions, SdpoOptions
+
+from .helpers import lora, tiny_data, tiny_module, tiny_trainer
+
+
+def run(tmp_path, module_options, steps, ckpt_in=None, ckpt_out=None):
+    pl.seed_everything(0)  # the same LoRA initialisation in every run, as the CLI's seed gives
+    module = tiny_module(**module_options)
+    trainer = tiny_trainer(tmp_path, steps)
+    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_in)
+    if ckpt_out is not None:
+        trainer.save_checkpoint(ckpt_out)
+    return module
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # F=3 and a checkpoint at step 2: the E-step buffer and delta cross the checkpoint
+        pytest.param(dict(method="vpd", estep=EStepOptions(every=3)), id="vpd-shared"),
+        pytest.param(
+            dict(method="vpd", teacher_mode="adapter", lora=lora(), estep=EStepOptions(every=3)),
+            id="vpd-adapter",
+        ),
+        pytest.param(dict(method="sdpo", sdpo=SdpoOptions(teacher="ema")), id="sdpo-ema"),
+    ],
+)
+def test_resume_equals_straight_run(tmp_path, options):
+    straight = run(tmp_path / "a", options, steps=4)
+    ckpt = tmp_path / "k2.ckpt"
+    run(tmp_path / "b", options, steps=2, ckpt_out=ckpt)
+    resumed = run(tmp_path / "c", options, steps=4, ckpt_in=ckpt)
+
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), (name, a.flatten()[:4], b.flatten()[:4])
+    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers, strict=True):
+        for sa, sb in zip(opt_a.state.values(), opt_b.state.values(), strict=True):
+            torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=0)
+    assert straight.steps_since_estep == resumed.steps_since_estep
+    assert [r.completion_ids for r in straight.estep_buffer] == [
+        r.completion_ids for r in resumed.estep_buffer
+    ]
+    if straight.policy.snapshot is not None:
+        for k, v in straight.policy.snapshot.values.items():
+            torch.testing.assert_close(v, resumed.policy.snapshot.values[k], rtol=0, atol=0)
