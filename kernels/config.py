@@ -56,6 +56,28 @@ class DistillStats(NamedTuple):
     entropy: torch.Tensor  # entropy of softmax(student/T)
 
 
+def finish_outputs(
+    loss: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    token_shape: torch.Size,
+    reduction: str,
+    has_ref: bool,
+    return_stats: bool,
+) -> torch.Tensor | tuple[torch.Tensor, DistillStats]:
+    """Shape the loss like the tokens for reduction="none" and attach the per-token statistics."""
+    if reduction == "none":
+        loss = loss.view(token_shape)
+    if not return_stats:
+        return loss
+    divergence, ref_kl, entropy = rows
+    stats = DistillStats(
+        divergence.view(token_shape),
+        ref_kl.view(token_shape) if has_ref else None,
+        entropy.view(token_shape),
+    )
+    return loss, stats
+
+
 class RowOutputs(NamedTuple):
     """What a backend returns for a (N, V) block of rows: unweighted per-row float32 values."""
 

@@ -16,6 +16,7 @@ from vpd_kernels.config import (
     RowOutputs,
     check_floating,
     check_tokens,
+    finish_outputs,
     mask_weights,
     resolve_backend,
 )
@@ -196,16 +197,9 @@ def fused_linear_distill_loss(
         engine,
         chunk,
     )
-    if reduction == "none":
-        loss = loss.view(token_shape)
-    if not return_stats:
-        return loss
-    stats = DistillStats(
-        div.view(token_shape),
-        ref_kl.view(token_shape) if ref_hidden is not None else None,
-        entropy.view(token_shape),
+    return finish_outputs(
+        loss, (div, ref_kl, entropy), token_shape, reduction, ref_hidden is not None, return_stats
     )
-    return loss, stats
 
 
 class _FusedLinearLogprobsFunction(torch.autograd.Function):

@@ -10,6 +10,7 @@ from vpd_kernels.config import (
     check_floating,
     check_like,
     check_tokens,
+    finish_outputs,
     mask_weights,
     resolve_backend,
 )
@@ -76,16 +77,9 @@ def distill_loss(
     loss, div, ref_kl, entropy = _DistillFunction.apply(
         as_rows(student_logits), as_rows(teacher_logits.detach()), ref_rows, weights, cfg, engine
     )
-    if reduction == "none":
-        loss = loss.view(token_shape)
-    if not return_stats:
-        return loss
-    stats = DistillStats(
-        div.view(token_shape),
-        ref_kl.view(token_shape) if ref_logits is not None else None,
-        entropy.view(token_shape),
+    return finish_outputs(
+        loss, (div, ref_kl, entropy), token_shape, reduction, ref_logits is not None, return_stats
     )
-    return loss, stats
 
 
 class _TokenLogprobsFunction(torch.autograd.Function):
