@@ -135,3 +135,19 @@ def test_bad_options(options, message):
 def test_bad_split():
     with pytest.raises(ValueError, match="unknown split"):
         task("outcome").records("validation")
+
+
+def test_last_number_format_reads_untagged_answers_and_tags_still_win():
+    from vpd_lightning.tasks import ArithmeticTask
+
+    task = ArithmeticTask(num_ops=1, max_operand=9, answer_format="last_number", seed=3)
+    record = task.records("test")[0]
+    expected = record["answer"]
+    assert task.verify(record, f"so the result is {expected}.").reward == 1.0
+    assert task.verify(record, f"it is {expected + 1}").reward == 0.0
+    assert task.verify(record, f"{expected} <answer>{expected + 1}</answer>").reward == 0.0
+    assert task.verify(record, "no digits here").feedback.startswith("Format error")
+    strict = ArithmeticTask(num_ops=1, max_operand=9, seed=3)
+    assert strict.verify(record, f"so the result is {expected}.").reward == 0.0
+    with pytest.raises(ValueError, match="answer_format"):
+        ArithmeticTask(answer_format="first")

@@ -32,6 +32,7 @@ from vpd_lightning.tasks.parsing import extract_tagged_answer, parse_int
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 FEEDBACK_LEVELS = ("outcome", "diagnostic", "solution")
+ANSWER_FORMATS = ("tag", "last_number")
 SYSTEM_PROMPT = (
     "Solve the arithmetic problem one operation at a time, innermost parentheses first. Write each "
     "step on its own line as `Step k: a op b = result`. Then give the final number inside "
@@ -75,7 +76,14 @@ class ArithmeticTask(Task):
         num_train: int = 2000,
         num_test: int = 200,
         seed: int = 0,
+        answer_format: Literal["tag", "last_number"] = "tag",
     ) -> None:
+        """``answer_format="last_number"`` also accepts a response without ``<answer>`` tags and
+        reads its last integer: small models that ignore the format still get a learning signal."""
+        if answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}"
+            )
         if num_ops < 1:
             raise ValueError(f"num_ops must be >= 1, got {num_ops}")
         if max_operand < 2:
@@ -93,6 +101,7 @@ class ArithmeticTask(Task):
             num_test,
             seed,
         )
+        self.answer_format = answer_format
         self._cache: dict[str, list[Record]] = {}
 
     def _problem(self, rng: random.Random, split: str, index: int) -> Record:
@@ -180,6 +189,9 @@ class ArithmeticTask(Task):
     def verify(self, record: Record, completion: str) -> Verdict:
         expected = record["answer"]
         raw = extract_tagged_answer(completion)
+        if raw is None and self.answer_format == "last_number":
+            integers = _INTEGER.findall(completion)
+            raw = integers[-1] if integers else None
         answer = parse_int(raw) if raw is not None else None
         info: dict[str, object] = {"answer": answer, "expected": expected, "format_ok": True}
         solution = (
