@@ -7,6 +7,7 @@ where the logs, checkpoints and config went.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -26,6 +27,11 @@ TRAINER_DEFAULTS = {
 }
 
 
+# Lightning warns that step-interval checkpoints hold the weights after the step's updates; that
+# is what resuming needs here (one step = rollouts + all of its updates), as the resume test shows.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
 class VPDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
@@ -42,7 +48,10 @@ class VPDCLI(LightningCLI):
             self._before = self._validate()
 
     def after_fit(self) -> None:
-        after = self._validate() if self._wants_before_after() else None
+        after = None
+        if self._wants_before_after():
+            validated_now = self.model.last_validated_step == self.trainer.global_step
+            after = self._last_validation() if validated_now else self._validate()
         if self.trainer.is_global_zero:
             print(self._summary(self._before, after))
 
@@ -53,6 +62,11 @@ class VPDCLI(LightningCLI):
     def _validate(self) -> dict[str, float]:
         results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    def _last_validation(self) -> dict[str, float]:
+        """The metrics of the validation that fit itself ran at the final step."""
+        metrics = self.trainer.callback_metrics
+        return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
 
     def _summary(self, before: dict | None, after: dict | None) -> str:
         trainer = self.trainer

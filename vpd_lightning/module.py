@@ -194,7 +194,7 @@ class VPDModule(pl.LightningModule):
         self._check_options(dtype)
 
         self.tokenizer = load_tokenizer(model)
-        network = load_causal_lm(model, DTYPES[dtype])
+        network = load_causal_lm(model, DTYPES[dtype]).train()  # from_pretrained gives eval mode
         if gradient_checkpointing:
             network.gradient_checkpointing_enable()
             network.config.use_cache = False
@@ -211,6 +211,7 @@ class VPDModule(pl.LightningModule):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._rng_to_restore: dict | None = None
+        self.last_validated_step: int | None = None
 
         n = self.validation.num_samples
         self.val_mean = MeanAtN()
@@ -347,15 +348,21 @@ class VPDModule(pl.LightningModule):
         stats["time/update_s"] = update_time
         stats["throughput/tokens_per_s"] = tokens / max(time.perf_counter() - step_start, 1e-9)
         stats["train/nonfinite_total"] = float(self.nonfinite_total)
-        self.log_dict(stats, on_step=True, on_epoch=False, batch_size=len(batch))
+        self.log_step_metrics(stats)
         self.log(
-            "reward",
-            stats["train/reward_mean"],
-            prog_bar=True,
-            on_step=True,
-            batch_size=len(batch),
-            logger=False,
+            "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
         )
+
+    def log_step_metrics(self, stats: dict[str, float]) -> None:
+        """Send one step's metrics straight to the loggers (process 0's values).
+
+        `self.log` would keep re-sending the last E-step's values on steps without an E-step;
+        metrics that exist only on some steps must appear only on those steps.
+        """
+        if self.global_step % self.trainer.log_every_n_steps and not self.trainer.is_last_batch:
+            return
+        for logger in self.loggers:
+            logger.log_metrics(stats, step=self.global_step)
 
     # ------------------------------------------------------------------------ rollouts
     def _rollout_seed(self) -> int:
@@ -684,6 +691,9 @@ class VPDModule(pl.LightningModule):
     # ------------------------------------------------------------------------ validation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_validated_step = self.global_step
 
     def test_step(self, batch: list[dict], batch_idx: int) -> None:
         self._evaluate(batch, "test")

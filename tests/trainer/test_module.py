@@ -14,17 +14,17 @@ from .helpers import changed, lora, snapshot, tiny_data, tiny_module, tiny_train
 
 
 class Recorder:
-    """Wraps log_dict to keep every logged metric, step by step."""
+    """Wraps log_step_metrics to keep every step's metrics."""
 
     def __init__(self, module: VPDModule) -> None:
         self.rows: list[dict] = []
-        original = module.log_dict
+        original = module.log_step_metrics
 
-        def log_dict(metrics, *args, **kwargs):
+        def log_step_metrics(metrics):
             self.rows.append(dict(metrics))
-            return original(metrics, *args, **kwargs)
+            return original(metrics)
 
-        module.log_dict = log_dict
+        module.log_step_metrics = log_step_metrics
 
 
 def fit(module: VPDModule, tmp_path, steps: int = 1, **trainer_overrides) -> Recorder:
@@ -50,6 +50,7 @@ METHODS = [
     pytest.param(dict(method="grpo"), id="grpo"),
     pytest.param(dict(method="vpd", distill=DistillOptions(grpo_coef=0.5)), id="vpd-hybrid"),
     pytest.param(dict(method="sdpo", feedback_source="sibling"), id="sdpo-sibling"),
+    pytest.param(dict(method="vpd", feedback_source="self_critique"), id="vpd-self-critique"),
     pytest.param(
         dict(method="sdpo", updates_per_batch=2, distill=DistillOptions(trust_region_coef=0.1)),
         id="sdpo-trust-region",
