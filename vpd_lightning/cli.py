@@ -1,8 +1,8 @@
 """`python -m vpd_lightning {fit,validate,test} --config configs/X.yaml`: a LightningCLI app.
 
 Besides LightningCLI's own behaviour (unknown keys are errors, `--print_config`, the resolved
-config saved next to the logs), `fit` evaluates before and after training and ends by printing
-where the logs, checkpoints and config went.
+config saved next to the logs), `fit` evaluates before and after training, draws the learning
+curves and ends by printing where the logs, curves, checkpoints and config went.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from vpd_lightning.data import VPDDataModule
 from vpd_lightning.module import VPDModule
+from vpd_lightning.plot import plot_run
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs", name="vpd"),
@@ -53,7 +54,15 @@ class VPDCLI(LightningCLI):
             validated_now = self.model.last_validated_step == self.trainer.global_step
             after = self._last_validation() if validated_now else self._validate()
         if self.trainer.is_global_zero:
-            print(self._summary(self._before, after))
+            print(self._summary(self._before, after, self._plot()))
+
+    def _plot(self) -> Path | None:
+        """Learning curves from the CSV log, when the run has one."""
+        logger = self.trainer.logger
+        if logger is None or not (Path(logger.log_dir) / "metrics.csv").exists():
+            return None
+        logger.save()
+        return plot_run(logger.log_dir)
 
     def _wants_before_after(self) -> bool:
         config = self.config[self.subcommand]
@@ -68,7 +77,7 @@ class VPDCLI(LightningCLI):
         metrics = self.trainer.callback_metrics
         return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
 
-    def _summary(self, before: dict | None, after: dict | None) -> str:
+    def _summary(self, before: dict | None, after: dict | None, curves: Path | None) -> str:
         trainer = self.trainer
         log_dir = Path(trainer.log_dir) if trainer.log_dir else None
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
@@ -79,6 +88,8 @@ class VPDCLI(LightningCLI):
             lines.append(f"  logs:       {log_dir}")
             lines.append(f"  config:     {log_dir / 'config.yaml'}")
         lines.append(f"  checkpoint: {checkpoint or '(none saved)'}")
+        if curves is not None:
+            lines.append(f"  curves:     {curves}")
         lines.append(f"  steps:      {trainer.global_step}")
         for key in sorted((before or {}) | (after or {})):
             b = (before or {}).get(key)

@@ -71,6 +71,7 @@ def test_tiny_config_trains_end_to_end_and_saves_logs_config_and_checkpoint(tmp_
     assert "training finished" in result.stdout and "before" in result.stdout
     run_dir = tmp_path / "runs/tiny/version_0"
     assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "curves.png").stat().st_size > 10_000 and "curves:" in result.stdout
     assert list((run_dir / "checkpoints").glob("*.ckpt"))
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     logged = {k for row in rows for k, v in row.items() if v}

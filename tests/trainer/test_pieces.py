@@ -47,3 +47,18 @@ def test_prompt_sampler_is_a_pure_function_of_step_and_rank():
     assert sampler.batch(0, 0, 2) != sampler.batch(0, 1, 2)
     with pytest.raises(ValueError, match="empty"):
         PromptSampler([], 1, 0)
+
+
+def test_plot_draws_the_logged_curves_and_explains_a_wrong_folder(tmp_path):
+    from vpd_lightning.plot import plot_run, read_series
+
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,train/reward_mean,estep/loss,val/mean@1\n"
+        "0,0,,,0.25\n0,1,0.5,,\n0,2,0.75,1.2,\n0,2,,,0.5\n"
+    )
+    series = read_series(tmp_path / "metrics.csv")
+    assert series["train/reward_mean"] == [(1, 0.5), (2, 0.75)]
+    assert series["estep/loss"] == [(2, 1.2)]
+    assert plot_run(tmp_path).stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="CSVLogger"):
+        plot_run(tmp_path / "nowhere")
