@@ -47,7 +47,7 @@ from vpd_lightning.objectives import (
 )
 from vpd_lightning.policy import Policy
 from vpd_lightning.rollout import HFGenerateEngine, SamplingParams
-from vpd_lightning.sequences import pack, per_sequence_sum
+from vpd_lightning.sequences import PackedBatch, pack, per_sequence_sum
 from vpd_lightning.tasks import Task, TeacherContextBuilder, render_prompt, verify_many
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +72,6 @@ def check_strategy(strategy: object) -> None:
 class Rollout:
     """One sampled response and everything both steps need about it (token ids only, no text)."""
 
-    group: int
     prompt_ids: list[int]
     completion_ids: list[int]
     teacher_prompt_ids: list[int]
@@ -396,7 +395,6 @@ class VPDModule(pl.LightningModule):
                 has_context = context is not None and context.has_context
                 rollouts.append(
                     Rollout(
-                        group=i,
                         prompt_ids=prompts[i],
                         completion_ids=completions[j],
                         teacher_prompt_ids=context.prompt_ids if has_context else prompts[i],
@@ -433,6 +431,16 @@ class VPDModule(pl.LightningModule):
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     # ------------------------------------------------------------------------ M-step
+    def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
+        size = self.micro_batch_size
+        return [rollouts[start : start + size] for start in range(0, len(rollouts), size)]
+
+    def _pack(self, micro: list[Rollout], teacher: bool = False) -> PackedBatch:
+        """The student's (or the teacher's) prompts, each followed by the same completion ids."""
+        prompts = [r.teacher_prompt_ids if teacher else r.prompt_ids for r in micro]
+        completions = [r.completion_ids for r in micro]
+        return pack(prompts, completions, self.tokenizer.pad_token_id, self.device)
+
     @torch.no_grad()
     def _rollout_time_anchors(
         self, rollouts: list[Rollout]
@@ -442,18 +450,11 @@ class VPDModule(pl.LightningModule):
         weight = self.policy.head_weight.detach()
         if self.policy.head_weight.requires_grad:
             weight = weight.clone()  # the head itself is trained: keep its rollout-time value
-        anchors = []
         with self.policy.student():
-            for start in range(0, len(rollouts), self.micro_batch_size):
-                micro = rollouts[start : start + self.micro_batch_size]
-                batch = pack(
-                    [r.prompt_ids for r in micro],
-                    [r.completion_ids for r in micro],
-                    self.tokenizer.pad_token_id,
-                    self.device,
-                )
-                anchors.append((self.policy.hidden(batch), weight))
-        return anchors
+            return [
+                (self.policy.hidden(self._pack(micro)), weight)
+                for micro in self._micro_batches(rollouts)
+            ]
 
     def _student_update(
         self,
@@ -477,27 +478,15 @@ class VPDModule(pl.LightningModule):
             )
 
         totals = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "grpo": 0.0, "ref_kl": 0.0}
-        pad = self.tokenizer.pad_token_id
+        start = 0
         with self.policy.student():
-            for index, start in enumerate(range(0, len(rollouts), self.micro_batch_size)):
-                micro = rollouts[start : start + self.micro_batch_size]
+            for index, micro in enumerate(self._micro_batches(rollouts)):
                 anchor_hidden, anchor_weight = anchors[index] if anchors else (None, None)
-                student = pack(
-                    [r.prompt_ids for r in micro],
-                    [r.completion_ids for r in micro],
-                    pad,
-                    self.device,
-                )
+                student = self._pack(micro)
                 loss = torch.zeros((), device=self.device)
                 hidden = None
                 if uses_distill:
-                    teacher = pack(
-                        [r.teacher_prompt_ids for r in micro],
-                        [r.completion_ids for r in micro],
-                        pad,
-                        self.device,
-                    )
-                    t_hidden, t_weight = self.policy.teacher_features(teacher)
+                    t_hidden, t_weight = self.policy.teacher_features(self._pack(micro, True))
                     hidden = self.policy.hidden(student)
                     token_mask = torch.tensor([r.has_context for r in micro], device=self.device)[
                         student.seq_index
@@ -546,6 +535,7 @@ class VPDModule(pl.LightningModule):
                     totals["grpo"] += float(grpo_sum.detach()) / all_tokens
                 self.manual_backward(loss)
                 totals["loss"] += float(loss.detach())
+                start += len(micro)
 
         stats = {"mstep/loss": totals["loss"]}
         if uses_distill:
@@ -578,14 +568,11 @@ class VPDModule(pl.LightningModule):
         weights = [1.0 if r.has_context else 0.0 for r in buffer]
         n_success = sum(w for w, r in zip(weights, buffer, strict=True) if r.reward >= threshold)
         n_failure = sum(w for w, r in zip(weights, buffer, strict=True) if r.reward < threshold)
-        pad = self.tokenizer.pad_token_id
         all_rewards, all_success, all_weights = [], [], []
         total_loss, kl_sum, kl_tokens = 0.0, 0.0, 0
-        for start in range(0, len(buffer), self.micro_batch_size):
-            micro = buffer[start : start + self.micro_batch_size]
-            completions = [r.completion_ids for r in micro]
-            student = pack([r.prompt_ids for r in micro], completions, pad, self.device)
-            teacher = pack([r.teacher_prompt_ids for r in micro], completions, pad, self.device)
+        start = 0
+        for micro in self._micro_batches(buffer):
+            student, teacher = self._pack(micro), self._pack(micro, teacher=True)
             with torch.no_grad(), self.policy.student():
                 s_hidden = self.policy.hidden(student)
                 s_logp = vk.fused_linear_token_logprobs(
@@ -611,7 +598,9 @@ class VPDModule(pl.LightningModule):
             s_seq = per_sequence_sum(s_logp, student)
             t_seq = per_sequence_sum(t_logp, teacher)
             if self.estep.length_normalize:
-                lengths = torch.tensor([max(len(c), 1) for c in completions], device=self.device)
+                lengths = torch.tensor(
+                    [max(len(r.completion_ids), 1) for r in micro], device=self.device
+                )
                 s_seq, t_seq = s_seq / lengths, t_seq / lengths
             reward = implicit_reward(t_seq, s_seq, beta)
             success = torch.tensor([r.reward >= threshold for r in micro], device=self.device)
@@ -623,6 +612,7 @@ class VPDModule(pl.LightningModule):
             all_rewards.append(reward.detach())
             all_success.append(success)
             all_weights.append(weight)
+            start += len(micro)
 
         rewards, success = torch.cat(all_rewards), torch.cat(all_success)
         weight = torch.cat(all_weights)

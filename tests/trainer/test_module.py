@@ -52,6 +52,10 @@ METHODS = [
     pytest.param(dict(method="sdpo", feedback_source="sibling"), id="sdpo-sibling"),
     pytest.param(dict(method="vpd", feedback_source="self_critique"), id="vpd-self-critique"),
     pytest.param(
+        dict(method="vpd", estep=EStepOptions(every=1, length_normalize=True)),
+        id="vpd-length-normalized",
+    ),
+    pytest.param(
         dict(method="sdpo", updates_per_batch=2, distill=DistillOptions(trust_region_coef=0.1)),
         id="sdpo-trust-region",
     ),
