@@ -1,14 +1,17 @@
 """GRPO vs SDPO vs VPD on SmolLM2-135M-Instruct + LoRA, one-step arithmetic with diagnostic feedback.
 
 Every method sees the same task, prompts per step, rollouts per prompt, steps, held-out set and
-seeds; only `method` (and the learning rate, from a small sweep) changes. The learning-rate sweep
-is part of the comparison: every method is run at every `--lrs` value, and the reported run of a
-method is the one with the highest mean *training* reward over the second half of its steps, so
-that the held-out set plays no part in the choice. All runs are written to the JSON.
+seeds; only `method` (and the learning rate, from a small sweep) changes. `vpd-fixed-prior` is
+VPD with the E-step anchored to the initial student instead of the current one (the ablation).
 
-    .venv/bin/python benchmarks/compare_methods.py            # the CPU run (about 25 minutes at the defaults)
+Two phases. The sweep: every method except the ablation runs at every `--lrs` value with the
+first seed, and each method keeps the lr with the highest mean *training* reward over the second
+half of its steps, so the held-out set plays no part in the choice (the ablation takes VPD's).
+Then every method runs at its lr with the remaining `--seeds`. All runs are in the JSON.
+
+    .venv/bin/python benchmarks/compare_methods.py            # the CPU run (about an hour here)
     .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 2 \
-        --eval-every 1 --val-size 4 --output /tmp/compare-smoke.json   # smoke test
+        --eval-every 1 --val-size 4 --lrs 1e-3 --seeds 0 --output /tmp/compare-smoke.json
 
 Writes the JSON (config, seeds, every curve, timings, notes), a PNG next to it, and prints a
 markdown table.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -50,11 +54,12 @@ TRAIN_KEYS = (
     "time/update_s",
     "throughput/tokens_per_s",
 )
+ABLATIONS = {"vpd-fixed-prior": "vpd"}  # ablation -> the method whose swept lr it reuses
 NOTES = [
-    "VPD with a fixed prior (the ablation of issue 6) is not run: the trainer has no option for "
-    "it (the E-step's prior is always the current student).",
-    "One seed per (method, lr) on the CPU: differences smaller than the step-to-step noise of "
-    "train reward (16 rollouts per step) are not evidence.",
+    "The lr sweep uses the first seed only; the other seeds run at the chosen lr. "
+    "vpd-fixed-prior is not swept: it reuses VPD's lr, so the two differ only in the prior.",
+    "Spread is the sample standard deviation over seeds; a seed changes the LoRA initialisation, "
+    "the training prompts and the rollout sampling, not the held-out set.",
     "Held-out accuracy is greedy mean@1 on the first val_size prompts of the task's test split; "
     "the teacher's is the same greedy decoding from the teacher context (verifier feedback on the "
     "student's own greedy answer), so it measures feedback-conditioned accuracy, not the student.",
@@ -152,12 +157,14 @@ def train_curve(logger: StepLogger, recorder: CurveRecorder) -> list[dict]:
     return rows
 
 
-def build_module(setup: Setup, method: str, lr: float, seed: int) -> VPDModule:
+def build_module(setup: Setup, variant: str, lr: float, seed: int) -> VPDModule:
     """One method's module; the teacher optimizer (VPD's E-step) uses the student's lr."""
 
     def optimizer(params):
         return torch.optim.AdamW(params, lr=lr)
 
+    method = ABLATIONS.get(variant, variant)
+    prior = "initial" if variant == "vpd-fixed-prior" else "student"
     return VPDModule(
         model=setup.model,
         method=method,
@@ -168,7 +175,7 @@ def build_module(setup: Setup, method: str, lr: float, seed: int) -> VPDModule:
             temperature=setup.temperature,
             max_new_tokens=setup.max_new_tokens,
         ),
-        estep=EStepOptions(every=setup.estep_every),
+        estep=EStepOptions(every=setup.estep_every, prior=prior),
         validation=ValidationOptions(
             num_samples=1,
             pass_k=[1],
@@ -246,14 +253,17 @@ def late_reward(run: dict) -> float:
 
 
 def select_lrs(runs: list[dict], methods: list[str]) -> dict[str, float]:
-    """Per method, the lr whose runs (averaged over seeds) have the best late training reward."""
+    """Per method, the lr whose sweep run has the best late training reward; an ablation takes
+    the lr of the method it ablates."""
     chosen = {}
     for method in methods:
-        by_lr: dict[float, list[float]] = {}
-        for run in runs:
-            if run["method"] == method:
-                by_lr.setdefault(run["lr"], []).append(late_reward(run))
-        chosen[method] = max(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
+        if method in ABLATIONS:
+            continue
+        by_lr = {run["lr"]: late_reward(run) for run in runs if run["method"] == method}
+        chosen[method] = max(by_lr, key=by_lr.get)
+    for method in methods:
+        if method in ABLATIONS:
+            chosen[method] = chosen[ABLATIONS[method]]
     return chosen
 
 
@@ -282,7 +292,7 @@ def summarize(runs: list[dict], chosen: dict[str, float]) -> list[dict]:
             "late_train_reward": spread([late_reward(r) for r in picked]),
             "train_seconds": spread([r["train_seconds"] for r in picked]),
         }
-        if method == "vpd":
+        if "val/teacher_mean@1" in picked[0]["before"]:
             row["teacher_before"] = spread([r["before"]["val/teacher_mean@1"] for r in picked])
             row["teacher_after"] = spread([r["after"]["val/teacher_mean@1"] for r in picked])
         rows.append(row)
@@ -317,9 +327,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mean_curve(runs: list[dict], curve: str, key: str) -> tuple[list, list, list, list]:
+    """Steps, mean training seconds, and mean/min/max of `key` over runs, at the steps that
+    every run has."""
+    steps = sorted(set.intersection(*({r["step"] for r in run[curve] if key in r} for run in runs)))
+    rows = [[next(r for r in run[curve] if r["step"] == s) for run in runs] for s in steps]
+    seconds = [statistics.fmean(r["train_seconds"] for r in at) for at in rows]
+    values = [[r[key] for r in at] for at in rows]
+    return steps, seconds, [statistics.fmean(v) for v in values], values
+
+
 def plot(runs: list[dict], chosen: dict[str, float], path: Path) -> None:
-    """Train reward and held-out accuracy against steps and against training wall-clock.
-    Chosen-lr runs are solid, the other sweep runs dotted; VPD's teacher is dashed."""
+    """Train reward and held-out accuracy against steps and against training wall-clock: each
+    method at its chosen lr, mean over seeds with a min-max band; VPD teachers dashed; sweep
+    runs at the other lr dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,64 +348,72 @@ def plot(runs: list[dict], chosen: dict[str, float], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey="row")
     colors = {"grpo": "tab:blue", "sdpo": "tab:orange", "vpd": "tab:green"}
-    for run in runs:
-        method = run["method"]
-        solid = chosen.get(method) == run["lr"]
-        style = dict(
-            color=colors.get(method, "gray"),
-            linestyle="-" if solid else ":",
-            alpha=1.0 if solid else 0.6,
-            label=f"{method} lr={run['lr']:g} seed={run['seed']}",
-        )
-        train, val = run["train_curve"], run["val_curve"]
-        for col, x in enumerate(("step", "train_seconds")):
-            axes[0, col].plot(
-                [r[x] for r in train], [r["train/reward_mean"] for r in train], **style
-            )
-            axes[1, col].plot(
-                [r[x] for r in val], [r["val/mean@1"] for r in val], marker="o", **style
-            )
-            if method == "vpd" and solid:
-                teacher = [r for r in val if "val/teacher_mean@1" in r]
-                axes[1, col].plot(
-                    [r[x] for r in teacher],
-                    [r["val/teacher_mean@1"] for r in teacher],
-                    color=style["color"],
-                    linestyle="--",
-                    marker="x",
-                    label=f"vpd teacher lr={run['lr']:g} seed={run['seed']}",
+    colors["vpd-fixed-prior"] = "tab:purple"
+    panels = (
+        (0, "train_curve", "train/reward_mean", "-"),
+        (1, "val_curve", "val/mean@1", "-"),
+        (1, "val_curve", "val/teacher_mean@1", "--"),
+    )
+    for method, lr in chosen.items():
+        picked = [r for r in runs if r["method"] == method and r["lr"] == lr]
+        color = colors.get(method, "gray")
+        for row, curve, key, linestyle in panels:
+            if not picked or key not in picked[0][curve][0]:
+                continue
+            steps, seconds, mean, values = mean_curve(picked, curve, key)
+            who = "teacher" if "teacher" in key else "student"
+            label = f"{method} {who} lr={lr:g} (n={len(picked)})" if row else method
+            for col, x in enumerate((steps, seconds)):
+                axes[row, col].plot(
+                    x,
+                    mean,
+                    color=color,
+                    linestyle=linestyle,
+                    marker="o" if row else None,
+                    label=label,
+                )
+                if len(picked) > 1:
+                    axes[row, col].fill_between(
+                        x,
+                        [min(v) for v in values],
+                        [max(v) for v in values],
+                        color=color,
+                        alpha=0.12,
+                    )
+        for other in runs:
+            if other["method"] == method and other["lr"] != lr:
+                steps, seconds, mean, _ = mean_curve([other], "val_curve", "val/mean@1")
+                axes[1, 0].plot(
+                    steps,
+                    mean,
+                    color=color,
+                    linestyle=":",
+                    alpha=0.7,
+                    label=f"{method} lr={other['lr']:g} (sweep)",
                 )
     for col, xlabel in enumerate(("training step", "training wall-clock (s)")):
         axes[0, col].set_xlabel(xlabel)
         axes[1, col].set_xlabel(xlabel)
     axes[0, 0].set_ylabel("train reward (mean over rollouts)")
     axes[1, 0].set_ylabel("held-out accuracy (greedy mean@1)")
-    axes[1, 1].legend(fontsize=7, loc="best")
-    fig.suptitle("SmolLM2-135M-Instruct + LoRA, arithmetic with diagnostic feedback")
+    axes[0, 0].legend(fontsize=8, loc="best")
+    axes[1, 0].legend(fontsize=7, loc="best")
+    fig.suptitle(
+        "SmolLM2-135M-Instruct + LoRA, arithmetic with diagnostic feedback "
+        "(mean over seeds, band: min-max)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def lr_notes(lrs: list[float]) -> list[str]:
-    """Say so when the sweep was a single value (the CPU default, for time)."""
-    if len(lrs) > 1:
-        return []
-    return [
-        f"No learning-rate sweep in this run: one fixed lr={lrs[0]:g} for every method (student "
-        "and, for VPD, teacher), a middle value for LoRA on a 135M model, because a 2-lr sweep "
-        "did not fit the CPU time budget. Pass --lrs A B to sweep (selection by late train "
-        "reward)."
-    ]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--methods", nargs="+", default=["grpo", "sdpo", "vpd"])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--eval-every", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["grpo", "sdpo", "vpd", "vpd-fixed-prior"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 1.5e-4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--output", type=Path, default=RESULTS / "compare-cpu.json")
@@ -398,40 +427,56 @@ def main() -> None:
     )
     warm_up(setup, args.methods[0], args.device)
     started = time.perf_counter()
-    runs = []
-    for seed in args.seeds:
-        for lr in args.lrs:
-            for method in args.methods:
-                run = run_one(setup, method, lr, seed, args.device)
-                runs.append(run)
-                after = run["after"]["val/mean@1"] if run["after"] else float("nan")
-                print(
-                    f"[{time.perf_counter() - started:7.0f}s] {method} lr={lr:g} seed={seed}: "
-                    f"held-out {run['before']['val/mean@1']:.3f} -> {after:.3f}, "
-                    f"late train reward {late_reward(run):.3f}",
-                    flush=True,
-                )
+    runs: list[dict] = []
+
+    def run(method: str, lr: float, seed: int) -> None:
+        result = run_one(setup, method, lr, seed, args.device)
+        runs.append(result)
+        after = result["after"]["val/mean@1"] if result["after"] else float("nan")
+        print(
+            f"[{time.perf_counter() - started:6.0f}s] {method} lr={lr:g} seed={seed}: held-out "
+            f"{result['before']['val/mean@1']:.3f} -> {after:.3f}, late train reward "
+            f"{late_reward(result):.3f}, train {result['train_seconds']:.0f}s",
+            flush=True,
+        )
+
+    swept = [m for m in args.methods if m not in ABLATIONS]
+    for lr in args.lrs:
+        for method in swept:
+            run(method, lr, args.seeds[0])
     chosen = select_lrs(runs, args.methods)
+    print("chosen lrs:", chosen, flush=True)
+    for seed in args.seeds:
+        for method in args.methods:
+            if not any(
+                r["method"] == method and r["lr"] == chosen[method] and r["seed"] == seed
+                for r in runs
+            ):
+                run(method, chosen[method], seed)
+
     rows = summarize(runs, chosen)
     result = {
         "setup": asdict(setup),
         "methods": args.methods,
         "lr_sweep": {
             "lrs": args.lrs,
+            "seed": args.seeds[0],
             "criterion": "mean train reward over the second half of the steps (no held-out data)",
             "chosen": chosen,
             "late_train_reward": [
                 {"method": r["method"], "lr": r["lr"], "seed": r["seed"], "value": late_reward(r)}
                 for r in runs
+                if r["seed"] == args.seeds[0]
             ],
         },
         "seeds": args.seeds,
         "device": args.device,
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "summary": rows,
         "runs": runs,
         "total_seconds": time.perf_counter() - started,
-        "notes": NOTES + lr_notes(args.lrs),
+        "notes": NOTES,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -11,6 +11,7 @@ from typing import Literal
 Method = Literal["vpd", "sdpo", "opsd", "grpo"]
 TeacherMode = Literal["shared", "adapter"]
 SdpoTeacher = Literal["current", "ema", "interpolate"]
+EStepPrior = Literal["student", "initial"]
 FeedbackSource = Literal["verifier", "sibling", "self_critique", "reference"]
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 
@@ -50,9 +51,12 @@ class DistillOptions:
 
 @dataclass
 class EStepOptions:
-    """The E-step (VPD only): BCO on verifier labels with the current student as prior."""
+    """The E-step (VPD only): BCO on verifier labels, anchored to a prior policy."""
 
     every: int = 5  # F: one E-step every F training steps
+    # The prior the implicit reward is measured against: the current student (the dynamic prior,
+    # VPD's trust region) or the frozen initial student (the paper's weaker ablation).
+    prior: EStepPrior = "student"
     beta: float = 0.1
     delta_momentum: float = 0.9
     length_normalize: bool = False

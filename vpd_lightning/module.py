@@ -198,7 +198,14 @@ class VPDModule(pl.LightningModule):
             network.gradient_checkpointing_enable()
             network.config.use_cache = False
         passive = {"sdpo": self.sdpo.teacher, "opsd": "initial"}.get(method)
-        self.policy = Policy(network, lora, teacher_mode == "adapter", passive, self.sdpo)
+        self.policy = Policy(
+            network,
+            lora,
+            teacher_mode == "adapter",
+            passive,
+            self.sdpo,
+            initial_prior=method == "vpd" and self.estep.prior == "initial",
+        )
         eos_ids = {self.tokenizer.eos_token_id, *self._generation_eos_ids(network)}
         self.engine = HFGenerateEngine(self.policy.model, self.tokenizer.pad_token_id, eos_ids)
 
@@ -559,8 +566,8 @@ class VPDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------ E-step
     def _teacher_update(self, buffer: list[Rollout]) -> dict:
-        """BCO on verifier labels with the dynamic prior: the implicit reward is measured against
-        the current student, detached, and `delta` is a running mean of it."""
+        """BCO on verifier labels: the implicit reward is measured against the prior (by default
+        the current student, detached: the dynamic prior), and `delta` is a running mean of it."""
         opts, scheds = self._optimizer_pair()
         optimizer, scheduler = opts[1], scheds[1]
         beta = float(self.beta)
@@ -573,23 +580,22 @@ class VPDModule(pl.LightningModule):
         start = 0
         for micro in self._micro_batches(buffer):
             student, teacher = self._pack(micro), self._pack(micro, teacher=True)
-            with torch.no_grad(), self.policy.student():
-                s_hidden = self.policy.hidden(student)
-                s_logp = vk.fused_linear_token_logprobs(
-                    s_hidden, self.policy.head_weight, student.targets
-                )
+            s_hidden, s_weight = self.policy.prior_features(student)
+            with torch.no_grad():
+                s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
             with self.policy.trainable_teacher():
                 t_hidden = self.policy.hidden(teacher)
                 t_logp = vk.fused_linear_token_logprobs(
                     t_hidden, self.policy.head_weight, teacher.targets
                 )
                 if self.estep.target_kl is not None:
-                    with torch.no_grad():  # KL(q || pi_theta): forward KL seen from the student
+                    with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
                         kl_sum += float(
                             vk.fused_linear_distill_loss(
                                 s_hidden,
-                                self.policy.head_weight,
+                                s_weight,
                                 t_hidden.detach(),
+                                self.policy.head_weight.detach(),
                                 divergence="forward_kl",
                                 reduction="sum",
                             )

@@ -36,6 +36,7 @@ class Policy(torch.nn.Module):
         separate_teacher_adapter: bool,
         passive_teacher: str | None,
         sdpo: SdpoOptions,
+        initial_prior: bool = False,
     ) -> None:
         super().__init__()
         if separate_teacher_adapter and lora is None:
@@ -62,8 +63,9 @@ class Policy(torch.nn.Module):
         self.uses_lora = lora is not None
         self.sdpo = sdpo
         self.passive_teacher = passive_teacher  # None, "current", "ema", "initial", "interpolate"
+        self.initial_prior = initial_prior  # the E-step anchors to the initial snapshot
         self.snapshot: WeightSnapshot | None = None
-        if passive_teacher in ("ema", "initial", "interpolate"):
+        if initial_prior or passive_teacher in ("ema", "initial", "interpolate"):
             self.snapshot = WeightSnapshot(dict(self._student_named_parameters()))
         self._enable_all_trainable()
 
@@ -123,6 +125,23 @@ class Policy(torch.nn.Module):
         """Final hidden states at the completion positions of `batch` with the live weights."""
         return completion_hidden(decoder_and_head(self.model)[0], batch)
 
+    def _head_is_swapped(self) -> bool:
+        return self.snapshot is not None and any(
+            p is self.head_weight for p in self.snapshot.params.values()
+        )
+
+    @torch.no_grad()
+    def prior_features(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, weight) of the E-step's prior without the feedback context: the current
+        student (dynamic prior), or the initial student snapshot (fixed prior)."""
+        with self.student():
+            if not self.initial_prior:
+                return self.hidden(batch), self.head_weight
+            with self.snapshot.swapped_in():
+                hidden = self.hidden(batch)
+                weight = self.head_weight.detach().clone() if self._head_is_swapped() else None
+            return hidden, self.head_weight if weight is None else weight
+
     @torch.no_grad()
     def teacher_features(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden, weight) whose product is the teacher's logits; weight None: the live head.
@@ -130,9 +149,7 @@ class Policy(torch.nn.Module):
         A swapped-in snapshot may hold its own lm_head weight (full fine-tuning), so the weight is
         copied out before the live weights come back.
         """
-        head_is_swapped = self.snapshot is not None and any(
-            p is self.head_weight for p in self.snapshot.params.values()
-        )
+        head_is_swapped = self._head_is_swapped()
         if self.passive_teacher in (None, "current"):
             with self.trainable_teacher():
                 return self.hidden(batch), None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -59,6 +60,19 @@ METHODS = [
         dict(method="sdpo", updates_per_batch=2, distill=DistillOptions(trust_region_coef=0.1)),
         id="sdpo-trust-region",
     ),
+    pytest.param(
+        dict(method="vpd", estep=EStepOptions(every=1, prior="initial", target_kl=0.1)),
+        id="vpd-fixed-prior-full",
+    ),
+    pytest.param(
+        dict(
+            method="vpd",
+            teacher_mode="adapter",
+            lora=lora(),
+            estep=EStepOptions(every=1, prior="initial"),
+        ),
+        id="vpd-fixed-prior-adapter",
+    ),
 ]
 
 
@@ -92,6 +106,23 @@ def test_adapter_mode_steps_touch_only_their_own_adapter(tmp_path):
     stats = module._teacher_update(module.estep_buffer)
     assert math.isfinite(stats["estep/loss"])
     assert changed(t0, teacher) and not changed(s1, student) and not changed(b0, base)
+
+
+@pytest.mark.parametrize("lora_options", [None, lora()], ids=["full", "lora"])
+def test_fixed_prior_is_the_initial_student_and_leaves_the_live_weights(lora_options, tmp_path):
+    module = tiny_module(lora=lora_options, estep=EStepOptions(every=2, prior="initial"))
+    reference = copy.deepcopy(module.policy)  # the initial student, kept aside
+    fit(module, tmp_path, steps=1)  # one M-step, no E-step (F=2): the student has moved
+    trained = snapshot(module.policy.student_parameters())
+    batch = module._pack(module.estep_buffer)
+
+    hidden, weight = module.policy.prior_features(batch)
+    with torch.no_grad():
+        expected = reference.hidden(batch) @ reference.head_weight.T
+        live = module.policy.hidden(batch) @ module.policy.head_weight.T
+    torch.testing.assert_close(hidden @ weight.T, expected)
+    assert not torch.allclose(live, expected)
+    assert not changed(trained, module.policy.student_parameters())
 
 
 def test_estep_runs_every_F_steps_on_the_buffered_rollouts(tmp_path):

@@ -31,6 +31,10 @@ def run(tmp_path, module_options, steps, ckpt_in=None, ckpt_out=None):
             id="vpd-adapter",
         ),
         pytest.param(dict(method="sdpo", sdpo=SdpoOptions(teacher="ema")), id="sdpo-ema"),
+        pytest.param(
+            dict(method="vpd", estep=EStepOptions(every=3, prior="initial")),
+            id="vpd-fixed-prior",
+        ),
     ],
 )
 def test_resume_equals_straight_run(tmp_path, options):
