@@ -9,7 +9,7 @@ first seed, and each method keeps the lr with the highest mean *training* reward
 half of its steps, so the held-out set plays no part in the choice (the ablation takes VPD's).
 Then every method runs at its lr with the remaining `--seeds`. All runs are in the JSON.
 
-    .venv/bin/python benchmarks/compare_methods.py            # the CPU run (about an hour here)
+    .venv/bin/python benchmarks/compare_methods.py            # the CPU run (73 min on 2 cores)
     .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 2 \
         --eval-every 1 --val-size 4 --lrs 1e-3 --seeds 0 --output /tmp/compare-smoke.json
 
@@ -337,7 +337,7 @@ def mean_curve(runs: list[dict], curve: str, key: str) -> tuple[list, list, list
     return steps, seconds, [statistics.fmean(v) for v in values], values
 
 
-def plot(runs: list[dict], chosen: dict[str, float], path: Path) -> None:
+def plot(runs: list[dict], chosen: dict[str, float], path: Path, title: str) -> None:
     """Train reward and held-out accuracy against steps and against training wall-clock: each
     method at its chosen lr, mean over seeds with a min-max band; VPD teachers dashed; sweep
     runs at the other lr dotted."""
@@ -369,7 +369,7 @@ def plot(runs: list[dict], chosen: dict[str, float], path: Path) -> None:
                     mean,
                     color=color,
                     linestyle=linestyle,
-                    marker="o" if row else None,
+                    marker=(None, "o", "x")[row + (who == "teacher")],
                     label=label,
                 )
                 if len(picked) > 1:
@@ -398,12 +398,22 @@ def plot(runs: list[dict], chosen: dict[str, float], path: Path) -> None:
     axes[1, 0].set_ylabel("held-out accuracy (greedy mean@1)")
     axes[0, 0].legend(fontsize=8, loc="best")
     axes[1, 0].legend(fontsize=7, loc="best")
-    fig.suptitle(
-        "SmolLM2-135M-Instruct + LoRA, arithmetic with diagnostic feedback "
-        "(mean over seeds, band: min-max)"
-    )
+    fig.suptitle(f"{title} (mean over seeds, band: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_title(setup: Setup) -> str:
+    model = setup.model.removeprefix("builtin:")
+    return f"{model} + LoRA r={setup.lora_r}, arithmetic with {setup.task['feedback']} feedback"
+
+
+def replot(path: Path) -> None:
+    """Redraw the PNG of an earlier run from its JSON (after a change to the plot only)."""
+    result = json.loads(path.read_text())
+    setup = Setup(**result["setup"])
+    plot(result["runs"], result["lr_sweep"]["chosen"], path.with_suffix(".png"), plot_title(setup))
+    print(f"wrote {path.with_suffix('.png')}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -417,11 +427,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--output", type=Path, default=RESULTS / "compare-cpu.json")
+    parser.add_argument("--replot", type=Path, help="only redraw the PNG of this JSON")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        replot(args.replot)
+        return
     setup = Setup(
         model=args.model, steps=args.steps, eval_every=args.eval_every, val_size=args.val_size
     )
@@ -480,7 +494,7 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    plot(runs, chosen, args.output.with_suffix(".png"))
+    plot(runs, chosen, args.output.with_suffix(".png"), plot_title(setup))
     print(markdown_table(rows))
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -41,3 +42,13 @@ def test_the_config_reference_names_every_option():
             if f"`{field.name}`" not in table and f"{field.name}," not in table:
                 missing.append(f"{group.__name__}.{field.name}")
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_the_results_section_is_rendered_from_the_committed_json(monkeypatch):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    report = importlib.import_module("report")
+    assert report.readme_section(README) == report.render(), (
+        "README's results section differs from benchmarks/results/*.json; "
+        "run: .venv/bin/python benchmarks/report.py --write-readme"
+    )
