@@ -235,6 +235,8 @@ class VPDModule(pl.LightningModule):
             errors.append(f"model.estep.every (F) must be >= 1, got {e.every}")
         if self.teacher_mode == "adapter" and method != "vpd":
             errors.append("model.teacher_mode: adapter is for method: vpd (the trained teacher)")
+        if e.prior != "student" and method != "vpd":
+            errors.append(f"model.estep.prior is VPD's E-step prior; method {method} has no E-step")
         if method == "opsd" and self.feedback_source != "reference":
             errors.append(
                 "method: opsd shows the teacher the reference solution; set feedback_source: reference"

@@ -195,6 +195,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path, monkeyp
     [
         (dict(estep=EStepOptions(every=0)), r"estep.every \(F\) must be >= 1"),
         (dict(method="sdpo", teacher_mode="adapter", lora=lora()), "adapter is for method: vpd"),
+        (dict(method="grpo", estep=EStepOptions(prior="initial")), "prior is VPD's E-step"),
         (dict(method="opsd"), "feedback_source: reference"),
         (dict(method="grpo", distill=DistillOptions(grpo_coef=1.0)), "leave it 0"),
         (dict(distill=DistillOptions(trust_region_coef=0.1)), "updates_per_batch > 1"),
