@@ -12,10 +12,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 
-from tests.trainer.helpers import lora, tiny_data, tiny_module
+from tests.trainer.helpers import lora, tiny_data, tiny_module, tiny_trainer
 from vpd_lightning.config import EStepOptions
 
 
@@ -39,19 +38,7 @@ def main(out: Path, mode: str) -> None:
     if mode == "adapter":
         options.update(teacher_mode="adapter", lora=lora())
     module = tiny_module(**options)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[Report(out)],
-    )
+    trainer = tiny_trainer(out, 2, devices=2, strategy="ddp", callbacks=[Report(out)])
     trainer.fit(module, datamodule=tiny_data())
 
 

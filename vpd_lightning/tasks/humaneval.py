@@ -42,12 +42,7 @@ class HumanEvalTask(Task):
         if feedback_chars < 20:
             raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
-        self.limits = SandboxLimits(
-            timeout_s=timeout_s,
-            cpu_s=max(1, int(timeout_s) + 1),
-            memory_mb=memory_mb,
-            isolate_network=isolate_network,
-        )
+        self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
         self._problems: list[Record] | None = None
 
     def problems(self) -> list[Record]:

@@ -61,12 +61,7 @@ class JsonlTask(Task):
             raise FileNotFoundError(f"JSONL data path {path} does not exist")
         self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
-        self.limits = SandboxLimits(
-            timeout_s=timeout_s,
-            cpu_s=max(1, int(timeout_s) + 1),
-            memory_mb=memory_mb,
-            isolate_network=isolate_network,
-        )
+        self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
 
     def records(self, split: str) -> list[Record]:
         records = load_split(self.path, split, self.test_fraction, self.seed)

@@ -66,6 +66,17 @@ class SandboxLimits:
         if self.output_bytes < 0:
             raise ValueError(f"SandboxLimits.output_bytes must be >= 0, got {self.output_bytes}")
 
+    @classmethod
+    def for_tests(cls, timeout_s: float, memory_mb: int, isolate_network: bool) -> SandboxLimits:
+        """Limits for running a response against unit tests: CPU time just above the timeout,
+        so a busy loop is stopped by the clock rather than counted against the CPU limit first."""
+        return cls(
+            timeout_s=timeout_s,
+            cpu_s=max(1, int(timeout_s) + 1),
+            memory_mb=memory_mb,
+            isolate_network=isolate_network,
+        )
+
 
 @dataclass
 class SandboxResult:
