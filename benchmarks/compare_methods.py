@@ -32,9 +32,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
 
-from vpd_lightning.config import EStepOptions, LoraOptions, RolloutOptions, ValidationOptions
 from vpd_lightning.data import VPDDataModule
 from vpd_lightning.module import VPDModule
+from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions, ValidationOptions
 from vpd_lightning.tasks import ArithmeticTask
 
 RESULTS = Path(__file__).parent / "results"

@@ -40,9 +40,9 @@ import vpd_kernels.fused_linear as fused_linear
 import vpd_lightning.module as trainer_module
 from vpd_kernels import DistillStats
 from vpd_kernels.reference import divergence_rows, kl
-from vpd_lightning.config import EStepOptions, LoraOptions, RolloutOptions
 from vpd_lightning.data import VPDDataModule
 from vpd_lightning.module import VPDModule
+from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions
 from vpd_lightning.tasks import ArithmeticTask
 
 RESULTS = Path(__file__).parent / "results"

@@ -13,6 +13,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from vpd_lightning.errors import UserInputError
+from vpd_lightning.options import require_positive_int
+from vpd_lightning.seeding import mix_seed
 from vpd_lightning.tasks import Task
 
 
@@ -21,7 +24,7 @@ class PromptSampler:
 
     def __init__(self, records: list[dict], per_rank: int, seed: int) -> None:
         if not records:
-            raise ValueError("the training split is empty")
+            raise UserInputError("the training split is empty")
         self.records = records
         self.per_rank = per_rank
         self.seed = seed
@@ -29,7 +32,7 @@ class PromptSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             self._orders = {epoch: torch.randperm(len(self.records), generator=generator).tolist()}
         return self._orders[epoch]
 
@@ -81,8 +84,10 @@ class VPDDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if prompts_per_step < 1:
-            raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        require_positive_int("data.prompts_per_step", prompts_per_step)
+        if val_size is not None:
+            require_positive_int("data.val_size", val_size)
+        require_positive_int("data.val_batch_size", val_batch_size)
         self.task = task
         self.prompts_per_step = prompts_per_step
         self.train_split = train_split
@@ -101,7 +106,7 @@ class VPDDataModule(pl.LightningDataModule):
             records = self.task.records(self.val_split)
             self._val = records[: self.val_size] if self.val_size is not None else records
             if not self._val:
-                raise ValueError(f"the {self.val_split!r} split of {self.task.name} is empty")
+                raise UserInputError(f"the {self.val_split!r} split of {self.task.name} is empty")
         return self._val
 
     def train_dataloader(self) -> DataLoader:

@@ -40,13 +40,15 @@ class MeanAtN(Metric):
 
 
 class PassAtK(Metric):
-    """Unbiased pass@k over n >= k samples per prompt; a sample passes when its reward is 1."""
+    """Unbiased pass@k over n >= k samples per prompt; a sample passes when its reward is at
+    least `success_threshold`."""
 
     full_state_update = False
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, success_threshold: float = 1.0) -> None:
         super().__init__()
         self.k = k
+        self.success_threshold = success_threshold
         self.add_state(
             "total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
         )
@@ -55,7 +57,7 @@ class PassAtK(Metric):
     def update(self, rewards: torch.Tensor) -> None:
         """rewards: (prompts, n)."""
         n = rewards.shape[1]
-        passed = (rewards >= 1.0).sum(dim=1).tolist()
+        passed = (rewards >= self.success_threshold).sum(dim=1).tolist()
         self.total = self.total + sum(unbiased_pass_at_k(n, c, self.k) for c in passed)
         self.count = self.count + rewards.shape[0]
 

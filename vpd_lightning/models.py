@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from vpd_lightning.config import LoraOptions
+from vpd_lightning.options import LoraOptions
 
 TINY_ALIAS = "builtin:tiny-random"
 SMOLLM2_ALIAS = "builtin:smollm2-135m-instruct"

@@ -1,4 +1,4 @@
-"""The LightningModule: rollouts, verification, teacher contexts, M-step, E-step.
+"""The LightningModule: the training loop, the optimizer steps and Lightning's hooks.
 
 What one training step is: one batch of `data.prompts_per_step` prompts per process, rolled out
 `rollout.num_generations` times each, then one student update (the M-step, or the GRPO update),
@@ -7,26 +7,32 @@ last one. `trainer.global_step` counts training steps: the teacher optimizer (an
 student updates of `updates_per_batch > 1`) are stepped through the strategy, precision-aware,
 but not counted, so `max_steps`, logging and checkpoint intervals all count batches of prompts,
 whatever the method.
+
+The jobs this module delegates: options and their checks (`options.py`), sampling and verifying
+(`rollouts.py`), the per-micro-batch losses (`losses.py`), the roles of the one network
+(`policy.py`), non-finite losses (`guard.py`) and RNG state (`seeding.py`).
 """
 
 from __future__ import annotations
 
-import math
-import random
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-import vpd_kernels as vk
-from vpd_lightning.config import (
+from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.generation import HFGenerateEngine, SamplingParams
+from vpd_lightning.guard import NonFiniteGuard
+from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, mstep_loss
+from vpd_lightning.metrics import MeanAtN, PassAtK
+from vpd_lightning.models import load_causal_lm, load_tokenizer
+from vpd_lightning.objectives import adapt_beta, group_advantages, update_running_mean
+from vpd_lightning.options import (
+    DTYPE_NAMES,
     DistillOptions,
     EStepOptions,
-    FeedbackSource,
     GrpoOptions,
     LoraOptions,
     Method,
@@ -34,21 +40,23 @@ from vpd_lightning.config import (
     SdpoOptions,
     TeacherMode,
     ValidationOptions,
-)
-from vpd_lightning.metrics import MeanAtN, PassAtK
-from vpd_lightning.models import load_causal_lm, load_tokenizer
-from vpd_lightning.objectives import (
-    adapt_beta,
-    bco_loss_terms,
-    group_advantages,
-    grpo_token_loss,
-    implicit_reward,
-    update_running_mean,
+    as_options,
+    check_combinations,
+    require_choice,
+    require_finite,
+    require_positive_int,
 )
 from vpd_lightning.policy import Policy
-from vpd_lightning.rollout import HFGenerateEngine, SamplingParams
-from vpd_lightning.sequences import PackedBatch, pack, per_sequence_sum
-from vpd_lightning.tasks import Task, TeacherContextBuilder, render_prompt, verify_many
+from vpd_lightning.rollouts import Rollout, rollout_stats, sample_and_verify, to_rollouts
+from vpd_lightning.seeding import get_rng_state, mix_seed, set_rng_state
+from vpd_lightning.sequences import PackedBatch, pack
+from vpd_lightning.tasks import (
+    FeedbackSource,
+    Task,
+    TeacherContextBuilder,
+    render_messages,
+    render_prompt,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNSUPPORTED_STRATEGIES = {
@@ -56,27 +64,28 @@ UNSUPPORTED_STRATEGIES = {
     "FSDPStrategy": "FSDP (v1)",
     "ModelParallelStrategy": "ModelParallelStrategy (FSDP2) is not wired up yet",
 }
+OPTION_GROUPS = {
+    "lora": LoraOptions,
+    "rollout": RolloutOptions,
+    "distill": DistillOptions,
+    "estep": EStepOptions,
+    "sdpo": SdpoOptions,
+    "grpo": GrpoOptions,
+    "validation": ValidationOptions,
+}
+ROLES = ("student", "teacher")
+# Seed offsets of the evaluation passes, apart from the training rollouts' (step, rank) seeds.
+VALIDATION_SEED, TEACHER_VALIDATION_SEED = 17, 29
 
 
 def check_strategy(strategy: object) -> None:
     """Refuse, before training, strategies that cannot step two optimizers by hand."""
     name = type(strategy).__name__
     if name in UNSUPPORTED_STRATEGIES:
-        raise ValueError(
-            f"{UNSUPPORTED_STRATEGIES[name]} cannot run this module's two manually stepped "
-            "optimizers. Use trainer.strategy: ddp (multi-GPU) or auto (one device)."
+        raise UserInputError(
+            f"trainer.strategy = {name}: {UNSUPPORTED_STRATEGIES[name]} cannot run this module's "
+            "two manually stepped optimizers. Use trainer.strategy: ddp (multi-GPU) or auto."
         )
-
-
-@dataclass
-class Rollout:
-    """One sampled response and everything both steps need about it (token ids only, no text)."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    teacher_prompt_ids: list[int]
-    reward: float
-    has_context: bool
 
 
 class VPDModule(pl.LightningModule):
@@ -86,12 +95,15 @@ class VPDModule(pl.LightningModule):
         model: A transformers model id or folder, or `builtin:tiny-random` /
             `builtin:smollm2-135m-instruct`.
         method: `vpd` (E-step + M-step), `sdpo`, `opsd` (M-step only) or `grpo`.
-        teacher_mode: VPD only. `shared`: teacher and student are one network (the paper's default);
-            `adapter`: the teacher is its own LoRA adapter on the shared frozen base.
+        teacher_mode: VPD only. `shared`: teacher and student are one network (the paper's
+            default); `adapter`: the teacher is its own LoRA adapter on the shared frozen base.
         lora: LoRA options; null for full fine-tuning.
-        dtype: Weights' dtype.
-        feedback_source: How each rollout's teacher context is built.
+        dtype: Weights' dtype: `float32`, `bfloat16` or `float16`.
+        feedback_source: The teacher's context: `verifier` feedback, a successful `sibling`'s
+            response, a `self_critique`, or the task's `reference` solution.
         max_context_tokens: Token budget of the context block (the question is never cut).
+        success_threshold: A reward >= this is a success: BCO's labels, `sibling` contexts,
+            the critique's outcome, the success fraction and pass@k.
         rollout: Sampling options.
         distill: M-step divergence, trust region and hybrid GRPO weight.
         estep: E-step (BCO) options.
@@ -106,10 +118,11 @@ class VPDModule(pl.LightningModule):
         teacher_scheduler: LR scheduler stepped after every teacher update.
         student_grad_clip: Max gradient norm of the student update (null: no clipping).
         teacher_grad_clip: Max gradient norm of the teacher update (null: no clipping).
-        max_nonfinite_in_a_row: Stop after this many consecutive non-finite losses.
+        max_nonfinite_in_a_row: Stop after this many consecutive non-finite losses of the
+            student's or of the teacher's update (each counted on its own).
         gradient_checkpointing: Recompute activations in backward to save memory.
-        verify_workers: Parallel verifier workers.
-        seed: Seed of the rollout sampling (combined with step and rank).
+        verify_workers: Parallel verifier workers (code tasks).
+        seed: Seed of the rollout sampling (mixed with step and rank).
         task: Set from `data.task` by the CLI.
     """
 
@@ -122,6 +135,7 @@ class VPDModule(pl.LightningModule):
         dtype: str = "float32",
         feedback_source: FeedbackSource = "verifier",
         max_context_tokens: int = 256,
+        success_threshold: float = 1.0,
         rollout: RolloutOptions | None = None,
         distill: DistillOptions | None = None,
         estep: EStepOptions | None = None,
@@ -143,55 +157,37 @@ class VPDModule(pl.LightningModule):
         task: Task | None = None,
     ) -> None:
         super().__init__()
-        # Option groups are stored as plain dicts: checkpoints then load with weights_only=True.
-        self.save_hyperparameters(
-            ignore=[
-                "task",
-                "lora",
-                "rollout",
-                "distill",
-                "estep",
-                "sdpo",
-                "grpo",
-                "validation",
-                "student_optimizer",
-                "teacher_optimizer",
-                "student_scheduler",
-                "teacher_scheduler",
-            ]
-        )
         self.automatic_optimization = False
         self.method = method
         self.teacher_mode = teacher_mode
         self.feedback_source = feedback_source
-        self.rollout_opts = _options(RolloutOptions, rollout)
-        self.distill = _options(DistillOptions, distill)
-        self.estep = _options(EStepOptions, estep)
-        self.sdpo = _options(SdpoOptions, sdpo)
-        self.grpo = _options(GrpoOptions, grpo)
-        self.validation = _options(ValidationOptions, validation)
+        self.success_threshold = success_threshold
+        self.lora = as_options(LoraOptions, lora) if lora is not None else None
+        self.rollout_opts = as_options(RolloutOptions, rollout)
+        self.distill = as_options(DistillOptions, distill)
+        self.estep = as_options(EStepOptions, estep)
+        self.sdpo = as_options(SdpoOptions, sdpo)
+        self.grpo = as_options(GrpoOptions, grpo)
+        self.validation = as_options(ValidationOptions, validation)
         self.micro_batch_size = micro_batch_size
         self.updates_per_batch = updates_per_batch
         self.student_grad_clip = student_grad_clip
         self.teacher_grad_clip = teacher_grad_clip
-        self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.verify_workers = verify_workers
         self.seed = seed
         self.task = task
         self._optimizer_factories = (student_optimizer, teacher_optimizer)
         self._scheduler_factories = (student_scheduler, teacher_scheduler)
-        lora = _options(LoraOptions, lora) if lora is not None else None
-        self.hparams.update(
-            lora=asdict(lora) if lora else None,
-            rollout=asdict(self.rollout_opts),
-            distill=asdict(self.distill),
-            estep=asdict(self.estep),
-            sdpo=asdict(self.sdpo),
-            grpo=asdict(self.grpo),
-            validation=asdict(self.validation),
-        )
-        self._check_options(dtype)
+        self._check_options(locals())
+        ignored = [
+            "task",
+            *OPTION_GROUPS,
+            *(f"{r}_{k}" for r in ROLES for k in ("optimizer", "scheduler")),
+        ]
+        self.save_hyperparameters(ignore=ignored)
+        self._store_option_groups()
 
+        # Everything above is cheap and checked; loading the model is the first costly thing.
         self.tokenizer = load_tokenizer(model)
         network = load_causal_lm(model, DTYPES[dtype]).train()  # from_pretrained gives eval mode
         if gradient_checkpointing:
@@ -200,13 +196,13 @@ class VPDModule(pl.LightningModule):
         passive = {"sdpo": self.sdpo.teacher, "opsd": "initial"}.get(method)
         self.policy = Policy(
             network,
-            lora,
+            self.lora,
             teacher_mode == "adapter",
             passive,
             self.sdpo,
             initial_prior=method == "vpd" and self.estep.prior == "initial",
         )
-        eos_ids = {self.tokenizer.eos_token_id, *self._generation_eos_ids(network)}
+        eos_ids = {self.tokenizer.eos_token_id, *_generation_eos_ids(network)}
         self.engine = HFGenerateEngine(self.policy.model, self.tokenizer.pad_token_id, eos_ids)
 
         # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
@@ -214,66 +210,67 @@ class VPDModule(pl.LightningModule):
         self.register_buffer("beta", torch.tensor(self.estep.beta, dtype=torch.float64))
         self.estep_buffer: list[Rollout] = []
         self.steps_since_estep = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
         self._rng_to_restore: dict | None = None
         self.last_validated_step: int | None = None
 
-        n = self.validation.num_samples
         self.val_mean = MeanAtN()
-        self.val_pass = torch.nn.ModuleDict({str(k): PassAtK(k) for k in self.validation.pass_k})
+        self.val_pass = torch.nn.ModuleDict(
+            {str(k): PassAtK(k, success_threshold) for k in self.validation.pass_k}
+        )
         self.val_teacher_mean = MeanAtN()
-        self._val_n = n
 
-    # ------------------------------------------------------------------------ validation of options
-    def _check_options(self, dtype: str) -> None:
-        method, d, e = self.method, self.distill, self.estep
-        errors = []
-        if dtype not in DTYPES:
-            errors.append(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if e.every < 1:
-            errors.append(f"model.estep.every (F) must be >= 1, got {e.every}")
-        if self.teacher_mode == "adapter" and method != "vpd":
-            errors.append("model.teacher_mode: adapter is for method: vpd (the trained teacher)")
-        if e.prior != "student" and method != "vpd":
-            errors.append(f"model.estep.prior is VPD's E-step prior; method {method} has no E-step")
-        if method == "opsd" and self.feedback_source != "reference":
-            errors.append(
-                "method: opsd shows the teacher the reference solution; set feedback_source: reference"
-            )
-        if method == "grpo" and d.grpo_coef:
-            errors.append("distill.grpo_coef adds GRPO to vpd/sdpo; with method: grpo leave it 0")
-        if self._optimizer_factories[1] is not None and method != "vpd":
-            errors.append(f"model.teacher_optimizer is only used by method: vpd, not {method}")
-        if self._scheduler_factories[1] is not None and method != "vpd":
-            errors.append(f"model.teacher_scheduler is only used by method: vpd, not {method}")
-        if (method == "grpo" or d.grpo_coef) and self.rollout_opts.num_generations < 2:
-            errors.append("GRPO's group-relative advantage needs rollout.num_generations >= 2")
-        if self.feedback_source == "sibling" and self.rollout_opts.num_generations < 2:
-            errors.append("feedback_source: sibling needs rollout.num_generations >= 2")
-        if d.trust_region_coef and self.updates_per_batch == 1:
-            errors.append(
-                "distill.trust_region_coef > 0 needs updates_per_batch > 1: with one update per "
-                "batch the student is the rollout-time policy and the term is identically zero"
-            )
-        if d.divergence == "jsd" and not 0 < d.jsd_beta < 1:
-            errors.append(f"distill.jsd_beta must be in (0, 1), got {d.jsd_beta}")
-        if self.micro_batch_size < 1 or self.updates_per_batch < 1:
-            errors.append("micro_batch_size and updates_per_batch must be >= 1")
-        if max(self.validation.pass_k) > self.validation.num_samples:
-            errors.append(
-                f"validation.pass_k {self.validation.pass_k} needs validation.num_samples >= "
-                f"{max(self.validation.pass_k)}"
-            )
-        if errors:
-            raise ValueError("invalid model options:\n- " + "\n- ".join(errors))
+    # ------------------------------------------------------------------------ options
+    def _check_options(self, given: dict) -> None:
+        """Top-level options one by one, then the combinations (`options.check_combinations`)."""
+        require_choice("model.method", self.method, Method)
+        require_choice("model.teacher_mode", self.teacher_mode, TeacherMode)
+        require_choice("model.feedback_source", self.feedback_source, FeedbackSource)
+        require(
+            given["dtype"] in DTYPE_NAMES,
+            "model.dtype",
+            given["dtype"],
+            f"must be one of {', '.join(DTYPE_NAMES)}",
+        )
+        for name in (
+            "max_context_tokens",
+            "micro_batch_size",
+            "updates_per_batch",
+            "max_nonfinite_in_a_row",
+            "verify_workers",
+        ):
+            require_positive_int(f"model.{name}", given[name])
+        require_finite(
+            "model.success_threshold", self.success_threshold, 1e-12, 1.0, "must be in (0, 1]"
+        )
+        for name in ("student_grad_clip", "teacher_grad_clip"):
+            if given[name] is not None:
+                require_finite(f"model.{name}", given[name], 1e-12, float("inf"), "must be > 0")
+        check_combinations(
+            method=self.method,
+            teacher_mode=self.teacher_mode,
+            feedback_source=self.feedback_source,
+            lora=self.lora,
+            rollout=self.rollout_opts,
+            distill=self.distill,
+            estep=self.estep,
+            updates_per_batch=self.updates_per_batch,
+            has_teacher_optimizer=self._optimizer_factories[1] is not None,
+            has_teacher_scheduler=self._scheduler_factories[1] is not None,
+        )
 
-    @staticmethod
-    def _generation_eos_ids(network: torch.nn.Module) -> list[int]:
-        eos = getattr(network.generation_config, "eos_token_id", None)
-        if eos is None:
-            return []
-        return list(eos) if isinstance(eos, list | tuple) else [eos]
+    def _store_option_groups(self) -> None:
+        """Option groups go into hparams as plain dicts: checkpoints load with weights_only=True."""
+        groups = {
+            "lora": self.lora,
+            "rollout": self.rollout_opts,
+            "distill": self.distill,
+            "estep": self.estep,
+            "sdpo": self.sdpo,
+            "grpo": self.grpo,
+            "validation": self.validation,
+        }
+        self.hparams.update({k: asdict(v) if v is not None else None for k, v in groups.items()})
 
     # ------------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
@@ -281,7 +278,9 @@ class VPDModule(pl.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None)
             self.task = getattr(datamodule, "task", None)
         if self.task is None:
-            raise ValueError("VPDModule needs a task: pass task=... or use VPDDataModule(task=...)")
+            raise UserInputError(
+                "VPDModule needs a task: pass task=... or use VPDDataModule(task=...)"
+            )
         check_strategy(self.trainer.strategy)
         kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if kwargs is not None and self.policy.separate_teacher_adapter:
@@ -293,47 +292,41 @@ class VPDModule(pl.LightningModule):
             max_context_tokens=self.hparams.max_context_tokens,
             task=self.task,
             critique_fn=self._critique if self.feedback_source == "self_critique" else None,
+            success_threshold=self.success_threshold,
         )
 
     def configure_optimizers(self):
         student_factory, teacher_factory = self._optimizer_factories
         student_sched, teacher_sched = self._scheduler_factories
-        optimizers = [self._make_optimizer(student_factory, self.policy.student_parameters())]
+        optimizers = [_make_optimizer(student_factory, self.policy.student_parameters())]
         schedulers = [student_sched(optimizers[0]) if student_sched else None]
         if self.method == "vpd":
-            optimizers.append(
-                self._make_optimizer(teacher_factory, self.policy.teacher_parameters())
-            )
+            optimizers.append(_make_optimizer(teacher_factory, self.policy.teacher_parameters()))
             schedulers.append(teacher_sched(optimizers[1]) if teacher_sched else None)
         if all(s is None for s in schedulers):
             return optimizers
         return optimizers, [s for s in schedulers if s is not None]
 
-    @staticmethod
-    def _make_optimizer(factory: OptimizerCallable | None, params: list) -> torch.optim.Optimizer:
-        if factory is None:
-            return torch.optim.AdamW(params, lr=1e-5)
-        return factory(params)
-
-    def _optimizer_pair(self):
+    def _optimizer_and_scheduler(self, role: int):
+        """(optimizer, scheduler or None) of role 0 (student) or 1 (teacher)."""
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         scheds = self.lr_schedulers()
         scheds = [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
-        factories = self._scheduler_factories
-        sched_iter = iter(scheds)
-        paired = [next(sched_iter) if factories[i] else None for i in range(len(opts))]
-        return opts, paired
+        present = [i for i, f in enumerate(self._scheduler_factories[: len(opts)]) if f]
+        scheduler = scheds[present.index(role)] if role in present else None
+        return opts[role], scheduler
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
-            _set_rng_state(self._rng_to_restore)
+            set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
     # ------------------------------------------------------------------------ one training step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         step_start = time.perf_counter()
-        rollouts, stats = self._collect_rollouts(batch)
+        rollouts = self._collect_rollouts(batch)
+        stats = rollout_stats(rollouts, self.success_threshold)
         rollout_time = time.perf_counter() - step_start
 
         update_start = time.perf_counter()
@@ -355,7 +348,8 @@ class VPDModule(pl.LightningModule):
         stats["time/rollout_s"] = rollout_time
         stats["time/update_s"] = update_time
         stats["throughput/tokens_per_s"] = tokens / max(time.perf_counter() - step_start, 1e-9)
-        stats["train/nonfinite_total"] = float(self.nonfinite_total)
+        stats["train/nonfinite_student_total"] = float(self.guard.total["student"])
+        stats["train/nonfinite_teacher_total"] = float(self.guard.total["teacher"])
         self.log_step_metrics(stats)
         self.log(
             "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
@@ -373,73 +367,43 @@ class VPDModule(pl.LightningModule):
             logger.log_metrics(stats, step=self.global_step)
 
     # ------------------------------------------------------------------------ rollouts
-    def _rollout_seed(self) -> int:
-        return (self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank) % (2**63)
-
-    def _collect_rollouts(self, records: list[dict]) -> tuple[list[Rollout], dict]:
-        g = self.rollout_opts.num_generations
-        prompts = [render_prompt(self.tokenizer, r) for r in records]
+    def _collect_rollouts(self, records: list[dict]) -> list[Rollout]:
+        o = self.rollout_opts
         params = SamplingParams(
-            num_samples=g,
-            temperature=self.rollout_opts.temperature,
-            top_p=self.rollout_opts.top_p,
-            max_new_tokens=self.rollout_opts.max_new_tokens,
-            seed=self._rollout_seed(),
+            num_samples=o.num_generations,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            max_new_tokens=o.max_new_tokens,
+            seed=mix_seed(self.seed, self.global_step, self.global_rank),
         )
-        completions = self.engine.generate(prompts, params)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        expanded = [r for r in records for _ in range(g)]
-        verdicts = verify_many(self.task, expanded, texts, workers=self.verify_workers)
-
-        groups = [slice(i * g, (i + 1) * g) for i in range(len(records))]
-        if self.method == "grpo":
-            contexts = [[None] * g for _ in records]
-        else:
+        prompts = [render_prompt(self.tokenizer, r) for r in records]
+        attempts = sample_and_verify(
+            self.engine, self.tokenizer, self.task, records, prompts, params, self.verify_workers
+        )
+        contexts = None
+        if self.method != "grpo":
+            groups = attempts.groups()
             contexts = self.builder.build_batch(
-                records, [texts[s] for s in groups], [verdicts[s] for s in groups]
+                records,
+                [attempts.texts[g] for g in groups],
+                [attempts.verdicts[g] for g in groups],
             )
-        rollouts: list[Rollout] = []
-        for i, group in enumerate(groups):
-            for j, context in zip(range(group.start, group.stop), contexts[i], strict=True):
-                has_context = context is not None and context.has_context
-                rollouts.append(
-                    Rollout(
-                        prompt_ids=prompts[i],
-                        completion_ids=completions[j],
-                        teacher_prompt_ids=context.prompt_ids if has_context else prompts[i],
-                        reward=float(verdicts[j].reward),
-                        has_context=has_context,
-                    )
-                )
-        rewards = torch.tensor([r.reward for r in rollouts])
-        stats = {
-            "train/reward_mean": rewards.mean().item(),
-            "train/success_fraction": (rewards >= self.estep.success_threshold)
-            .float()
-            .mean()
-            .item(),
-            "train/context_coverage": sum(r.has_context for r in rollouts) / len(rollouts),
-            "train/response_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
-        }
-        return rollouts, stats
+        return to_rollouts(attempts, contexts)
 
     @torch.no_grad()
     def _critique(self, critique_prompts: list[str]) -> list[str]:
         """Self-critique: the student writes a critique of its own attempt (greedy)."""
         prompts = [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
+            render_messages(self.tokenizer, [{"role": "user", "content": text}])
             for text in critique_prompts
         ]
         params = SamplingParams(
             num_samples=1, temperature=0.0, max_new_tokens=self.hparams.max_context_tokens
         )
         with self.policy.student():
-            out = self.engine.generate([list(_ids(p)) for p in prompts], params)
+            out = self.engine.generate(prompts, params)
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
-    # ------------------------------------------------------------------------ M-step
     def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
         size = self.micro_batch_size
         return [rollouts[start : start + size] for start in range(0, len(rollouts), size)]
@@ -465,166 +429,109 @@ class VPDModule(pl.LightningModule):
                 for micro in self._micro_batches(rollouts)
             ]
 
+    # ------------------------------------------------------------------------ M-step
     def _student_update(
         self,
         rollouts: list[Rollout],
         anchors: list[tuple[torch.Tensor, torch.Tensor]] | None,
         counted: bool,
     ) -> dict:
-        """One student update: distillation to the teacher (and/or GRPO), accumulated over
-        micro-batches so that memory is bounded by the micro-batch, not the batch."""
-        opts, scheds = self._optimizer_pair()
-        optimizer, scheduler = opts[0], scheds[0]
-        uses_distill = self.method != "grpo"
-        grpo_coef = 1.0 if self.method == "grpo" else self.distill.grpo_coef
+        """One student update, accumulated over micro-batches (memory bounded by one)."""
+        optimizer, scheduler = self._optimizer_and_scheduler(0)
+        terms = MStepTerms(
+            distill=self.distill if self.method != "grpo" else None,
+            grpo_coef=1.0 if self.method == "grpo" else self.distill.grpo_coef,
+            grpo=self.grpo,
+        )
         distill_tokens = max(sum(len(r.completion_ids) for r in rollouts if r.has_context), 1)
         all_tokens = max(sum(len(r.completion_ids) for r in rollouts), 1)
         advantages = None
-        if grpo_coef:
+        if terms.grpo_coef:
             rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
             advantages = group_advantages(
                 rewards, self.rollout_opts.num_generations, self.grpo.normalize_std
             )
 
-        totals = {"loss": 0.0, "divergence": 0.0, "entropy": 0.0, "grpo": 0.0, "ref_kl": 0.0}
-        start = 0
+        total_loss, totals, start = 0.0, MStepStats(), 0
         with self.policy.student():
             for index, micro in enumerate(self._micro_batches(rollouts)):
-                anchor_hidden, anchor_weight = anchors[index] if anchors else (None, None)
-                student = self._pack(micro)
-                loss = torch.zeros((), device=self.device)
-                hidden = None
-                if uses_distill:
-                    t_hidden, t_weight = self.policy.teacher_features(self._pack(micro, True))
-                    hidden = self.policy.hidden(student)
-                    token_mask = torch.tensor([r.has_context for r in micro], device=self.device)[
-                        student.seq_index
-                    ]
-                    trust_region = anchor_hidden is not None and self.distill.trust_region_coef > 0
-                    distill_sum, token_stats = vk.fused_linear_distill_loss(
-                        hidden,
-                        self.policy.head_weight,
-                        t_hidden,
-                        t_weight,
-                        ref_hidden=anchor_hidden if trust_region else None,
-                        ref_weight=anchor_weight if trust_region else None,
-                        ref_coef=self.distill.trust_region_coef if trust_region else 0.0,
-                        divergence=self.distill.divergence,
-                        beta=self.distill.jsd_beta,
-                        temperature=self.distill.temperature,
-                        mask=token_mask,
-                        reduction="sum",
-                        return_stats=True,
-                    )
-                    if trust_region:
-                        totals["ref_kl"] += float((token_stats.ref_kl * token_mask).sum())
-                    loss = loss + distill_sum / distill_tokens
-                    weights = token_mask.float()
-                    totals["divergence"] += float((token_stats.divergence * weights).sum())
-                    totals["entropy"] += float((token_stats.entropy * weights).sum())
-                if grpo_coef:
-                    hidden = self.policy.hidden(student) if hidden is None else hidden
-                    logp = vk.fused_linear_token_logprobs(
-                        hidden, self.policy.head_weight, student.targets
-                    )
-                    token_adv = advantages[start : start + len(micro)].to(self.device)[
-                        student.seq_index
-                    ]
-                    old_logp = logp.detach()
-                    if anchor_hidden is not None:
-                        with torch.no_grad():
-                            old_logp = vk.fused_linear_token_logprobs(
-                                anchor_hidden, anchor_weight, student.targets
-                            )
-                    surrogate = grpo_token_loss(
-                        logp, old_logp, token_adv, self.grpo.clip_low, self.grpo.clip_high
-                    )
-                    grpo_sum = surrogate.sum()
-                    loss = loss + grpo_coef * grpo_sum / all_tokens
-                    totals["grpo"] += float(grpo_sum.detach()) / all_tokens
+                loss, stats = mstep_loss(
+                    self.policy,
+                    self._pack(micro),
+                    self._pack(micro, teacher=True),
+                    terms=terms,
+                    has_context=torch.tensor([r.has_context for r in micro]),
+                    advantages=None
+                    if advantages is None
+                    else advantages[start : start + len(micro)],
+                    anchor=anchors[index] if anchors else None,
+                    distill_tokens=distill_tokens,
+                    all_tokens=all_tokens,
+                )
                 self.manual_backward(loss)
-                totals["loss"] += float(loss.detach())
+                total_loss += float(loss.detach())
+                for name, value in asdict(stats).items():
+                    setattr(totals, name, getattr(totals, name) + value)
                 start += len(micro)
 
-        stats = {"mstep/loss": totals["loss"]}
-        if uses_distill:
-            stats["mstep/teacher_student_kl"] = totals["divergence"] / distill_tokens
-            stats["mstep/student_entropy"] = totals["entropy"] / distill_tokens
+        out = {"mstep/loss": total_loss}
+        if terms.distill is not None:
+            out["mstep/teacher_student_kl"] = totals.divergence / distill_tokens
+            out["mstep/student_entropy"] = totals.entropy / distill_tokens
             if anchors and self.distill.trust_region_coef:
-                stats["mstep/trust_region_kl"] = totals["ref_kl"] / distill_tokens
-        if grpo_coef:
-            stats["mstep/grpo_loss"] = totals["grpo"]
-        grad_norm = self._step(
+                out["mstep/trust_region_kl"] = totals.trust_region_kl / distill_tokens
+        if terms.grpo_coef:
+            out["mstep/grpo_loss"] = totals.grpo
+        grad_norm, skipped = self._step(
+            "student",
             optimizer,
             scheduler,
             self.policy.student_parameters(),
             self.student_grad_clip,
-            totals["loss"],
+            total_loss,
             counted=counted,
         )
-        stats["mstep/grad_norm"] = grad_norm
-        self.policy.after_student_update()
-        return stats
+        out["mstep/grad_norm"] = grad_norm
+        out["mstep/skipped"] = float(skipped)
+        if not skipped:
+            self.policy.after_student_update()
+        return out
 
     # ------------------------------------------------------------------------ E-step
     def _teacher_update(self, buffer: list[Rollout]) -> dict:
         """BCO on verifier labels: the implicit reward is measured against the prior (by default
         the current student, detached: the dynamic prior), and `delta` is a running mean of it."""
-        opts, scheds = self._optimizer_pair()
-        optimizer, scheduler = opts[1], scheds[1]
+        optimizer, scheduler = self._optimizer_and_scheduler(1)
         beta = float(self.beta)
-        threshold = self.estep.success_threshold
-        weights = [1.0 if r.has_context else 0.0 for r in buffer]
-        n_success = sum(w for w, r in zip(weights, buffer, strict=True) if r.reward >= threshold)
-        n_failure = sum(w for w, r in zip(weights, buffer, strict=True) if r.reward < threshold)
-        all_rewards, all_success, all_weights = [], [], []
-        total_loss, kl_sum, kl_tokens = 0.0, 0.0, 0
-        start = 0
+        threshold = self.success_threshold
+        weights = torch.tensor([1.0 if r.has_context else 0.0 for r in buffer])
+        success = torch.tensor([r.reward >= threshold for r in buffer])
+        n_success = float((weights * success).sum())
+        n_failure = float((weights * ~success).sum())
+        rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
         for micro in self._micro_batches(buffer):
-            student, teacher = self._pack(micro), self._pack(micro, teacher=True)
-            s_hidden, s_weight = self.policy.prior_features(student)
-            with torch.no_grad():
-                s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
-            with self.policy.trainable_teacher():
-                t_hidden = self.policy.hidden(teacher)
-                t_logp = vk.fused_linear_token_logprobs(
-                    t_hidden, self.policy.head_weight, teacher.targets
-                )
-                if self.estep.target_kl is not None:
-                    with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
-                        kl_sum += float(
-                            vk.fused_linear_distill_loss(
-                                s_hidden,
-                                s_weight,
-                                t_hidden.detach(),
-                                self.policy.head_weight.detach(),
-                                divergence="forward_kl",
-                                reduction="sum",
-                            )
-                        )
-                        kl_tokens += len(student.targets)
-            s_seq = per_sequence_sum(s_logp, student)
-            t_seq = per_sequence_sum(t_logp, teacher)
-            if self.estep.length_normalize:
-                lengths = torch.tensor(
-                    [max(len(r.completion_ids), 1) for r in micro], device=self.device
-                )
-                s_seq, t_seq = s_seq / lengths, t_seq / lengths
-            reward = implicit_reward(t_seq, s_seq, beta)
-            success = torch.tensor([r.reward >= threshold for r in micro], device=self.device)
-            weight = torch.tensor(weights[start : start + len(micro)], device=self.device)
-            success_sum, failure_sum = bco_loss_terms(reward, success, self.delta, weight)
-            loss = success_sum / max(n_success, 1.0) + failure_sum / max(n_failure, 1.0)
+            end = start + len(micro)
+            loss, stats = estep_loss(
+                self.policy,
+                self._pack(micro),
+                self._pack(micro, teacher=True),
+                options=self.estep,
+                beta=beta,
+                delta=self.delta,
+                success=success[start:end].to(self.device),
+                weight=weights[start:end].to(self.device),
+                lengths=torch.tensor([len(r.completion_ids) for r in micro], device=self.device),
+                n_success=n_success,
+                n_failure=n_failure,
+            )
             self.manual_backward(loss)
             total_loss += float(loss.detach())
-            all_rewards.append(reward.detach())
-            all_success.append(success)
-            all_weights.append(weight)
-            start += len(micro)
+            rewards.append(stats.rewards)
+            kl_sum, kl_tokens = kl_sum + stats.kl_sum, kl_tokens + stats.kl_tokens
+            start = end
 
-        rewards, success = torch.cat(all_rewards), torch.cat(all_success)
-        weight = torch.cat(all_weights)
-        grad_norm = self._step(
+        grad_norm, skipped = self._step(
+            "teacher",
             optimizer,
             scheduler,
             self.policy.teacher_parameters(),
@@ -632,61 +539,66 @@ class VPDModule(pl.LightningModule):
             total_loss,
             counted=False,
         )
-        stats = {"estep/loss": total_loss, "estep/grad_norm": grad_norm}
-        if weight.sum() > 0:
-            batch_mean = (rewards * weight).sum() / weight.sum()
-            stats["estep/implicit_reward"] = float(batch_mean)
-            if (success * weight).sum() > 0 and ((~success) * weight).sum() > 0:
-                succ_mean = (rewards * weight * success).sum() / (weight * success).sum()
-                fail_mean = (rewards * weight * ~success).sum() / (weight * ~success).sum()
-                stats["estep/margin"] = float(succ_mean - fail_mean)
+        out = {
+            "estep/loss": total_loss,
+            "estep/grad_norm": grad_norm,
+            "estep/skipped": float(skipped),
+        }
+        reward = torch.cat(rewards).cpu()
+        weights = weights.to(reward.dtype)
+        if weights.sum() > 0:
+            batch_mean = (reward * weights).sum() / weights.sum()
+            out["estep/implicit_reward"] = float(batch_mean)
+            if (weights * success).sum() > 0 and (weights * ~success).sum() > 0:
+                succ_mean = (reward * weights * success).sum() / (weights * success).sum()
+                fail_mean = (reward * weights * ~success).sum() / (weights * ~success).sum()
+                out["estep/margin"] = float(succ_mean - fail_mean)
             update_running_mean(self.delta, batch_mean, self.estep.delta_momentum)
         if kl_tokens:
             measured = kl_sum / kl_tokens
-            stats["estep/teacher_kl"] = measured
+            out["estep/teacher_kl"] = measured
             e = self.estep
             self.beta.fill_(
                 adapt_beta(beta, measured, e.target_kl, e.beta_rate, e.beta_min, e.beta_max)
             )
-        return stats
+        return out
 
     # ------------------------------------------------------------------------ optimizer steps
     def _step(
-        self, optimizer, scheduler, params: list, clip: float | None, loss: float, counted: bool
-    ) -> float:
-        """Clip, step and zero one optimizer, unless the loss was non-finite (then skip it)."""
-        finite = math.isfinite(loss)
+        self,
+        kind: str,
+        optimizer,
+        scheduler,
+        params: list,
+        clip: float | None,
+        loss: float,
+        counted: bool,
+    ) -> tuple[float, bool]:
+        """Clip, step and zero one optimizer; (grad norm, whether the update was skipped).
+
+        A non-finite loss (on any process) skips the update: the gradients are dropped and a
+        counted step still advances `global_step` (an optimizer step without gradients changes
+        nothing), so `max_steps` bounds a run whatever its losses.
+        """
+        finite = torch.isfinite(torch.tensor(loss)).item()
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        self.guard.record(kind, finite, self.global_step)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            warnings.warn(
-                f"non-finite loss at step {self.global_step}: update skipped "
-                f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)",
-                stacklevel=2,
-            )
-            if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
-                raise RuntimeError(
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row: stopping. Lower the "
-                    "learning rates, use dtype: float32, or check the data for empty responses."
-                )
-            return grad_norm
-        self.nonfinite_in_a_row = 0
-        if clip is not None:
+        elif clip is not None:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         if counted:
             optimizer.step()
-        else:  # through the strategy, so precision plugins apply, without counting a global step
+        elif finite:  # through the strategy, so precision plugins apply, without counting a step
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
         optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
+        if scheduler is not None and (counted or finite):
             scheduler.step()
-        return grad_norm
+        return grad_norm, not finite
 
-    # ------------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
@@ -699,127 +611,116 @@ class VPDModule(pl.LightningModule):
     def _evaluate(self, records: list[dict], prefix: str) -> None:
         v = self.validation
         n = v.num_samples
-        prompts = [render_prompt(self.tokenizer, r) for r in records]
         params = SamplingParams(
             num_samples=n,
             temperature=v.temperature,
             top_p=v.top_p,
             max_new_tokens=v.max_new_tokens or self.rollout_opts.max_new_tokens,
-            seed=self.seed + 17,
+            seed=self.seed + VALIDATION_SEED,
         )
+        prompts = [render_prompt(self.tokenizer, r) for r in records]
         with self.policy.student():
-            completions = self.engine.generate(prompts, params)
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        expanded = [r for r in records for _ in range(n)]
-        verdicts = verify_many(self.task, expanded, texts, workers=self.verify_workers)
-        rewards = torch.tensor([float(x.reward) for x in verdicts], device=self.device).view(-1, n)
+            attempts = sample_and_verify(
+                self.engine,
+                self.tokenizer,
+                self.task,
+                records,
+                prompts,
+                params,
+                self.verify_workers,
+            )
+        rewards = attempts.rewards().to(self.device)
+        batch_size = len(records)
         self.val_mean.update(rewards)
         self.log(
-            f"{prefix}/mean@{n}",
-            self.val_mean,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(records),
+            f"{prefix}/mean@{n}", self.val_mean, on_epoch=True, prog_bar=True, batch_size=batch_size
         )
         for k, metric in self.val_pass.items():
             metric.update(rewards)
-            self.log(f"{prefix}/pass@{k}", metric, on_epoch=True, batch_size=len(records))
+            self.log(f"{prefix}/pass@{k}", metric, on_epoch=True, batch_size=batch_size)
         if v.teacher and self.method != "grpo":
-            groups = [slice(i * n, (i + 1) * n) for i in range(len(records))]
-            contexts = self.builder.build_batch(
-                records, [texts[g] for g in groups], [verdicts[g] for g in groups]
+            self._evaluate_teacher(attempts, params, prefix)
+
+    def _evaluate_teacher(self, attempts, params: SamplingParams, prefix: str) -> None:
+        """One teacher answer per student attempt, from that attempt's teacher context."""
+        groups = attempts.groups()
+        contexts = self.builder.build_batch(
+            attempts.records,
+            [attempts.texts[g] for g in groups],
+            [attempts.verdicts[g] for g in groups],
+        )
+        records = [r for r in attempts.records for _ in range(attempts.n)]
+        teacher_prompts = [
+            c.prompt_ids if c.has_context else attempts.prompt_ids[i]
+            for i, group in enumerate(contexts)
+            for c in group
+        ]
+        teacher_params = SamplingParams(
+            num_samples=1,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_new_tokens=params.max_new_tokens,
+            seed=self.seed + TEACHER_VALIDATION_SEED,
+        )
+        with self.policy.trainable_teacher():
+            answers = sample_and_verify(
+                self.engine,
+                self.tokenizer,
+                self.task,
+                records,
+                teacher_prompts,
+                teacher_params,
+                self.verify_workers,
             )
-            teacher_prompts = [
-                c.prompt_ids if c.has_context else prompts[i]
-                for i, group in enumerate(contexts)
-                for c in group
-            ]
-            with self.policy.trainable_teacher():
-                answers = self.engine.generate(
-                    teacher_prompts,
-                    SamplingParams(
-                        num_samples=1,
-                        temperature=v.temperature,
-                        top_p=v.top_p,
-                        max_new_tokens=params.max_new_tokens,
-                        seed=self.seed + 29,
-                    ),
-                )
-            answer_texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
-            teacher_verdicts = verify_many(
-                self.task, expanded, answer_texts, workers=self.verify_workers
-            )
-            teacher_rewards = torch.tensor(
-                [float(x.reward) for x in teacher_verdicts], device=self.device
-            ).view(-1, n)
-            self.val_teacher_mean.update(teacher_rewards)
-            self.log(
-                f"{prefix}/teacher_mean@{n}",
-                self.val_teacher_mean,
-                on_epoch=True,
-                batch_size=len(records),
-            )
+        self.val_teacher_mean.update(answers.rewards().to(self.device).view(-1, attempts.n))
+        self.log(
+            f"{prefix}/teacher_mean@{attempts.n}",
+            self.val_teacher_mean,
+            on_epoch=True,
+            batch_size=len(attempts.records),
+        )
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vpd_state"] = {
             "estep_buffer": [asdict(r) for r in self.estep_buffer],
             "steps_since_estep": self.steps_since_estep,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "nonfinite_total": self.nonfinite_total,
+            "nonfinite": self.guard.state_dict(),
             "snapshot": self.policy.snapshot.state_dict() if self.policy.snapshot else None,
-            "rng": _get_rng_state(),
+            "rng": get_rng_state(),
+            "optimizers": [
+                type(o).__name__ for o in _as_list(self.optimizers(use_pl_optimizer=False))
+            ],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("vpd_state")
         if state is None:
-            raise KeyError("this checkpoint was not written by VPDModule (no 'vpd_state')")
+            raise UserInputError("this checkpoint was not written by VPDModule (no 'vpd_state')")
         self.estep_buffer = [Rollout(**r) for r in state["estep_buffer"]]
         self.steps_since_estep = state["steps_since_estep"]
-        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        self.nonfinite_total = state["nonfinite_total"]
+        self.guard.load_state_dict(state["nonfinite"])
         if self.policy.snapshot is not None:
             self.policy.snapshot.load_state_dict(state["snapshot"])
         self._rng_to_restore = state["rng"]
 
 
-def _ids(encoded) -> list[int]:
-    """apply_chat_template(tokenize=True) returns a list, or a BatchEncoding in newer releases."""
-    return (
-        encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-    )
+def _make_optimizer(factory: OptimizerCallable | None, params: list) -> torch.optim.Optimizer:
+    if factory is None:
+        return torch.optim.AdamW(params, lr=1e-5)
+    return factory(params)
 
 
-def _options(cls: type, value: object) -> object:
-    """An option group from its dataclass, a dict (a checkpoint's hparams) or None (defaults)."""
-    if value is None:
-        return cls()
-    return cls(**value) if isinstance(value, dict) else value
+def _generation_eos_ids(network: torch.nn.Module) -> list[int]:
+    eos = getattr(network.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list | tuple) else [eos]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _no_closure() -> None:
     return None
-
-
-def _get_rng_state() -> dict:
-    """Every RNG's state as tensors and plain values, so checkpoints load with weights_only."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

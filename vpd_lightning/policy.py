@@ -14,7 +14,6 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from vpd_lightning.config import LoraOptions, SdpoOptions
 from vpd_lightning.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
@@ -22,6 +21,7 @@ from vpd_lightning.models import (
     add_lora,
     decoder_and_head,
 )
+from vpd_lightning.options import LoraOptions, SdpoOptions
 from vpd_lightning.sequences import PackedBatch, completion_hidden
 from vpd_lightning.weights import WeightSnapshot
 

@@ -18,7 +18,7 @@ def test_registry_names():
 
 
 def test_verdict_range():
-    assert Verdict(1.0).success and not Verdict(0.5, "half").success
+    assert Verdict(1.0).reward == 1.0 and Verdict(0.5, "half").feedback == "half"
     with pytest.raises(ValueError, match="reward"):
         Verdict(1.5)
 

@@ -60,7 +60,7 @@ def test_sibling_never_picks_the_rollout_itself(tiny_tokenizer):
     for pattern in range(1 << 6):
         verdicts = [OK if pattern >> i & 1 else BAD for i in range(6)]
         for i, context in enumerate(builder.build(RECORD, completions, verdicts)):
-            successes = [j for j in range(6) if verdicts[j].success and j != i]
+            successes = [j for j in range(6) if verdicts[j].reward >= 1.0 and j != i]
             if successes:
                 assert context.source == "sibling" and context.context != completions[i]
                 assert context.context in [completions[j] for j in successes]
@@ -141,3 +141,16 @@ def test_bad_builder_options(tiny_tokenizer):
         TeacherContextBuilder(tiny_tokenizer, max_context_tokens=0)
     with pytest.raises(ValueError, match="verdicts"):
         TeacherContextBuilder(tiny_tokenizer).build(RECORD, ["a", "b"], [OK])
+
+
+def test_success_threshold_decides_siblings_and_critique_outcomes(tiny_tokenizer):
+    """Partial rewards count as successes once they reach the configured threshold."""
+    half = Verdict(0.5, "half right")
+    strict = TeacherContextBuilder(tiny_tokenizer, source="sibling")
+    lenient = TeacherContextBuilder(tiny_tokenizer, source="sibling", success_threshold=0.5)
+    completions = ["a", "b"]
+    assert [c.source for c in strict.build(RECORD, completions, [half, BAD])] == ["verifier"] * 2
+    assert lenient.build(RECORD, completions, [half, BAD])[1].context == "a"
+    critique = lenient.critique_prompts(RECORD, ["a"], [half])[0]
+    assert "the response is correct" in critique
+    assert "the response is incorrect" in strict.critique_prompts(RECORD, ["a"], [half])[0]

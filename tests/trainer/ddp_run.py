@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning.pytorch.callbacks import Callback
 
 from tests.trainer.helpers import lora, tiny_data, tiny_module, tiny_trainer
-from vpd_lightning.config import EStepOptions
+from vpd_lightning.options import EStepOptions
 
 
 class Report(Callback):

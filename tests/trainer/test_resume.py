@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from vpd_lightning.config import EStepOptions, SdpoOptions
+from vpd_lightning.options import EStepOptions, SdpoOptions
 
 from .helpers import lora, tiny_data, tiny_module, tiny_trainer
 

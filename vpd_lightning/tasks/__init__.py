@@ -22,7 +22,12 @@ from vpd_lightning.tasks.contexts import (
 )
 from vpd_lightning.tasks.humaneval import HumanEvalTask
 from vpd_lightning.tasks.jsonl import JsonlTask
-from vpd_lightning.tasks.prompts import question_text, render_prompt, student_messages
+from vpd_lightning.tasks.prompts import (
+    question_text,
+    render_messages,
+    render_prompt,
+    student_messages,
+)
 from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
 from vpd_lightning.tasks.sciknoweval import SciKnowEvalTask
 
@@ -43,6 +48,7 @@ __all__ = [
     "load_task",
     "question_text",
     "register_task",
+    "render_messages",
     "render_prompt",
     "student_messages",
     "teacher_sequence",

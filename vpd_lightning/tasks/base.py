@@ -28,11 +28,6 @@ class Verdict:
         if not 0.0 <= self.reward <= 1.0:
             raise ValueError(f"Verdict.reward must be in [0, 1], got {self.reward}")
 
-    @property
-    def success(self) -> bool:
-        """Full reward: what ``sibling`` feedback and BCO's success labels count as a success."""
-        return self.reward >= 1.0
-
 
 class Task(ABC):
     """A source of prompts and a verifier for responses to them.

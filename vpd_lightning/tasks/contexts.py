@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from vpd_lightning.tasks.base import Record, Task, Verdict
 from vpd_lightning.tasks.prompts import question_text, render_messages, with_question
 
 FeedbackSource = Literal["verifier", "sibling", "self_critique", "reference"]
-SOURCES = ("verifier", "sibling", "self_critique", "reference")
+SOURCES: tuple[str, ...] = get_args(FeedbackSource)
 HEADERS = {
     "verifier": "Feedback on a previous attempt at this question:",
     "sibling": "A correct solution to this question:",
@@ -74,6 +74,7 @@ class TeacherContextBuilder:
         max_context_tokens: int = 256,
         task: Task | None = None,
         critique_fn: Callable[[list[str]], list[str]] | None = None,
+        success_threshold: float = 1.0,
     ) -> None:
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -85,6 +86,7 @@ class TeacherContextBuilder:
             raise ValueError("source='reference' needs the task (for task.reference_solution)")
         self.tokenizer, self.source, self.max_context_tokens = tokenizer, source, max_context_tokens
         self.task, self.critique_fn = task, critique_fn
+        self.success_threshold = success_threshold
 
     def build(
         self, record: Record, completions: Sequence[str], verdicts: Sequence[Verdict]
@@ -118,7 +120,7 @@ class TeacherContextBuilder:
         question = question_text(record)
         prompts = []
         for completion, verdict in zip(completions, verdicts, strict=True):
-            outcome = "correct" if verdict.success else "incorrect"
+            outcome = "correct" if verdict.reward >= self.success_threshold else "incorrect"
             text = (
                 f"{question}\n\nA response to this question:\n{completion}\n\n"
                 f"Outcome: the response is {outcome}.\n\n{CRITIQUE_REQUEST}"
@@ -137,7 +139,7 @@ class TeacherContextBuilder:
             return [[(v.feedback, "verifier") for v in group] for group in verdicts]
         if self.source == "sibling":
             return [
-                _siblings(group, judged)
+                _siblings(group, judged, self.success_threshold)
                 for group, judged in zip(completions, verdicts, strict=True)
             ]
         if self.source == "reference":
@@ -185,9 +187,11 @@ class TeacherContextBuilder:
         return TeacherContext(context, True, ids, source)
 
 
-def _siblings(completions: Sequence[str], verdicts: Sequence[Verdict]) -> list[tuple[str, str]]:
+def _siblings(
+    completions: Sequence[str], verdicts: Sequence[Verdict], success_threshold: float
+) -> list[tuple[str, str]]:
     """Each rollout gets the next successful rollout after it (cyclically), never itself."""
-    successes = [i for i, v in enumerate(verdicts) if v.success]
+    successes = [i for i, v in enumerate(verdicts) if v.reward >= success_threshold]
     out = []
     for i, verdict in enumerate(verdicts):
         others = [j for j in successes if j != i]

@@ -1,0 +1,99 @@
+"""Sample, decode and verify: the one pipeline that training and evaluation share.
+
+`sample_and_verify` turns prompts into `Attempts` (n responses per prompt with their verdicts);
+training adds teacher contexts to make `Rollout`s, evaluation turns the rewards into metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vpd_lightning.generation import RolloutEngine, SamplingParams
+from vpd_lightning.tasks import Record, Task, TeacherContext, Verdict, verify_many
+
+
+@dataclass
+class Attempts:
+    """`n` responses to each of `records`, prompt-major: response j of prompt i is at i * n + j."""
+
+    records: list[Record]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    verdicts: list[Verdict]
+    n: int
+
+    def groups(self) -> list[slice]:
+        """The slice of each prompt's responses."""
+        return [slice(i * self.n, (i + 1) * self.n) for i in range(len(self.records))]
+
+    def rewards(self) -> torch.Tensor:
+        """Rewards as a (prompts, n) float tensor."""
+        return torch.tensor([float(v.reward) for v in self.verdicts]).view(-1, self.n)
+
+
+def sample_and_verify(
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    records: Sequence[Record],
+    prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    workers: int,
+) -> Attempts:
+    """Sample `params.num_samples` responses to each prompt, decode them and verify each against
+    its record (the prompt may be a teacher's: the record is what the response is judged by)."""
+    completions = engine.generate(prompt_ids, params)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    n = params.num_samples
+    expanded = [r for r in records for _ in range(n)]
+    verdicts = verify_many(task, expanded, texts, workers=workers)
+    return Attempts(list(records), [list(p) for p in prompt_ids], completions, texts, verdicts, n)
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything both steps need about it (token ids only, no text)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    teacher_prompt_ids: list[int]
+    reward: float
+    has_context: bool
+
+
+def to_rollouts(
+    attempts: Attempts, contexts: Sequence[Sequence[TeacherContext | None]] | None
+) -> list[Rollout]:
+    """Rollouts from attempts and, per prompt and response, its teacher context (None: none)."""
+    rollouts = []
+    for i, group in enumerate(attempts.groups()):
+        for j in range(group.start, group.stop):
+            context = contexts[i][j - group.start] if contexts is not None else None
+            has_context = context is not None and context.has_context
+            rollouts.append(
+                Rollout(
+                    prompt_ids=attempts.prompt_ids[i],
+                    completion_ids=attempts.completion_ids[j],
+                    teacher_prompt_ids=context.prompt_ids
+                    if has_context
+                    else attempts.prompt_ids[i],
+                    reward=float(attempts.verdicts[j].reward),
+                    has_context=has_context,
+                )
+            )
+    return rollouts
+
+
+def rollout_stats(rollouts: Sequence[Rollout], success_threshold: float) -> dict[str, float]:
+    """Reward, success fraction, context coverage and mean response length of a batch."""
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    return {
+        "train/reward_mean": float(rewards.mean()),
+        "train/success_fraction": float((rewards >= success_threshold).double().mean()),
+        "train/context_coverage": sum(r.has_context for r in rollouts) / len(rollouts),
+        "train/response_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+    }
