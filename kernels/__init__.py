@@ -3,9 +3,13 @@
 Depends on torch and (optionally, for the fast path) triton only. See README.md in this folder.
 """
 
-from vpd_kernels.config import DistillStats
-from vpd_kernels.fused_linear import fused_linear_distill_loss, fused_linear_token_logprobs
-from vpd_kernels.losses import distill_loss, token_logprobs
+from vpd_kernels.functional import (
+    DistillStats,
+    distill_loss,
+    fused_linear_distill_loss,
+    fused_linear_token_logprobs,
+    token_logprobs,
+)
 from vpd_kernels.modules import DistillLoss, FusedLinearDistillLoss
 
 __all__ = [

@@ -7,16 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpd_kernels.config import DistillConfig
-from vpd_kernels.fused_linear import fused_linear_distill_loss
-from vpd_kernels.losses import distill_loss
+from vpd_kernels.checks import LossSettings
+from vpd_kernels.functional import distill_loss, fused_linear_distill_loss
 
-_CONFIG_KEYS = ("divergence", "beta", "temperature", "ref_coef", "reduction")
+_SETTINGS = ("divergence", "beta", "temperature", "ref_coef", "reduction")
 
 
 def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Check the scalar keywords at construction so mistakes surface before training starts."""
-    DistillConfig(**{k: v for k, v in kwargs.items() if k in _CONFIG_KEYS})
+    LossSettings(**{k: v for k, v in kwargs.items() if k in _SETTINGS})
     return dict(kwargs)
 
 

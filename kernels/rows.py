@@ -1,14 +1,34 @@
-"""Row bookkeeping shared by the autograd functions: flattening, mask weights and reductions."""
+"""Row bookkeeping: (..., V) tensors as rows, per-row outputs, weights, reductions and chunks."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class RowOutputs(NamedTuple):
+    """What a backend returns for a (N, V) block of rows: unweighted per-row float32 values."""
+
+    loss: torch.Tensor  # divergence + ref_coef * ref_kl
+    divergence: torch.Tensor
+    ref_kl: torch.Tensor  # zeros when there is no reference
+    entropy: torch.Tensor
+
+    @classmethod
+    def empty(cls, n_rows: int, device: torch.device) -> RowOutputs:
+        return cls(*(torch.empty(n_rows, device=device, dtype=torch.float32) for _ in cls._fields))
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View (..., D) as (N, D) with unit stride along D, copying only when the layout needs it."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rows_per_chunk(n_cols: int, chunk_size: int | None, target_elements: int) -> int:
+    """`chunk_size`, or as many rows of `n_cols` entries as fit `target_elements`."""
+    return chunk_size if chunk_size is not None else max(1, target_elements // n_cols)
 
 
 def _safe_total(weights: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Triton kernel: distillation loss, per-token statistics and the gradient wrt the student logits.
+"""Distillation loss: the Triton kernel, its launcher and the autograd Function.
+
+The kernel computes the loss, per-token statistics and the gradient wrt the student logits.
 
 One program owns a block of rows and walks the vocabulary in tiles:
 - pass 1 keeps online log-sum-exps of every distribution and, for the KL divergences, online
@@ -12,11 +14,11 @@ All arithmetic is float32 whatever the input dtype. Offsets are int64 so N * V m
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from vpd_kernels.config import DistillConfig, RowOutputs
-from vpd_kernels.ops.common import NEG_BIG, online_logsumexp, pick_tiles, weighted_sum
+from vpd_kernels.checks import LossSettings
+from vpd_kernels.ops import tl, triton
+from vpd_kernels.ops.tiles import NEG_BIG, online_logsumexp, pick_tiles, weighted_sum
+from vpd_kernels.rows import RowOutputs, reduce_rows, row_coefficients, scale_grad
 
 _DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 
@@ -175,8 +177,7 @@ def distill_rows_triton(
     ref: torch.Tensor | None,
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
-    cfg: DistillConfig,
-    *,
+    settings: LossSettings,
     block_v: int | None = None,
 ) -> RowOutputs:
     """Per-row losses of (N, V) logits in one launch; writes coef-scaled gradients into `grad`.
@@ -185,9 +186,7 @@ def distill_rows_triton(
     Rows must be contiguous in the vocabulary dimension.
     """
     n_rows, n_cols = student.shape
-    outputs = RowOutputs(
-        *(torch.empty(n_rows, device=student.device, dtype=torch.float32) for _ in range(4))
-    )
+    outputs = RowOutputs.empty(n_rows, student.device)
     if n_rows == 0:
         return outputs
     block_rows, block_v, num_warps = pick_tiles(n_cols, block_v)
@@ -209,10 +208,10 @@ def distill_rows_triton(
         teacher.stride(0),
         ref_arg.stride(0),
         grad_arg.stride(0),
-        1.0 / cfg.temperature,
-        float(cfg.beta),
-        float(cfg.ref_coef),
-        DIVERGENCE=_DIVERGENCE_IDS[cfg.divergence],
+        1.0 / settings.temperature,
+        float(settings.beta),
+        float(settings.ref_coef),
+        DIVERGENCE=_DIVERGENCE_IDS[settings.divergence],
         HAS_REF=ref is not None,
         WRITE_GRAD=write_grad,
         BLOCK_ROWS=block_rows,
@@ -220,3 +219,26 @@ def distill_rows_triton(
         num_warps=num_warps,
     )
     return outputs
+
+
+class DistillFunction(torch.autograd.Function):
+    """Loss and gradient in one forward (either backend); backward only multiplies by grad_output."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, ref, weights, settings: LossSettings, backend):
+        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
+        coef = row_coefficients(weights, settings.reduction)
+        rows = backend.distill_rows(student, teacher, ref, coef, grad, settings)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(rows.divergence, rows.ref_kl, rows.entropy)
+        return (
+            reduce_rows(rows.loss, weights, settings.reduction),
+            rows.divergence,
+            rows.ref_kl,
+            rows.entropy,
+        )
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_stats_grads):
+        (grad,) = ctx.saved_tensors
+        return scale_grad(grad, grad_loss), None, None, None, None, None

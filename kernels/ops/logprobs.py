@@ -1,4 +1,5 @@
-"""Triton kernels: log-probability of given tokens under softmax(logits / T), and its gradient.
+"""Token log-probabilities under softmax(logits / T): the Triton kernels (forward and gradient),
+their launchers and the autograd Function.
 
 The forward reads each row once (online log-sum-exp plus one gathered logit) and keeps only the
 per-row log-sum-exp; the backward reads the logits again and writes
@@ -9,10 +10,9 @@ forward because it depends on the per-token grad_out, which is only known in bac
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from vpd_kernels.ops.common import NEG_BIG, online_logsumexp, pick_tiles
+from vpd_kernels.ops import tl, triton
+from vpd_kernels.ops.tiles import NEG_BIG, online_logsumexp, pick_tiles
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _logprobs_bwd_kernel(
 
 
 def token_logprobs_triton(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, *, block_v: int | None = None
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, block_v: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(token), log-sum-exp) per row of (N, V) logits at `temperature`, float32."""
     n_rows, n_cols = logits.shape
@@ -115,7 +115,6 @@ def token_logprobs_backward_triton(
     grad_out: torch.Tensor,
     temperature: float,
     grad: torch.Tensor,
-    *,
     block_v: int | None = None,
 ) -> None:
     """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (N, V)."""
@@ -138,3 +137,23 @@ def token_logprobs_backward_triton(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """Forward keeps only the per-row log-sum-exp; backward re-reads the logits (either backend)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, backend):
+        logp, lse = backend.logprobs(logits, tokens, temperature)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.backend = temperature, backend
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        ctx.backend.logprobs_backward(
+            logits, tokens, lse, grad_logp.contiguous(), ctx.temperature, grad
+        )
+        return grad, None, None, None

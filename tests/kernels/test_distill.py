@@ -10,28 +10,24 @@ import math
 
 import pytest
 import torch
-from kernel_reference import (
+
+import vpd_kernels as vk
+
+from .helpers import (
+    BACKENDS,
+    DIVERGENCES,
     assert_rel_close,
     distill_rows64,
     entropy64,
     kl64,
     loss_and_grad,
+    make_logits,
     max_rel_err,
     reduce64,
 )
 
-import vpd_kernels as vk
-
 # The interpreter evaluates padding rows beyond N (all -inf) with numpy, which warns; GPUs don't.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-BACKENDS = ["torch", "triton"]
-DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
-
-
-def make_logits(*shape: int, seed: int, scale: float = 2.0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*shape, generator=g) * scale for _ in range(3))
 
 
 def check_against_reference(
@@ -308,17 +304,3 @@ def test_backward_twice_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()
-
-
-def test_module_form():
-    student, teacher, ref = make_logits(2, 3, 13, seed=13)
-    module = vk.DistillLoss(
-        divergence="jsd", beta=0.2, ref_coef=0.5, reduction="sum", backend="torch"
-    )
-    assert "jsd" in repr(module)
-    expected = distill_rows64(student, teacher, "jsd", beta=0.2, ref=ref, ref_coef=0.5).sum()
-    assert math.isclose(
-        float(module(student, teacher, ref_logits=ref)), float(expected), rel_tol=1e-5
-    )
-    with pytest.raises(ValueError, match="divergence"):
-        vk.DistillLoss(divergence="kl")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_reference import max_rel_err
 
 import vpd_kernels as vk
+
+from .helpers import max_rel_err
 
 pytestmark = pytest.mark.gpu
 

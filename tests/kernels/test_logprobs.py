@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_reference import assert_rel_close, loss_and_grad, max_rel_err, token_logprobs64
 
 import vpd_kernels as vk
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+from .helpers import BACKENDS, assert_rel_close, loss_and_grad, max_rel_err, token_logprobs64
 
-BACKENDS = ["torch", "triton"]
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

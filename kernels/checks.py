@@ -1,23 +1,21 @@
-"""Loss configuration, per-token outputs and input validation shared by every backend."""
+"""Argument checks. Every public entry point validates its arguments here before any work starts,
+and every error is a ValueError that names the value, the rule and the fix."""
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """The scalar settings of a distillation loss, validated once so kernels can trust them."""
+class LossSettings:
+    """The scalar settings of a distillation loss, validated once so that kernels can trust them."""
 
     divergence: str = "reverse_kl"
     beta: float = 0.5
@@ -35,56 +33,22 @@ class DistillConfig:
                 f"beta must lie strictly inside (0, 1) for divergence='jsd', got {self.beta}; "
                 "use divergence='forward_kl' or 'reverse_kl' for the end points"
             )
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if not (math.isfinite(self.ref_coef) and self.ref_coef >= 0):
             raise ValueError(f"ref_coef must be a finite number >= 0, got {self.ref_coef}")
 
 
-class DistillStats(NamedTuple):
-    """Detached per-token float32 statistics, shape (...) like the loss with reduction="none".
-
-    They are not weighted by the mask: apply it yourself when averaging for logs.
-    """
-
-    divergence: (
-        torch.Tensor
-    )  # the chosen divergence between softmax(student/T) and softmax(teacher/T)
-    ref_kl: (
-        torch.Tensor | None
-    )  # KL(softmax(student) || softmax(ref)) at T=1; None without ref_logits
-    entropy: torch.Tensor  # entropy of softmax(student/T)
+def check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
-def finish_outputs(
-    loss: torch.Tensor,
-    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    token_shape: torch.Size,
-    reduction: str,
-    has_ref: bool,
-    return_stats: bool,
-) -> torch.Tensor | tuple[torch.Tensor, DistillStats]:
-    """Shape the loss like the tokens for reduction="none" and attach the per-token statistics."""
-    if reduction == "none":
-        loss = loss.view(token_shape)
-    if not return_stats:
-        return loss
-    divergence, ref_kl, entropy = rows
-    stats = DistillStats(
-        divergence.view(token_shape),
-        ref_kl.view(token_shape) if has_ref else None,
-        entropy.view(token_shape),
-    )
-    return loss, stats
-
-
-class RowOutputs(NamedTuple):
-    """What a backend returns for a (N, V) block of rows: unweighted per-row float32 values."""
-
-    loss: torch.Tensor  # divergence + ref_coef * ref_kl
-    divergence: torch.Tensor
-    ref_kl: torch.Tensor  # zeros when there is no reference
-    entropy: torch.Tensor
+def check_tuning(block_v: int | None, chunk_size: int | None) -> None:
+    """The optional tuning knobs: Triton vocabulary tile and rows per chunk."""
+    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def check_floating(name: str, tensor: torch.Tensor) -> None:
@@ -115,6 +79,44 @@ def check_like(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor
         )
 
 
+def check_linear(
+    hidden_name: str, hidden: torch.Tensor, weight_name: str, weight: torch.Tensor
+) -> None:
+    """Raise unless hidden (..., H) and weight (V, H) can make logits together."""
+    check_floating(hidden_name, hidden)
+    check_floating(weight_name, weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape (V, H) with H = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"{hidden_name} is {hidden.dtype} but {weight_name} is {weight.dtype}; cast one so they match"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(
+            f"{hidden_name} is on {hidden.device} but {weight_name} is on {weight.device}"
+        )
+
+
+def check_same_tokens(
+    name: str, hidden: torch.Tensor, weight: torch.Tensor, student_hidden, student_weight
+) -> None:
+    """Raise unless a teacher/ref pair has the student's tokens, vocabulary and device."""
+    token_shape = student_hidden.shape[:-1]
+    if hidden.shape[:-1] != token_shape or weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"{name}_hidden has {tuple(hidden.shape[:-1])} tokens and {name}_weight {weight.shape[0]} "
+            f"vocabulary rows, but the student has {tuple(token_shape)} and {student_weight.shape[0]}; "
+            "they must match"
+        )
+    if hidden.device != student_hidden.device:
+        raise ValueError(
+            f"{name}_hidden is on {hidden.device} but student_hidden is on {student_hidden.device}"
+        )
+
+
 def mask_weights(
     mask: torch.Tensor | None, token_shape: torch.Size, device: torch.device
 ) -> torch.Tensor:
@@ -134,37 +136,6 @@ def mask_weights(
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but the logits are on {device}; move it there")
     return mask.reshape(n).to(torch.float32)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Pick "triton" or "torch" for tensors on `device`; explain how to fix impossible requests."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if not triton_available():
-        raise ValueError(
-            "backend='triton' needs the triton package; install it or use backend='torch'"
-        )
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton"
-    raise ValueError(
-        f"backend='triton' got tensors on {device}: move them to a CUDA device, use backend='torch', "
-        "or (CPU only, slow) set TRITON_INTERPRET=1 in the environment before triton is imported"
-    )
-
-
-def triton_available() -> bool:
-    """Whether triton can be imported (it is absent on macOS and Windows)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def check_tokens(

@@ -1,9 +1,20 @@
-"""Independent float64 references for the kernel tests: plain softmax math, autograd for grads."""
+"""What the kernel tests share: inputs, independent float64 references (plain softmax math,
+autograd for gradients) and comparisons. Test files import it relatively (`from .helpers import`),
+as tests/trainer does; nothing else is shared between them."""
 
 from __future__ import annotations
 
 import torch
 from torch.special import xlogy
+
+BACKENDS = ["torch", "triton"]
+DIVERGENCES = ["reverse_kl", "forward_kl", "jsd"]
+
+
+def make_logits(*shape: int, seed: int, scale: float = 2.0) -> tuple[torch.Tensor, ...]:
+    """Student, teacher and reference logits of `shape`, normal with standard deviation `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) * scale for _ in range(3))
 
 
 def kl64(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -1,28 +1,26 @@
-"""Tile-size choice and small helpers shared by the Triton kernels."""
+"""Tile-size choice and the small jitted helpers that the Triton kernels share."""
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from vpd_kernels.ops import tl, triton
 
 # Finite stand-in for -inf as the initial running max: exp(x - NEG_BIG) stays 0 for x = -inf
 # instead of the NaN that exp(-inf - -inf) would give, so all -inf rows and padding stay clean.
 NEG_BIG = tl.constexpr(-1.0e30)
 
-DEFAULT_TILE_ELEMENTS = 4096  # elements of one (rows x vocab) tile
+TILE_ELEMENTS = 4096  # elements of one (rows x vocab) tile
 
 
 def pick_tiles(n_cols: int, block_v: int | None) -> tuple[int, int, int]:
     """Return (block_rows, block_v, num_warps) for rows of `n_cols` vocabulary entries.
 
-    Long rows get one row per program and a vocab tile of DEFAULT_TILE_ELEMENTS; short rows are
-    packed several per program so that small vocabularies still fill a tile.
+    Long rows get one row per program and a vocab tile of TILE_ELEMENTS; short rows are packed
+    several per program so that small vocabularies still fill a tile. `block_v` is a power of two
+    (checked by checks.check_tuning) or None.
     """
     if block_v is None:
-        block_v = min(triton.next_power_of_2(n_cols), DEFAULT_TILE_ELEMENTS)
-    elif block_v < 1 or block_v & (block_v - 1):
-        raise ValueError(f"block_v must be a power of two >= 1, got {block_v}")
-    block_rows = max(1, min(16, DEFAULT_TILE_ELEMENTS // (2 * block_v)))
+        block_v = min(triton.next_power_of_2(n_cols), TILE_ELEMENTS)
+    block_rows = max(1, min(16, TILE_ELEMENTS // (2 * block_v)))
     num_warps = 8 if block_rows * block_v >= 4096 else 4
     return block_rows, block_v, num_warps
 

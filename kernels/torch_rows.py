@@ -1,8 +1,9 @@
-"""The torch backend: plain log-softmax math, chunked over rows so memory stays O(chunk x V).
+"""The torch rows: the backend's plain log-softmax math, chunked over rows so that memory stays
+O(chunk x V).
 
-It mirrors the Triton kernels' contract (per-row losses plus a gradient written during the
-forward), but takes the gradient of each chunk from autograd, so it doubles as a readable
-statement of the math. Everything is computed in float32.
+It keeps the Triton ops' contract (per-row losses plus a gradient written during the forward) but
+takes the gradient of each chunk from autograd, so it doubles as a readable statement of the math
+beside each kernel. Everything is computed in float32.
 """
 
 from __future__ import annotations
@@ -11,20 +12,10 @@ import math
 
 import torch
 
-from vpd_kernels.config import DistillConfig, RowOutputs
+from vpd_kernels.checks import LossSettings
+from vpd_kernels.rows import RowOutputs, rows_per_chunk
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB per float32 temporary)
-
-
-def chunk_rows(
-    n_cols: int, chunk_size: int | None = None, target_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> int:
-    """Rows per chunk: `chunk_size`, or as many rows of `n_cols` as fit `target_elements`."""
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
-    return max(1, target_elements // n_cols)
+CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB per float32 temporary)
 
 
 def kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -54,34 +45,31 @@ def divergence_rows(
     return beta * kl(t, log_t, log_m) + (1 - beta) * kl(s, log_s, log_m)
 
 
-def distill_rows_torch(
+def distill_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
     ref: torch.Tensor | None,
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
-    cfg: DistillConfig,
-    *,
+    settings: LossSettings,
     chunk_size: int | None = None,
 ) -> RowOutputs:
     """Per-row losses of (N, V) logits; writes coef-scaled gradients into `grad` when given."""
     n_rows, n_cols = student.shape
-    out = RowOutputs(
-        *(torch.empty(n_rows, device=student.device, dtype=torch.float32) for _ in range(4))
-    )
-    step = chunk_rows(n_cols, chunk_size)
+    out = RowOutputs.empty(n_rows, student.device)
+    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
         x = student[lo:hi].detach().float().requires_grad_(grad is not None)
         with torch.enable_grad():
-            log_s = torch.log_softmax(x / cfg.temperature, dim=-1)
-            log_t = torch.log_softmax(teacher[lo:hi].float() / cfg.temperature, dim=-1)
-            div = divergence_rows(log_s, log_t, cfg.divergence, cfg.beta)
+            log_s = torch.log_softmax(x / settings.temperature, dim=-1)
+            log_t = torch.log_softmax(teacher[lo:hi].float() / settings.temperature, dim=-1)
+            div = divergence_rows(log_s, log_t, settings.divergence, settings.beta)
             ref_kl = torch.zeros_like(div)
             if ref is not None:
                 log_p = torch.log_softmax(x, dim=-1)
                 ref_kl = kl(log_p.exp(), log_p, torch.log_softmax(ref[lo:hi].float(), dim=-1))
-            loss = div + cfg.ref_coef * ref_kl
+            loss = div + settings.ref_coef * ref_kl
         if grad is not None:
             # Rows with coefficient 0 get exact zeros, even when their loss is NaN or inf.
             row_coef = coef[lo:hi]
@@ -96,14 +84,14 @@ def distill_rows_torch(
     return out
 
 
-def token_logprobs_torch(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, *, chunk_size: int | None = None
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(token), log-sum-exp) per row of (N, V) logits at `temperature`, float32."""
     n_rows, n_cols = logits.shape
     logp = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
-    step = chunk_rows(n_cols, chunk_size)
+    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
     for lo in range(0, n_rows, step):
         a = logits[lo : lo + step].float() / temperature
         lse[lo : lo + step] = torch.logsumexp(a, dim=-1)
@@ -113,19 +101,18 @@ def token_logprobs_torch(
     return logp, lse
 
 
-def token_logprobs_backward_torch(
+def token_logprobs_backward(
     logits: torch.Tensor,
     tokens: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
     temperature: float,
     grad: torch.Tensor,
-    *,
     chunk_size: int | None = None,
 ) -> None:
     """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (N, V)."""
     n_rows, n_cols = logits.shape
-    step = chunk_rows(n_cols, chunk_size)
+    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
     for lo in range(0, n_rows, step):
         probs = torch.exp(logits[lo : lo + step].float() / temperature - lse[lo : lo + step, None])
         g = -probs

@@ -1,0 +1,101 @@
+"""Backend choice: which implementation computes the rows (the Triton ops or the torch rows), and
+whether it can run where the tensors are."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vpd_kernels import torch_rows
+from vpd_kernels.checks import LossSettings
+from vpd_kernels.ops import HAVE_TRITON
+from vpd_kernels.ops.distill import distill_rows_triton
+from vpd_kernels.ops.logprobs import token_logprobs_backward_triton, token_logprobs_triton
+from vpd_kernels.rows import RowOutputs
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """Pick "triton" or "torch" for tensors on `device`; explain how to fix impossible requests."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAVE_TRITON else "torch"
+    if not HAVE_TRITON:
+        raise ValueError(
+            "backend='triton' needs the triton package; install it or use backend='torch'"
+        )
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    raise ValueError(
+        f"backend='triton' got tensors on {device}: move them to a CUDA device, use backend='torch', "
+        "or (CPU only, slow) set TRITON_INTERPRET=1 in the environment before triton is imported"
+    )
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Runs the per-row computations on (N, V) logits with `name` ("triton" or "torch").
+
+    `block_v` (Triton vocabulary tile, a power of two) and `chunk_size` (torch rows per chunk) are
+    tuning knobs; None picks a default from the vocabulary size.
+    """
+
+    name: str
+    block_v: int | None = None
+    chunk_size: int | None = None
+
+    @classmethod
+    def choose(
+        cls,
+        backend: str,
+        device: torch.device,
+        block_v: int | None = None,
+        chunk_size: int | None = None,
+    ) -> Backend:
+        return cls(resolve(backend, device), block_v, chunk_size)
+
+    def distill_rows(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        ref: torch.Tensor | None,
+        coef: torch.Tensor | None,
+        grad: torch.Tensor | None,
+        settings: LossSettings,
+    ) -> RowOutputs:
+        if self.name == "triton":
+            return distill_rows_triton(student, teacher, ref, coef, grad, settings, self.block_v)
+        return torch_rows.distill_rows(student, teacher, ref, coef, grad, settings, self.chunk_size)
+
+    def logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.name == "triton":
+            return token_logprobs_triton(logits, tokens, temperature, self.block_v)
+        return torch_rows.token_logprobs(logits, tokens, temperature, self.chunk_size)
+
+    def logprobs_backward(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        lse: torch.Tensor,
+        grad_out: torch.Tensor,
+        temperature: float,
+        grad: torch.Tensor,
+    ) -> None:
+        if self.name == "triton":
+            token_logprobs_backward_triton(
+                logits, tokens, lse, grad_out, temperature, grad, self.block_v
+            )
+        else:
+            torch_rows.token_logprobs_backward(
+                logits, tokens, lse, grad_out, temperature, grad, self.chunk_size
+            )
