@@ -3,20 +3,31 @@
 Besides LightningCLI's own behaviour (unknown keys are errors, `--print_config`, the resolved
 config saved next to the logs), `fit` evaluates before and after training, draws the learning
 curves and ends by printing where the logs, curves, checkpoints and config went.
+
+Bad input (options, config files, data files, model ids, checkpoints) is refused before the model
+loads, with one line on stderr and exit status 2; `VPD_TRACEBACK=1` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
-from jsonargparse import lazy_instance
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from jsonargparse import lazy_instance, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from vpd_lightning.data import VPDDataModule
+from vpd_lightning.errors import UserInputError
+from vpd_lightning.guard import NonFiniteLossError
 from vpd_lightning.module import VPDModule
 from vpd_lightning.plot import plot_run
+from vpd_lightning.resume import check_checkpoint, check_learning_rates
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs", name="vpd"),
@@ -26,14 +37,67 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
 }
+TRACEBACK_VARIABLE = "VPD_TRACEBACK"
 
-
+# `fit --help` shows each option group's attribute docstrings (vpd_lightning/options.py).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 # Lightning warns that step-interval checkpoints hold the weights after the step's updates; that
 # is what resuming needs here (one step = rollouts + all of its updates), as the resume test shows.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
+class ParserError(UserInputError):
+    """A config or command-line error found by the argument parser."""
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Raises parse errors as `ParserError` with one line, instead of printing usage and exiting."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        raise ParserError(summarize_parser_error(message)) from ex
+
+
+def summarize_parser_error(message: str) -> str:
+    """One line from jsonargparse's nested message: the full key and the innermost reason.
+
+    Nested option groups are parsed by nested parsers whose errors arrive here already
+    summarised, as the bullet under `Errors:` that is not the `null` alternative.
+    """
+    ours = re.search(r"((?:model|data|trainer)\.[\w.\[\]]+ = .*)", message)
+    if ours:
+        return ours.group(1).strip()
+    key = ""
+    for part in re.findall(r'Parser key "([^"]+)"', message):  # nested keys are relative
+        key = part if not key or part.startswith(key + ".") else f"{key}.{part}"
+    prefix = f"{key}." if key else ""
+    unrecognized = re.search(r"unrecognized arguments: --([\w.]+)", message) or re.search(
+        r"does not accept option '([\w.]+)'", message
+    )
+    if unrecognized:
+        return f"{unrecognized.group(1)}: unknown option; `fit --help` lists the accepted ones"
+    nested = re.search(r"[Gg]roup '([\w.]+)' does not accept nested key '([\w.]+)'", message)
+    if nested:
+        return f"{nested.group(1)}.{nested.group(2)}: unknown option; `fit --help` lists the accepted ones"
+    bullets = [b for b in re.findall(r"^\s*- (.*)$", message, re.MULTILINE) if "NoneType" not in b]
+    if bullets:
+        return prefix + bullets[0].strip()
+    unknown = re.search(r"Option '([^']+)' is not accepted", message) or re.search(
+        r'No action for key "([^"]+)"', message
+    )
+    if unknown:
+        return f"{prefix}{unknown.group(1)}: unknown option; `fit --help` lists the accepted ones"
+    reason = re.search(r"(Expected a .*?Got value: .*)", message)
+    if reason:
+        return f"{prefix.rstrip('.')}: {reason.group(1).strip()}" if key else reason.group(1)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"{key}: {lines[-1]}" if key and lines else (lines[0] if lines else message)
+
+
 class VPDCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        self.parser_class = OneLineErrorParser
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
         parser.add_argument(
@@ -42,6 +106,22 @@ class VPDCLI(LightningCLI):
             default=True,
             help="fit: validate before and after training and print both accuracies",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Check `ckpt_path` against the config, instead of Lightning's default here: copying the
+        checkpoint's hparams over the config, which silently replaced what the user had set
+        (a resume with `--model.method grpo` kept training VPD)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("ckpt_path"):
+            check_checkpoint(config["ckpt_path"], config["model"])
+
+    def before_instantiate_classes(self) -> None:
+        """Checks that need no model and that no constructor runs before the model loads."""
+        config = self.config[self.subcommand]
+        data = config["data"]  # the task is instantiated before the model, the data module after
+        VPDDataModule.check_options(data.prompts_per_step, data.val_size, data.val_batch_size)
+        check_learning_rates(config["model"])
 
     def before_fit(self) -> None:
         self._before = None
@@ -99,11 +179,71 @@ class VPDCLI(LightningCLI):
         return "\n".join(lines)
 
 
+def check_config_files(args: list[str]) -> None:
+    """Each `--config` file exists and holds a YAML mapping (jsonargparse's own message for an
+    empty file is `Unexpected config:` and nothing after it)."""
+    for index, arg in enumerate(args):
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            path = args[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        file = Path(path)
+        if not file.is_file():
+            raise UserInputError(f"--config {path}: no such file")
+        try:
+            content = yaml.safe_load(file.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            line = getattr(getattr(error, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise UserInputError(f"--config {path}: not valid YAML{where}") from None
+        if content is None:
+            raise UserInputError(
+                f"--config {path}: the file is empty; start from configs/tiny.yaml or "
+                "`fit --print_config`"
+            )
+        if not isinstance(content, dict):
+            raise UserInputError(
+                f"--config {path}: expected a mapping of option groups (trainer:, model:, data:), "
+                f"got a {type(content).__name__}"
+            )
+
+
+def find_user_error(error: BaseException) -> BaseException | None:
+    """The user-input error behind `error`, following jsonargparse's and Lightning's wrapping:
+    our own check's error if there is one, else the outermost parser error."""
+    found, seen, stack = [], set(), [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserInputError | NonFiniteLossError):
+            found.append(current)
+        stack += [current.__cause__, current.__context__]
+    ours = [e for e in found if not isinstance(e, ParserError)]
+    if ours or found:
+        return (ours or found)[0]
+    text = re.search(r"((?:model|data)\.[\w.]+ = [^\n]*)", str(error))
+    return UserInputError(text.group(1)) if text else None
+
+
 def main(args: list[str] | None = None) -> VPDCLI:
-    return VPDCLI(
-        VPDModule,
-        VPDDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    arguments = sys.argv[1:] if args is None else args
+    try:
+        check_config_files(arguments)
+        return VPDCLI(
+            VPDModule,
+            VPDDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None or os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        message = " ".join(str(user_error).split())
+        print(f"vpd_lightning: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -84,10 +84,7 @@ class VPDDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        require_positive_int("data.prompts_per_step", prompts_per_step)
-        if val_size is not None:
-            require_positive_int("data.val_size", val_size)
-        require_positive_int("data.val_batch_size", val_batch_size)
+        self.check_options(prompts_per_step, val_size, val_batch_size)
         self.task = task
         self.prompts_per_step = prompts_per_step
         self.train_split = train_split
@@ -97,6 +94,14 @@ class VPDDataModule(pl.LightningDataModule):
         self.seed = seed
         self._train: PromptSampler | None = None
         self._val: list[dict] | None = None
+
+    @staticmethod
+    def check_options(prompts_per_step: int, val_size: int | None, val_batch_size: int) -> None:
+        """The counts must be positive (the CLI calls this before the model loads, too)."""
+        require_positive_int("data.prompts_per_step", prompts_per_step)
+        if val_size is not None:
+            require_positive_int("data.val_size", val_size)
+        require_positive_int("data.val_batch_size", val_batch_size)
 
     def train_records(self) -> list[dict]:
         return self.task.records(self.train_split)

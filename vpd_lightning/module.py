@@ -113,7 +113,8 @@ class VPDModule(pl.LightningModule):
         micro_batch_size: Sequences per forward/backward; gradients accumulate over the batch.
         updates_per_batch: Student updates per batch of rollouts (1: strictly on-policy).
         student_optimizer: Optimizer of the M-step (default AdamW, lr 1e-5).
-        teacher_optimizer: Optimizer of the E-step (VPD only; default AdamW, lr 1e-5).
+        teacher_optimizer: Optimizer of the E-step (VPD only; null: the same class and settings
+            as `student_optimizer`).
         student_scheduler: LR scheduler stepped after every student update.
         teacher_scheduler: LR scheduler stepped after every teacher update.
         student_grad_clip: Max gradient norm of the student update (null: no clipping).
@@ -136,12 +137,12 @@ class VPDModule(pl.LightningModule):
         feedback_source: FeedbackSource = "verifier",
         max_context_tokens: int = 256,
         success_threshold: float = 1.0,
-        rollout: RolloutOptions | None = None,
-        distill: DistillOptions | None = None,
-        estep: EStepOptions | None = None,
-        sdpo: SdpoOptions | None = None,
-        grpo: GrpoOptions | None = None,
-        validation: ValidationOptions | None = None,
+        rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 (read-only)
+        distill: DistillOptions = DistillOptions(),  # noqa: B008 (read-only)
+        estep: EStepOptions = EStepOptions(),  # noqa: B008 (read-only)
+        sdpo: SdpoOptions = SdpoOptions(),  # noqa: B008 (read-only)
+        grpo: GrpoOptions = GrpoOptions(),  # noqa: B008 (read-only)
+        validation: ValidationOptions = ValidationOptions(),  # noqa: B008 (read-only)
         micro_batch_size: int = 8,
         updates_per_batch: int = 1,
         student_optimizer: OptimizerCallable | None = None,
@@ -301,6 +302,7 @@ class VPDModule(pl.LightningModule):
         optimizers = [_make_optimizer(student_factory, self.policy.student_parameters())]
         schedulers = [student_sched(optimizers[0]) if student_sched else None]
         if self.method == "vpd":
+            teacher_factory = teacher_factory or student_factory  # null: the student's settings
             optimizers.append(_make_optimizer(teacher_factory, self.policy.teacher_parameters()))
             schedulers.append(teacher_sched(optimizers[1]) if teacher_sched else None)
         if all(s is None for s in schedulers):

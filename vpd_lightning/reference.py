@@ -68,7 +68,7 @@ def rows() -> list[tuple[str, str, str]]:
                     )
                 continue
             default = parameter.default
-            shown = "AdamW lr 1e-5" if name.endswith("_optimizer") else _default(default)
+            shown = "AdamW lr 1e-5" if name == "student_optimizer" else _default(default)
             out.append((f"{prefix}.{name}", shown, docs[name]))
     out += [(name, _default(default), text) for name, default, text in CLI_OPTIONS]
     return out

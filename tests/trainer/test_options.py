@@ -122,7 +122,7 @@ def test_bad_combinations_fail_before_training(options, message):
 
 
 def test_teacher_optimizer_for_a_method_without_teacher_is_an_error():
-    with pytest.raises(UserInputError, match="model.teacher_optimizer is for model.method: vpd"):
+    with pytest.raises(UserInputError, match=r"model\.teacher_optimizer is for model\.method: vpd"):
         VPDModule(method="sdpo", teacher_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
 
 
