@@ -9,6 +9,7 @@ from vpd_kernels.functional import (
     fused_linear_distill_loss,
     fused_linear_token_logprobs,
     token_logprobs,
+    topk_distill_loss,
 )
 from vpd_kernels.modules import DistillLoss, FusedLinearDistillLoss
 
@@ -20,4 +21,5 @@ __all__ = [
     "fused_linear_distill_loss",
     "fused_linear_token_logprobs",
     "token_logprobs",
+    "topk_distill_loss",
 ]

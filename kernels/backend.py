@@ -13,9 +13,11 @@ from vpd_kernels.checks import LossSettings
 from vpd_kernels.ops import HAVE_TRITON
 from vpd_kernels.ops.distill import distill_rows_triton
 from vpd_kernels.ops.logprobs import token_logprobs_backward_triton, token_logprobs_triton
-from vpd_kernels.rows import RowOutputs
+from vpd_kernels.ops.topk import topk_rows_triton
+from vpd_kernels.rows import RowOutputs, rows_per_chunk, top_ids
 
 BACKENDS = ("auto", "triton", "torch")
+TOPK_CHUNK_ELEMENTS = 1 << 24  # teacher logits per torch.topk call (`teacher_topk`)
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -67,13 +69,42 @@ class Backend:
         student: torch.Tensor,
         teacher: torch.Tensor,
         ref: torch.Tensor | None,
+        labels: torch.Tensor | None,
         coef: torch.Tensor | None,
         grad: torch.Tensor | None,
         settings: LossSettings,
     ) -> RowOutputs:
+        """Rows of (outer, inner, V) student logits against the teacher's logits (same layout):
+        its full distribution, or its top `settings.teacher_topk` tokens."""
+        if settings.teacher_topk is not None:
+            chunk = rows_per_chunk(teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
+            ids = top_ids(teacher, settings.teacher_topk, chunk)
+            return self.topk_rows(student, ids, None, teacher, ref, labels, coef, grad, settings)
         if self.name == "triton":
-            return distill_rows_triton(student, teacher, ref, coef, grad, settings, self.block_v)
-        return torch_rows.distill_rows(student, teacher, ref, coef, grad, settings, self.chunk_size)
+            return distill_rows_triton(
+                student, teacher, ref, labels, coef, grad, settings, self.block_v
+            )
+        return torch_rows.distill_rows(
+            student, teacher, ref, labels, coef, grad, settings, self.chunk_size
+        )
+
+    def topk_rows(
+        self,
+        student: torch.Tensor,
+        ids: torch.Tensor,
+        teacher_logprobs: torch.Tensor | None,
+        teacher: torch.Tensor | None,
+        ref: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        coef: torch.Tensor | None,
+        grad: torch.Tensor | None,
+        settings: LossSettings,
+    ) -> RowOutputs:
+        """Rows against the teacher's top-k ids (N, k), with their log-probs or its logits."""
+        args = (student, ids, teacher_logprobs, teacher, ref, labels, coef, grad, settings)
+        if self.name == "triton":
+            return topk_rows_triton(*args, self.block_v)
+        return torch_rows.topk_rows(*args, self.chunk_size)
 
     def logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float
@@ -86,16 +117,16 @@ class Backend:
         self,
         logits: torch.Tensor,
         tokens: torch.Tensor,
-        lse: torch.Tensor,
+        norm: torch.Tensor,
         grad_out: torch.Tensor,
         temperature: float,
         grad: torch.Tensor,
     ) -> None:
         if self.name == "triton":
             token_logprobs_backward_triton(
-                logits, tokens, lse, grad_out, temperature, grad, self.block_v
+                logits, tokens, norm, grad_out, temperature, grad, self.block_v
             )
         else:
             torch_rows.token_logprobs_backward(
-                logits, tokens, lse, grad_out, temperature, grad, self.chunk_size
+                logits, tokens, norm, grad_out, temperature, grad, self.chunk_size
             )

@@ -15,13 +15,23 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The scalar settings of a distillation loss, validated once so that kernels can trust them."""
+    """The scalar settings of a distillation loss, validated once so that kernels can trust them.
+
+    Per token: loss = div_coef * D + ref_coef * KL(student || ref) + ce_coef * CE(labels), where
+    D is the divergence at `temperature`, over the full vocabulary or, with `teacher_topk` (k of
+    the teacher's logits) or given top-k teacher log-probs, over k buckets plus, with `tail`, one
+    for the rest. `div_coef` is not a public keyword: the Liger compatibility layer sets it.
+    """
 
     divergence: str = "reverse_kl"
     beta: float = 0.5
     temperature: float = 1.0
     ref_coef: float = 0.0
     reduction: str = "mean"
+    ce_coef: float = 0.0
+    div_coef: float = 1.0
+    teacher_topk: int | None = None
+    tail: bool = True
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -31,11 +41,17 @@ class LossSettings:
         if self.divergence == "jsd" and not 0.0 < float(self.beta) < 1.0:
             raise ValueError(
                 f"beta must lie strictly inside (0, 1) for divergence='jsd', got {self.beta}; "
-                "use divergence='forward_kl' or 'reverse_kl' for the end points"
+                "use divergence='forward_kl' or 'reverse_kl' for the end points (TRL's and "
+                "Liger's beta=0 is forward_kl, beta=1 reverse_kl; vpd_kernels.compat maps them)"
             )
         check_temperature(self.temperature)
-        if not (math.isfinite(self.ref_coef) and self.ref_coef >= 0):
-            raise ValueError(f"ref_coef must be a finite number >= 0, got {self.ref_coef}")
+        for name in ("ref_coef", "ce_coef", "div_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        k = self.teacher_topk
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"teacher_topk must be None or an integer >= 1, got {k!r}")
 
 
 def check_temperature(temperature: float) -> None:
@@ -138,26 +154,122 @@ def mask_weights(
     return mask.reshape(n).to(torch.float32)
 
 
-def check_tokens(
-    tokens: torch.Tensor, token_shape: torch.Size, device: torch.device
-) -> torch.Tensor:
-    """Validate token ids of shape `token_shape` and return them flat as int64 (N,).
+def _check_ids(name: str, ids: torch.Tensor, token_shape, device, per_row: str = "one") -> None:
+    """Dtype, device and leading shape of integer ids; `per_row` says how many a row takes."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of token ids (e.g. torch.long)")
+    leading = ids.shape if per_row == "one" else ids.shape[:-1] if ids.dim() else None
+    if leading != token_shape:
+        raise ValueError(
+            f"{name} has shape {tuple(ids.shape)} but there are {tuple(token_shape)} rows of logits; "
+            f"pass {per_row} token id per row (the logits' shape without the vocabulary dimension"
+            + (")" if per_row == "one" else ", then k)")
+        )
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the logits are on {device}; move it there")
 
-    Ids must lie in [0, V); the range is not checked on the Triton path to avoid a host sync.
+
+def _out_of_range(ids: torch.Tensor, n_cols: int) -> torch.Tensor:
+    return (ids < 0) | (ids >= n_cols)
+
+
+def _range_error(name: str, ids: torch.Tensor, bad: torch.Tensor, n_cols: int, fix: str):
+    example = int(ids[bad][0])
+    return ValueError(
+        f"{name} has {int(bad.sum())} ids outside [0, {n_cols}) (the vocabulary), for example "
+        f"{example}; {fix}"
+    )
+
+
+def check_tokens(
+    tokens: torch.Tensor, token_shape: torch.Size, device: torch.device, n_cols: int
+) -> torch.Tensor:
+    """Validate token ids of shape `token_shape` in [0, V) and return them flat as int64 (N,).
+
+    The range check reads one flag back from the device (a host sync) on every backend.
     """
-    if (
-        not isinstance(tokens, torch.Tensor)
-        or tokens.dtype.is_floating_point
-        or tokens.dtype == torch.bool
-    ):
-        raise ValueError("tokens must be an integer tensor of token ids (e.g. torch.long)")
-    if tokens.shape != token_shape:
-        raise ValueError(
-            f"tokens has shape {tuple(tokens.shape)} but there are {tuple(token_shape)} rows of logits; "
-            "pass one token id per row (the logits' shape without the vocabulary dimension)"
+    _check_ids("tokens", tokens, token_shape, device)
+    flat = tokens.reshape(-1).to(torch.int64).contiguous()
+    bad = _out_of_range(flat, n_cols)
+    if bool(bad.any()):
+        raise _range_error("tokens", flat, bad, n_cols, "pass ids of the logits' vocabulary")
+    return flat
+
+
+def check_labels(
+    labels: torch.Tensor,
+    ignore_index: int | None,
+    token_shape: torch.Size,
+    device: torch.device,
+    n_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate labels (...) and return (ids, valid): int64 ids (N,) with ignored positions set
+    to 0 (so that kernels may read them), and float32 weights (N,), 0 where label == ignore_index.
+
+    Ids outside [0, V) other than `ignore_index` raise; the check is a host sync.
+    """
+    _check_ids("labels", labels, token_shape, device)
+    flat = labels.reshape(-1).to(torch.int64)
+    valid = flat != ignore_index if ignore_index is not None else torch.ones_like(flat, dtype=bool)
+    bad = _out_of_range(flat, n_cols) & valid
+    if bool(bad.any()):
+        fix = (
+            "pass ignore_index=<that id> to skip such positions (TRL and Liger use -100)"
+            if ignore_index is None
+            else f"only ignore_index={ignore_index} may lie outside"
         )
-    if tokens.device != device:
+        raise _range_error("labels", flat, bad, n_cols, fix)
+    return torch.where(valid, flat, 0).contiguous(), valid.to(torch.float32)
+
+
+def check_topk(
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    token_shape: torch.Size,
+    device: torch.device,
+    n_cols: int,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the teacher's top-k ids and log-probs (..., k) and return them as (N, k) int64
+    and float32. On rows with weight 0 (`active` False) the ids are replaced by 0..k-1, so padding
+    may hold anything; elsewhere ids must be distinct and in [0, V) (checked with one host sync).
+    """
+    _check_ids("teacher_topk_ids", ids, token_shape, device, per_row="k")
+    if not 1 <= ids.shape[-1] <= n_cols:
         raise ValueError(
-            f"tokens is on {tokens.device} but the logits are on {device}; move it there"
+            f"teacher_topk_ids has shape {tuple(ids.shape)}; pass (..., k) with the logits' "
+            f"tokens {tuple(token_shape)} and 1 <= k <= V = {n_cols}"
         )
-    return tokens.reshape(-1).to(torch.int64).contiguous()
+    check_floating("teacher_topk_logprobs", logprobs)
+    if logprobs.shape != ids.shape or logprobs.device != device:
+        raise ValueError(
+            f"teacher_topk_logprobs has shape {tuple(logprobs.shape)} on {logprobs.device} but "
+            f"teacher_topk_ids has {tuple(ids.shape)} on {device}; pass one log-prob per id"
+        )
+    k = ids.shape[-1]
+    flat = ids.reshape(-1, k).to(torch.int64)
+    flat = torch.where(active[:, None], flat, torch.arange(k, device=device)).contiguous()
+    bad = _out_of_range(flat, n_cols)
+    ordered = flat.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    flags = torch.stack([bad.any(), repeated.any()]).tolist()  # one host sync for both checks
+    if flags[0]:
+        raise _range_error("teacher_topk_ids", flat, bad, n_cols, "pass ids of the vocabulary")
+    if flags[1]:
+        raise ValueError(
+            f"teacher_topk_ids repeats an id in {int(repeated.sum())} rows; the k ids of a token "
+            "must be distinct (as torch.topk gives them)"
+        )
+    return flat, logprobs.detach().reshape(-1, k).to(torch.float32).contiguous()
+
+
+def check_bias(name: str, bias: torch.Tensor | None, weight_name: str, weight: torch.Tensor):
+    """Raise unless `bias` is None or a (V,) tensor like the rows of `weight`."""
+    if bias is None:
+        return
+    check_floating(name, bias)
+    if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype or bias.device != weight.device:
+        raise ValueError(
+            f"{name} has shape {tuple(bias.shape)}, {bias.dtype} on {bias.device}; pass "
+            f"({weight.shape[0]},) in {weight_name}'s dtype {weight.dtype} on {weight.device}"
+        )

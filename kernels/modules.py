@@ -1,7 +1,8 @@
-"""nn.Module wrappers that hold the loss keywords, for configs and model composition."""
+"""nn.Module forms of the losses: keywords fixed (and checked) at construction, tensors at call."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -10,12 +11,27 @@ from torch import nn
 from vpd_kernels.checks import LossSettings
 from vpd_kernels.functional import distill_loss, fused_linear_distill_loss
 
-_SETTINGS = ("divergence", "beta", "temperature", "ref_coef", "reduction")
+_SETTINGS = {f: f for f in ("divergence", "beta", "temperature", "ref_coef", "reduction")}
+_SETTINGS.update(ce_coef="ce_coef", teacher_topk="teacher_topk", topk_tail="tail")
+_PER_CALL = {"ref_logits", "mask", "labels", "ref_hidden", "ref_weight"}
+_PER_CALL |= {"student_bias", "teacher_bias", "ref_bias"}
 
 
-def _validated(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Check the scalar keywords at construction so mistakes surface before training starts."""
-    LossSettings(**{k: v for k, v in kwargs.items() if k in _SETTINGS})
+def _validated(function, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Check the keywords at construction so that mistakes surface before training starts."""
+    keywords = {
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in _PER_CALL
+    }
+    unknown = sorted(set(kwargs) - keywords)
+    if unknown:
+        raise ValueError(
+            f"unknown keywords {unknown} for {function.__name__}; it takes {sorted(keywords)} "
+            f"(tensors such as {sorted(_PER_CALL & set(inspect.signature(function).parameters))} "
+            "go to forward)"
+        )
+    LossSettings(**{_SETTINGS[k]: v for k, v in kwargs.items() if k in _SETTINGS})
     return dict(kwargs)
 
 
@@ -24,17 +40,24 @@ class DistillLoss(nn.Module):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self.kwargs = _validated(kwargs)
+        self.kwargs = _validated(distill_loss, kwargs)
 
     def forward(
         self,
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
+        *,
         ref_logits: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ):
         return distill_loss(
-            student_logits, teacher_logits, ref_logits=ref_logits, mask=mask, **self.kwargs
+            student_logits,
+            teacher_logits,
+            ref_logits=ref_logits,
+            mask=mask,
+            labels=labels,
+            **self.kwargs,
         )
 
     def extra_repr(self) -> str:
@@ -46,7 +69,7 @@ class FusedLinearDistillLoss(nn.Module):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
-        self.kwargs = _validated(kwargs)
+        self.kwargs = _validated(fused_linear_distill_loss, kwargs)
 
     def forward(
         self,
@@ -54,9 +77,14 @@ class FusedLinearDistillLoss(nn.Module):
         student_weight: torch.Tensor,
         teacher_hidden: torch.Tensor,
         teacher_weight: torch.Tensor | None = None,
+        *,
         ref_hidden: torch.Tensor | None = None,
         ref_weight: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
     ):
         return fused_linear_distill_loss(
             student_hidden,
@@ -66,6 +94,10 @@ class FusedLinearDistillLoss(nn.Module):
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             mask=mask,
+            labels=labels,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            ref_bias=ref_bias,
             **self.kwargs,
         )
 

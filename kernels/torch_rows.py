@@ -1,21 +1,34 @@
 """The torch rows: the backend's plain log-softmax math, chunked over rows so that memory stays
 O(chunk x V).
 
-It keeps the Triton ops' contract (per-row losses plus a gradient written during the forward) but
-takes the gradient of each chunk from autograd, so it doubles as a readable statement of the math
-beside each kernel. Everything is computed in float32.
+It keeps the Triton ops' contract (per-row outputs plus a gradient written during the forward)
+but takes the gradient of each chunk from autograd, so it doubles as a readable statement of the
+math beside each kernel. Everything is computed in float32, and logits are shifted by their row
+max before the temperature divides them, so the result does not depend on their offset.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from vpd_kernels.checks import LossSettings
-from vpd_kernels.rows import RowOutputs, rows_per_chunk
+from vpd_kernels.rows import RowOutputs, flat_rows, n_rows, row_chunk, rows_per_chunk
 
 CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB per float32 temporary)
+
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """Max of each row (keepdim), 0 for rows without a finite max (so x - max is never NaN)."""
+    m = x.detach().amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, 0.0)
+
+
+def log_softmax_at(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(x / T), with x shifted by its max first: exact at any offset of the logits."""
+    return torch.log_softmax((x - row_max(x)) / temperature, dim=-1)
 
 
 def kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -45,76 +58,167 @@ def divergence_rows(
     return beta * kl(t, log_t, log_m) + (1 - beta) * kl(s, log_s, log_m)
 
 
-def distill_rows(
+def rest_outside(log_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """1 - the mass at `ids` of full-vocabulary log-probabilities, summed outside the ids (no
+    1 - sum: accurate also when the ids hold almost all the mass). Shape (n, 1)."""
+    return log_full.exp().scatter(-1, ids, 0.0).sum(-1, keepdim=True)
+
+
+def rest_of_given(log_k: torch.Tensor) -> torch.Tensor:
+    """1 - sum exp(log_k) for given top-k log-probs (a constant), in float64: all that the given
+    log-probs say about the rest. Never below 0. Shape (n, 1)."""
+    return (1 - log_k.double().exp().sum(-1, keepdim=True)).clamp_min(0.0).float()
+
+
+def with_tail(log_k: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    """Append the bucket of the rest (n, 1) to k log-probabilities (n, k); an empty rest is -inf,
+    with a zero gradient."""
+    tiny = torch.finfo(rest.dtype).tiny
+    log_rest = torch.where(rest > 0, rest.clamp_min(tiny).log(), -math.inf)
+    return torch.cat([log_k, log_rest], dim=-1)
+
+
+def _times(coef: float, value: torch.Tensor) -> torch.Tensor:
+    """coef * value, exactly 0 when coef is 0 (even where value is inf or NaN)."""
+    return coef * value if coef else torch.zeros_like(value)
+
+
+def _rows(
     student: torch.Tensor,
-    teacher: torch.Tensor,
+    divergence_of: Callable[[int, int, torch.Tensor], torch.Tensor],
     ref: torch.Tensor | None,
+    labels: torch.Tensor | None,
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    chunk_size: int | None = None,
+    chunk_size: int | None,
 ) -> RowOutputs:
-    """Per-row losses of (N, V) logits; writes coef-scaled gradients into `grad` when given."""
-    n_rows, n_cols = student.shape
-    out = RowOutputs.empty(n_rows, student.device)
-    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
-    for lo in range(0, n_rows, step):
-        hi = min(lo + step, n_rows)
-        x = student[lo:hi].detach().float().requires_grad_(grad is not None)
+    """The rows of any distillation loss, chunk by chunk; `divergence_of(lo, hi, log_s)` gives the
+    divergence of rows lo..hi from the student's log-probabilities at T."""
+    total = n_rows(student)
+    out = RowOutputs.empty(total, student.device)
+    step = rows_per_chunk(student.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
+        x = row_chunk(student, lo, hi).detach().float().requires_grad_(grad is not None)
         with torch.enable_grad():
-            log_s = torch.log_softmax(x / settings.temperature, dim=-1)
-            log_t = torch.log_softmax(teacher[lo:hi].float() / settings.temperature, dim=-1)
-            div = divergence_rows(log_s, log_t, settings.divergence, settings.beta)
-            ref_kl = torch.zeros_like(div)
+            log_s = log_softmax_at(x, settings.temperature)
+            div = divergence_of(lo, hi, log_s)
+            ref_kl = ce = torch.zeros_like(div)
+            if ref is not None or labels is not None:
+                log_p = log_softmax_at(x, 1.0)
             if ref is not None:
-                log_p = torch.log_softmax(x, dim=-1)
-                ref_kl = kl(log_p.exp(), log_p, torch.log_softmax(ref[lo:hi].float(), dim=-1))
-            loss = div + settings.ref_coef * ref_kl
+                log_q = log_softmax_at(row_chunk(ref, lo, hi).float(), 1.0)
+                ref_kl = kl(log_p.exp(), log_p, log_q)
+            if labels is not None:
+                ce = -log_p.gather(-1, labels[lo:hi, None]).squeeze(-1)
+            loss = (
+                _times(settings.div_coef, div)
+                + _times(settings.ref_coef, ref_kl)
+                + _times(settings.ce_coef, ce)
+            )
         if grad is not None:
             # Rows with coefficient 0 get exact zeros, even when their loss is NaN or inf.
             row_coef = coef[lo:hi]
             (g,) = torch.autograd.grad(loss, x, grad_outputs=row_coef)
-            g = torch.where(row_coef[:, None] != 0, g, 0.0)
-            grad[lo:hi] = g.to(grad.dtype)
-        out.loss[lo:hi] = loss.detach()
-        out.divergence[lo:hi] = div.detach()
-        out.ref_kl[lo:hi] = ref_kl.detach()
+            flat_rows(grad)[lo:hi] = torch.where(row_coef[:, None] != 0, g, 0.0).to(grad.dtype)
+        for name, value in (("loss", loss), ("divergence", div), ("ref_kl", ref_kl)):
+            getattr(out, name)[lo:hi] = value.detach()
+        out.cross_entropy[lo:hi] = ce.detach()
         s = log_s.detach().exp()
         out.entropy[lo:hi] = -(s * torch.where(s > 0, log_s.detach(), 0.0)).sum(-1)
     return out
 
 
+def distill_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    ref: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    grad: torch.Tensor | None,
+    settings: LossSettings,
+    chunk_size: int | None = None,
+) -> RowOutputs:
+    """Rows of (outer, inner, V) logits against the teacher's full distribution; writes
+    coef-scaled gradients into `grad` (same layout) when given; the cross-entropy with `labels`."""
+
+    def divergence_of(lo: int, hi: int, log_s: torch.Tensor) -> torch.Tensor:
+        log_t = log_softmax_at(row_chunk(teacher, lo, hi).float(), settings.temperature)
+        return divergence_rows(log_s, log_t, settings.divergence, settings.beta)
+
+    return _rows(student, divergence_of, ref, labels, coef, grad, settings, chunk_size)
+
+
+def topk_rows(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor | None,
+    teacher: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    grad: torch.Tensor | None,
+    settings: LossSettings,
+    chunk_size: int | None = None,
+) -> RowOutputs:
+    """Rows against the teacher's top-k: ids (N, k) with their log-probs (N, k), or with the
+    teacher's logits (outer, inner, V) normalised here; see ops/topk.py for the buckets."""
+
+    def divergence_of(lo: int, hi: int, log_s: torch.Tensor) -> torch.Tensor:
+        chunk_ids = ids[lo:hi]
+        log_sk = log_s.gather(-1, chunk_ids)
+        if teacher_logprobs is not None:
+            log_tk = teacher_logprobs[lo:hi]
+        else:
+            log_t = log_softmax_at(row_chunk(teacher, lo, hi).float(), settings.temperature)
+            log_tk = log_t.gather(-1, chunk_ids)
+        if settings.tail:  # k + 1 buckets: the k tokens and the rest of each distribution
+            log_p = with_tail(log_sk, rest_outside(log_s, chunk_ids))
+            rest_t = rest_of_given(log_tk) if teacher is None else rest_outside(log_t, chunk_ids)
+            log_q = with_tail(log_tk, rest_t)
+        else:  # the k tokens, renormalised
+            log_p, log_q = log_sk.log_softmax(-1), log_tk.log_softmax(-1)
+        return divergence_rows(log_p, log_q, settings.divergence, settings.beta)
+
+    return _rows(student, divergence_of, ref, labels, coef, grad, settings, chunk_size)
+
+
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(token), log-sum-exp) per row of (N, V) logits at `temperature`, float32."""
-    n_rows, n_cols = logits.shape
-    logp = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-    lse = torch.empty_like(logp)
-    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
-    for lo in range(0, n_rows, step):
-        a = logits[lo : lo + step].float() / temperature
-        lse[lo : lo + step] = torch.logsumexp(a, dim=-1)
-        logp[lo : lo + step] = (
-            a.gather(-1, tokens[lo : lo + step, None]).squeeze(-1) - lse[lo : lo + step]
-        )
-    return logp, lse
+    """(log p(token), normaliser) per row of (outer, inner, V) logits at `temperature`, float32;
+    the normaliser (N, 2) is the row's max of the raw logits and log sum exp((x - max) / T)."""
+    total = n_rows(logits)
+    logp = torch.empty(total, device=logits.device, dtype=torch.float32)
+    norm = torch.empty(total, 2, device=logits.device, dtype=torch.float32)
+    step = rows_per_chunk(logits.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
+        x = row_chunk(logits, lo, hi).float()
+        m = row_max(x)
+        a = (x - m) / temperature
+        log_sum = torch.logsumexp(a, dim=-1)
+        logp[lo:hi] = a.gather(-1, tokens[lo:hi, None]).squeeze(-1) - log_sum
+        norm[lo:hi, 0], norm[lo:hi, 1] = m.squeeze(-1), log_sum
+    return logp, norm
 
 
 def token_logprobs_backward(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    lse: torch.Tensor,
+    norm: torch.Tensor,
     grad_out: torch.Tensor,
     temperature: float,
     grad: torch.Tensor,
     chunk_size: int | None = None,
 ) -> None:
-    """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (N, V)."""
-    n_rows, n_cols = logits.shape
-    step = rows_per_chunk(n_cols, chunk_size, CHUNK_ELEMENTS)
-    for lo in range(0, n_rows, step):
-        probs = torch.exp(logits[lo : lo + step].float() / temperature - lse[lo : lo + step, None])
-        g = -probs
-        g.scatter_add_(-1, tokens[lo : lo + step, None], torch.ones_like(g[:, :1]))
-        grad[lo : lo + step] = (g * (grad_out[lo : lo + step, None] / temperature)).to(grad.dtype)
+    """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (like `logits`)."""
+    total = n_rows(logits)
+    step = rows_per_chunk(logits.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    for lo in range(0, total, step):
+        hi = min(lo + step, total)
+        x = row_chunk(logits, lo, hi).float()
+        g = -torch.exp((x - norm[lo:hi, :1]) / temperature - norm[lo:hi, 1:])
+        g.scatter_add_(-1, tokens[lo:hi, None], torch.ones_like(g[:, :1]))
+        flat_rows(grad)[lo:hi] = (g * (grad_out[lo:hi, None] / temperature)).to(grad.dtype)

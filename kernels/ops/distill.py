@@ -1,26 +1,43 @@
-"""Distillation loss: the Triton kernel, its launcher and the autograd Function.
-
-The kernel computes the loss, per-token statistics and the gradient wrt the student logits.
+"""Distillation over the full vocabulary: the Triton kernel, its launcher, and the autograd
+Function that every distillation loss (full or top-k teacher, either backend) runs through.
 
 One program owns a block of rows and walks the vocabulary in tiles:
-- pass 1 keeps online log-sum-exps of every distribution and, for the KL divergences, online
-  expectations, so that KL values and the entropy are known after one read;
+- pass 1 keeps the running max of each distribution's raw logits apart from its sum of
+  exponentials, and sums relative to the current max (entropy, the KL expectations, the ref KL);
+  the label's logit for the cross-entropy is read after it;
 - JSD only: pass 2 sums the mixture terms, which need the normalised probabilities;
 - last pass (when a gradient is wanted) writes d loss_row / d student_logits, already multiplied by
   the row's coefficient (mask weight, / sum of weights for "mean"), in the student's dtype.
-All arithmetic is float32 whatever the input dtype. Offsets are int64 so N * V may exceed 2**31.
+All arithmetic is float32 whatever the input dtype; logits enter as (x - max) / T, so the result
+does not depend on the logits' offset. Offsets are int64 so N * V may exceed 2**31. Rows are
+(outer, inner) pairs of strided views, so sliced inputs are read in place.
+torch_rows.distill_rows states the same math in plain torch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from vpd_kernels.checks import LossSettings
 from vpd_kernels.ops import tl, triton
-from vpd_kernels.ops.tiles import NEG_BIG, online_logsumexp, pick_tiles, weighted_sum
-from vpd_kernels.rows import RowOutputs, reduce_rows, row_coefficients, scale_grad
+from vpd_kernels.ops.tiles import (
+    NEG_BIG,
+    anchor_grad,
+    entropy_step,
+    log_mixture,
+    max_step,
+    pick_tiles,
+    ref_step,
+    rescaled,
+    row_offsets,
+    times,
+    weighted_sum,
+)
+from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_coefficients, scale_grad
 
-_DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 
 
 @triton.jit
@@ -28,23 +45,34 @@ def _distill_kernel(
     s_ptr,
     t_ptr,
     r_ptr,
+    label_ptr,
     g_ptr,
     coef_ptr,
     loss_ptr,
     div_ptr,
     refkl_ptr,
     ent_ptr,
+    ce_ptr,
     n_rows,
     n_cols,
-    s_stride,
-    t_stride,
-    r_stride,
-    g_stride,
+    n_inner,
+    s_so,
+    s_si,
+    t_so,
+    t_si,
+    r_so,
+    r_si,
+    g_so,
+    g_si,
     inv_temp,
     beta,
+    div_coef,
     ref_coef,
+    ce_coef,
     DIVERGENCE: tl.constexpr,
     HAS_REF: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    NEED_P: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -52,168 +80,196 @@ def _distill_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
-    s_row = s_ptr + rows64[:, None] * s_stride
-    t_row = t_ptr + rows64[:, None] * t_stride
-    r_row = r_ptr + rows64[:, None] * r_stride
+    s_row = s_ptr + row_offsets(rows64, n_inner, s_so, s_si)
+    t_row = t_ptr + row_offsets(rows64, n_inner, t_so, t_si)
+    r_row = r_ptr + row_offsets(rows64, n_inner, r_so, r_si)
     lanes = tl.arange(0, BLOCK_V)
     zero = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
 
-    # Pass 1. Student at T (a) and teacher at T (b): running max m, sum of exp d; for the student
-    # also sum e*(a - m) (entropy) and sum e*(a - b) (reverse KL); for the teacher sum e*(b - a).
-    # With a reference: student at T=1 (p) and ref (q), plus sum e_p*(p - q).
-    m_a = zero + NEG_BIG
+    # Pass 1. Student x and teacher y: running maxima m_s, m_t of the raw logits; at T, sums
+    # d_a, d_b of exp((x - m_s) / T), exp((y - m_t) / T) (e_a, e_b), h_a = sum e_a alpha for the
+    # entropy and the KL expectations u_ab = sum e_a (alpha - beta), u_ba = sum e_b (beta - alpha)
+    # with alpha = (x - m_s) / T, beta = (y - m_t) / T. At T=1 (ref KL, cross-entropy): d_p, and
+    # for the ref q: m_q, d_q and u_pq = sum e_p ((x - m_s) - (q - m_q)).
+    m_s = zero + NEG_BIG
     d_a = zero
     h_a = zero
-    u_ab = zero
-    m_b = zero + NEG_BIG
+    m_t = zero + NEG_BIG
     d_b = zero
+    u_ab = zero
     u_ba = zero
-    m_p = zero + NEG_BIG
     d_p = zero
-    u_pq = zero
     m_q = zero + NEG_BIG
     d_q = zero
+    u_pq = zero
     for start in range(0, n_cols, BLOCK_V):
         cols = start + lanes
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
-        x = tl.load(s_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        a = x * inv_temp
-        b = tl.load(t_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new, d_new, rescale, e_a = online_logsumexp(m_a, d_a, a)
-        h_a = rescale * (h_a + (m_a - m_new) * d_a) + weighted_sum(e_a, a - m_new[:, None])
-        m_a = m_new
-        d_a = d_new
+        x = tl.load(s_row[:, None] + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        y = tl.load(t_row[:, None] + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        m_s, shift_s = max_step(m_s, x)
+        m_t, shift_t = max_step(m_t, y)
+        x0 = x - m_s[:, None]
+        alpha = x0 * inv_temp
+        b = (y - m_t[:, None]) * inv_temp
+        e_a = tl.exp(alpha)
+        e_b = tl.exp(b)
+        r_a = tl.exp(shift_s * inv_temp)
+        r_b = tl.exp(shift_t * inv_temp)
         if DIVERGENCE == 0:
-            u_ab = u_ab * rescale + weighted_sum(e_a, a - b)
-        m_b, d_b, rescale_b, e_b = online_logsumexp(m_b, d_b, b)
+            u_ab = r_a * rescaled(u_ab, d_a, (shift_s - shift_t) * inv_temp) + weighted_sum(
+                e_a, alpha - b
+            )
         if DIVERGENCE == 1:
-            u_ba = u_ba * rescale_b + weighted_sum(e_b, b - a)
-        if HAS_REF:
-            q = tl.load(r_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            m_p, d_p, rescale_p, e_p = online_logsumexp(m_p, d_p, x)
-            u_pq = u_pq * rescale_p + weighted_sum(e_p, x - q)
-            m_q, d_q, _, _ = online_logsumexp(m_q, d_q, q)
+            u_ba = r_b * rescaled(u_ba, d_b, (shift_t - shift_s) * inv_temp) + weighted_sum(
+                e_b, b - alpha
+            )
+        h_a = entropy_step(h_a, d_a, shift_s * inv_temp, alpha, e_a)
+        d_a = d_a * r_a + tl.sum(e_a, axis=1)
+        d_b = d_b * r_b + tl.sum(e_b, axis=1)
+        if NEED_P:
+            e_p = tl.exp(x0)
+            if HAS_REF:
+                q = tl.load(r_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+                m_q, d_q, u_pq = ref_step(x0, e_p, shift_s, q.to(tl.float32), d_p, m_q, d_q, u_pq)
+            d_p = d_p * tl.exp(shift_s) + tl.sum(e_p, axis=1)
 
-    lse_a = m_a + tl.log(d_a)
-    lse_b = m_b + tl.log(d_b)
-    entropy = tl.log(d_a) - h_a / d_a
+    lda = tl.log(d_a)
+    ldb = tl.log(d_b)
+    entropy = lda - h_a / d_a
     log_1mb = tl.log(1.0 - beta)
     log_b = tl.log(beta)
     kl_sm = zero  # JSD: KL(s || m), also needed by its gradient
     if DIVERGENCE == 0:
-        div = u_ab / d_a - lse_a + lse_b
+        div = u_ab / d_a - lda + ldb
     elif DIVERGENCE == 1:
-        div = u_ba / d_b - lse_b + lse_a
+        div = u_ba / d_b - ldb + lda
     else:
         # Pass 2 (JSD): the mixture m = (1-beta) s + beta t needs normalised probabilities.
         kl_tm = zero
         for start in range(0, n_cols, BLOCK_V):
             cols = start + lanes
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            a = tl.load(s_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            b = tl.load(t_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            log_s = a * inv_temp - lse_a[:, None]
-            log_t = b * inv_temp - lse_b[:, None]
-            log_m = _log_mixture(log_s, log_t, log_1mb, log_b)
+            x = tl.load(s_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+            y = tl.load(t_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+            log_s = (x.to(tl.float32) - m_s[:, None]) * inv_temp - lda[:, None]
+            log_t = (y.to(tl.float32) - m_t[:, None]) * inv_temp - ldb[:, None]
+            log_m = log_mixture(log_s, log_t, log_1mb, log_b)
             kl_sm += weighted_sum(tl.exp(log_s), log_s - log_m)
             kl_tm += weighted_sum(tl.exp(log_t), log_t - log_m)
         div = beta * kl_tm + (1.0 - beta) * kl_sm
 
+    ldp = tl.log(d_p)
+    ldq = tl.log(d_q)
     ref_kl = zero
-    lse_p = zero
-    lse_q = zero
     if HAS_REF:
-        lse_p = m_p + tl.log(d_p)
-        lse_q = m_q + tl.log(d_q)
-        ref_kl = u_pq / d_p - lse_p + lse_q
-    tl.store(loss_ptr + rows64, div + ref_coef * ref_kl, mask=row_ok)
+        ref_kl = u_pq / d_p - ldp + ldq
+    ce = zero
+    label = rows64 * 0
+    if HAS_CE:
+        label = tl.load(label_ptr + rows64, mask=row_ok, other=0)
+        x_label = tl.load(s_row + label, mask=row_ok, other=0.0).to(tl.float32)
+        ce = ldp - (x_label - m_s)
+    loss = times(div_coef, div) + times(ref_coef, ref_kl) + times(ce_coef, ce)
+    tl.store(loss_ptr + rows64, loss, mask=row_ok)
     tl.store(div_ptr + rows64, div, mask=row_ok)
     tl.store(refkl_ptr + rows64, ref_kl, mask=row_ok)
     tl.store(ent_ptr + rows64, entropy, mask=row_ok)
+    tl.store(ce_ptr + rows64, ce, mask=row_ok)
 
     if WRITE_GRAD:
         # Last pass: d loss_row / d student_logits, times the row coefficient. Rows whose
-        # coefficient is 0 get exact zeros even if their logits made the loss NaN or inf.
+        # coefficient is 0 get exact zeros even if their logits made the loss NaN or inf. The
+        # gradient may overwrite the student logits (fused-linear): the barrier keeps the label's
+        # logit, read above by some thread, from being overwritten first by another.
+        tl.debug_barrier()
         coef = tl.load(coef_ptr + rows64, mask=row_ok, other=0.0)
-        g_row = g_ptr + rows64[:, None] * g_stride
+        g_row = g_ptr + row_offsets(rows64, n_inner, g_so, g_si)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + lanes
             ok = row_ok[:, None] & (cols < n_cols)[None, :]
-            x = tl.load(s_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            b = tl.load(t_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            log_s = x * inv_temp - lse_a[:, None]
-            log_t = b * inv_temp - lse_b[:, None]
+            x = tl.load(s_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+            y = tl.load(t_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+            x0 = x.to(tl.float32) - m_s[:, None]
+            log_s = x0 * inv_temp - lda[:, None]
+            log_t = (y.to(tl.float32) - m_t[:, None]) * inv_temp - ldb[:, None]
             s = tl.exp(log_s)
             if DIVERGENCE == 0:
                 grad = tl.where(s > 0, s * (log_s - log_t - div[:, None]), 0.0)
             elif DIVERGENCE == 1:
                 grad = s - tl.exp(log_t)
             else:
-                log_m = _log_mixture(log_s, log_t, log_1mb, log_b)
+                log_m = log_mixture(log_s, log_t, log_1mb, log_b)
                 grad = tl.where(s > 0, (1.0 - beta) * s * (log_s - log_m - kl_sm[:, None]), 0.0)
-            grad = grad * inv_temp
-            if HAS_REF:
-                q = tl.load(r_row + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-                log_p = x - lse_p[:, None]
-                p = tl.exp(log_p)
-                log_q = q - lse_q[:, None]
-                grad += ref_coef * tl.where(p > 0, p * (log_p - log_q - ref_kl[:, None]), 0.0)
+            grad = times(div_coef * inv_temp, grad)
+            if NEED_P:
+                q = x0
+                if HAS_REF:
+                    q = tl.load(r_row[:, None] + cols[None, :], mask=ok, other=float("-inf"))
+                    q = q.to(tl.float32)
+                grad += anchor_grad(
+                    x0,
+                    q,
+                    cols[None, :],
+                    label,
+                    ldp,
+                    m_q,
+                    ldq,
+                    ref_kl,
+                    ref_coef,
+                    ce_coef,
+                    HAS_REF,
+                    HAS_CE,
+                )
             grad = tl.where(coef[:, None] != 0, grad * coef[:, None], 0.0)
-            tl.store(g_row + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _log_mixture(log_s, log_t, log_1mb, log_b):
-    """log((1-beta) s + beta t) from log s and log t, stable; NaN only where s = t = 0."""
-    x = log_s + log_1mb
-    y = log_t + log_b
-    hi = tl.maximum(x, y)
-    return hi + tl.log(tl.exp(x - hi) + tl.exp(y - hi))
+            tl.store(g_row[:, None] + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=ok)
 
 
 def distill_rows_triton(
     student: torch.Tensor,
     teacher: torch.Tensor,
     ref: torch.Tensor | None,
+    labels: torch.Tensor | None,
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
     block_v: int | None = None,
 ) -> RowOutputs:
-    """Per-row losses of (N, V) logits in one launch; writes coef-scaled gradients into `grad`.
-
-    `grad` may be `student` itself (the fused-linear path overwrites its logits chunk in place).
-    Rows must be contiguous in the vocabulary dimension.
-    """
-    n_rows, n_cols = student.shape
-    outputs = RowOutputs.empty(n_rows, student.device)
-    if n_rows == 0:
+    """Per-row outputs of (outer, inner, V) row views in one launch; writes coef-scaled gradients
+    into `grad` (same layout; it may be `student` itself). The cross-entropy is computed when
+    `labels` (N,) are given."""
+    total = n_rows(student)
+    outputs = RowOutputs.empty(total, student.device)
+    if total == 0:
         return outputs
-    block_rows, block_v, num_warps = pick_tiles(n_cols, block_v)
-    write_grad = grad is not None
-    ref_arg = ref if ref is not None else student
-    grad_arg = grad if write_grad else student
-    coef_arg = coef if write_grad else outputs.loss
-    grid = (triton.cdiv(n_rows, block_rows),)
-    _distill_kernel[grid](
+    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v)
+    ref_arg = ref if ref is not None else student  # absent inputs are never read
+    grad_arg = grad if grad is not None else student
+    _distill_kernel[(triton.cdiv(total, block_rows),)](
         student,
         teacher,
         ref_arg,
+        labels if labels is not None else outputs.loss,
         grad_arg,
-        coef_arg,
+        coef if grad is not None else outputs.loss,
         *outputs,
-        n_rows,
-        n_cols,
-        student.stride(0),
-        teacher.stride(0),
-        ref_arg.stride(0),
-        grad_arg.stride(0),
+        total,
+        student.shape[-1],
+        student.shape[1],
+        *student.stride()[:2],
+        *teacher.stride()[:2],
+        *ref_arg.stride()[:2],
+        *grad_arg.stride()[:2],
         1.0 / settings.temperature,
         float(settings.beta),
+        float(settings.div_coef),
         float(settings.ref_coef),
-        DIVERGENCE=_DIVERGENCE_IDS[settings.divergence],
+        float(settings.ce_coef),
+        DIVERGENCE=DIVERGENCE_IDS[settings.divergence],
         HAS_REF=ref is not None,
-        WRITE_GRAD=write_grad,
+        HAS_CE=labels is not None,
+        NEED_P=ref is not None or labels is not None,
+        WRITE_GRAD=grad is not None,
         BLOCK_ROWS=block_rows,
         BLOCK_V=block_v,
         num_warps=num_warps,
@@ -222,23 +278,24 @@ def distill_rows_triton(
 
 
 class DistillFunction(torch.autograd.Function):
-    """Loss and gradient in one forward (either backend); backward only multiplies by grad_output."""
+    """Loss and gradient in one forward; backward only multiplies by grad_output.
+
+    `compute_rows(student, coef, grad)` runs the rows (either backend, full or top-k teacher) and
+    writes coef-scaled gradients into `grad`, an (outer, inner, V) buffer like the student.
+    """
 
     @staticmethod
-    def forward(ctx, student, teacher, ref, weights, settings: LossSettings, backend):
-        grad = torch.empty_like(student) if ctx.needs_input_grad[0] else None
-        coef = row_coefficients(weights, settings.reduction)
-        rows = backend.distill_rows(student, teacher, ref, coef, grad, settings)
+    def forward(ctx, student, weights, reduction: str, compute_rows: Callable[..., RowOutputs]):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.empty(student.shape, device=student.device, dtype=student.dtype)
+        rows = compute_rows(student, row_coefficients(weights, reduction), grad)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(rows.divergence, rows.ref_kl, rows.entropy)
-        return (
-            reduce_rows(rows.loss, weights, settings.reduction),
-            rows.divergence,
-            rows.ref_kl,
-            rows.entropy,
-        )
+        stats = rows[1:]
+        ctx.mark_non_differentiable(*stats)
+        return (reduce_rows(rows.loss, weights, reduction), *stats)
 
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
         (grad,) = ctx.saved_tensors
-        return scale_grad(grad, grad_loss), None, None, None, None, None
+        return scale_grad(grad, grad_loss), None, None, None

@@ -22,22 +22,49 @@ def kl64(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (xlogy(p, p) - xlogy(p, q)).sum(-1)
 
 
-def distill_rows64(student, teacher, divergence, beta=0.5, temperature=1.0, ref=None, ref_coef=0.0):
+def divergence64(s: torch.Tensor, t: torch.Tensor, divergence: str, beta: float = 0.5):
+    """The divergence between float64 probability rows s (student) and t (teacher)."""
+    if divergence == "reverse_kl":
+        return kl64(s, t)
+    if divergence == "forward_kl":
+        return kl64(t, s)
+    m = (1 - beta) * s + beta * t
+    return beta * kl64(t, m) + (1 - beta) * kl64(s, m)
+
+
+def anchors64(student, ref=None, ref_coef=0.0, labels=None, ce_coef=0.0):
+    """ref_coef * KL(softmax(student) || softmax(ref)) + ce_coef * CE(labels), float64 (...)."""
+    log_p = torch.log_softmax(student.double(), -1)
+    out = torch.zeros_like(log_p[..., 0])
+    if ref is not None:
+        out = out + ref_coef * kl64(log_p.exp(), torch.softmax(ref.double(), -1))
+    if labels is not None:
+        out = out - ce_coef * log_p.gather(-1, labels[..., None]).squeeze(-1)
+    return out
+
+
+def distill_rows64(
+    student, teacher, divergence, beta=0.5, temperature=1.0, ref=None, ref_coef=0.0, **anchors
+):
     """Per-token loss (...) in float64; differentiable wrt `student`."""
     s = torch.softmax(student.double() / temperature, -1)
     t = torch.softmax(teacher.double() / temperature, -1)
-    if divergence == "reverse_kl":
-        loss = kl64(s, t)
-    elif divergence == "forward_kl":
-        loss = kl64(t, s)
+    return divergence64(s, t, divergence, beta) + anchors64(student, ref, ref_coef, **anchors)
+
+
+def topk_rows64(
+    student, ids, teacher_logprobs, divergence, beta=0.5, temperature=1.0, tail=True, **anchors
+):
+    """Per-token top-k loss (...) in float64: the student's probabilities at the teacher's ids and
+    the teacher's, plus the rest of each (1 - their sum) with `tail`, else renormalised."""
+    s = torch.softmax(student.double() / temperature, -1).gather(-1, ids)
+    t = teacher_logprobs.double().exp()
+    if tail:
+        s = torch.cat([s, (1 - s.sum(-1, keepdim=True)).clamp_min(0)], -1)
+        t = torch.cat([t, (1 - t.sum(-1, keepdim=True)).clamp_min(0)], -1)
     else:
-        m = (1 - beta) * s + beta * t
-        loss = beta * kl64(t, m) + (1 - beta) * kl64(s, m)
-    if ref is not None:
-        loss = loss + ref_coef * kl64(
-            torch.softmax(student.double(), -1), torch.softmax(ref.double(), -1)
-        )
-    return loss
+        s, t = s / s.sum(-1, keepdim=True), t / t.sum(-1, keepdim=True)
+    return divergence64(s, t, divergence, beta) + anchors64(student, **anchors)
 
 
 def reduce64(rows: torch.Tensor, mask, reduction: str) -> torch.Tensor:

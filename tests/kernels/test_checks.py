@@ -31,6 +31,12 @@ T = torch.randn(2, 3, 5)
         ({"mask": torch.ones(2, 3, dtype=torch.long)}, "bool mask or float weights"),
         ({"backend": "torch", "chunk_size": 0}, "chunk_size"),
         ({"backend": "triton", "block_v": 12}, "power of two"),
+        ({"ce_coef": 0.5}, "ce_coef=0.5 needs labels"),
+        ({"ignore_index": -100}, "needs labels"),
+        ({"labels": torch.zeros(2, 3)}, "integer tensor"),
+        ({"labels": torch.zeros(3, 2, dtype=torch.long)}, "one token id per row"),
+        ({"ce_coef": -1.0}, "ce_coef must be"),
+        ({"teacher_topk": 2.5}, "teacher_topk must be"),
     ],
 )
 def test_distill_loss_errors(kwargs, match):
@@ -62,6 +68,8 @@ def test_token_logprobs_errors(tokens, match):
         ({"teacher_hidden": torch.randn(3, 4)}, "must match"),
         ({"ref_coef": 0.5}, "needs ref_hidden"),
         ({"divergence": "jsd", "beta": 2.0}, "beta"),
+        ({"student_bias": torch.randn(4)}, r"pass \(5,\)"),
+        ({"teacher_bias": torch.randn(5).half()}, "dtype"),
     ],
 )
 def test_fused_linear_errors(kwargs, match):
@@ -74,3 +82,19 @@ def test_fused_linear_errors(kwargs, match):
     positional = [args.pop(k) for k in ("student_hidden", "student_weight", "teacher_hidden")]
     with pytest.raises(ValueError, match=match):
         vk.fused_linear_distill_loss(*positional, **args)
+
+
+def test_jsd_end_points_say_how_to_get_trl_and_liger_beta():
+    with pytest.raises(ValueError, match="beta=0 is forward_kl, beta=1 reverse_kl"):
+        vk.distill_loss(S, T, divergence="jsd", beta=0.0)
+
+
+def test_a_misplaced_positional_argument_says_so():
+    """Liger passes labels 5th; here everything after the teacher's weight is a keyword."""
+    h, w, labels = torch.randn(6, 4), torch.randn(5, 4), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(TypeError, match="positional argument"):
+        vk.fused_linear_distill_loss(h, w, h, w, labels)
+    with pytest.raises(TypeError, match="positional argument"):
+        vk.FusedLinearDistillLoss()(h, w, h, w, labels)
+    with pytest.raises(TypeError, match="positional argument"):
+        vk.distill_loss(S, T, "jsd")

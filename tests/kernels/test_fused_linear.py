@@ -7,7 +7,14 @@ import torch
 
 import vpd_kernels as vk
 
-from .helpers import BACKENDS, assert_rel_close, distill_rows64, max_rel_err, reduce64
+from .helpers import (
+    BACKENDS,
+    assert_rel_close,
+    distill_rows64,
+    max_rel_err,
+    reduce64,
+    topk_rows64,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -120,3 +127,63 @@ def test_all_masked_and_frozen_weight():
     )
     loss.backward()
     assert float(loss.detach()) == 0.0 and not sh.grad.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("topk", [None, 6])
+def test_biases_labels_cross_entropy_and_teacher_topk(backend, reduction, topk):
+    x = inputs(seed=5)
+    g = torch.Generator().manual_seed(6)
+    sb, tb = torch.randn(V, generator=g), torch.randn(V, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[1, 4]] = -100
+    sh = x["sh"].clone().requires_grad_(True)
+    sw = x["sw"].clone().requires_grad_(True)
+    sbias = sb.clone().requires_grad_(True)
+    kw = {"divergence": "jsd", "beta": 0.3, "temperature": 0.9}
+    loss = vk.fused_linear_distill_loss(
+        sh, sw, x["th"], x["tw"], student_bias=sbias, teacher_bias=tb, labels=labels,
+        ignore_index=-100, ce_coef=0.4, teacher_topk=topk, reduction=reduction,
+        backend=backend, chunk_size=3, block_v=16, **kw,
+    )  # fmt: skip
+    grad_out = x["grad_out"] if reduction == "none" else torch.tensor(1.3)
+    (loss * grad_out).sum().backward()
+
+    h64, w64, b64 = (t.double().requires_grad_(True) for t in (x["sh"], x["sw"], sb))
+    teacher64 = x["th"].double() @ x["tw"].double().T + tb.double()
+    keep, safe = labels != -100, labels.clamp_min(0)
+    anchors = {"labels": safe, "ce_coef": 0.4}
+    if topk is None:
+        rows = distill_rows64(h64 @ w64.T + b64, teacher64, **kw, **anchors)
+    else:
+        ids = torch.topk(x["th"] @ x["tw"].T + tb, topk).indices
+        logprobs = torch.log_softmax(teacher64 / 0.9, -1).gather(-1, ids)
+        rows = topk_rows64(h64 @ w64.T + b64, ids, logprobs, **kw, **anchors)
+    expected = reduce64(rows, keep, reduction)
+    (expected * grad_out.double()).sum().backward()
+    assert_rel_close(loss.detach(), expected.detach())
+    for ours, ref in ((sh.grad, h64.grad), (sw.grad, w64.grad), (sbias.grad, b64.grad)):
+        assert_rel_close(ours, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliced_hidden_states(backend):
+    """Hidden states sliced like TRL's logits[:, :-1] (rows with two strides)."""
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(2, 5, H, generator=g)
+    teacher = torch.randn(2, 5, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    h = full.clone().requires_grad_(True)
+    loss = vk.fused_linear_distill_loss(
+        h[:, 1:], weight, teacher[:, :-1], backend=backend, chunk_size=3, block_v=16
+    )
+    loss.backward()
+    h64 = full[:, 1:].double().requires_grad_(True)
+    expected = distill_rows64(
+        h64 @ weight.double().T, teacher[:, :-1].double() @ weight.double().T, "reverse_kl"
+    ).mean()
+    expected.backward()
+    assert_rel_close(loss.detach(), expected.detach())
+    assert_rel_close(h.grad[:, 1:], h64.grad)
+    assert not h.grad[:, 0].any()

@@ -91,3 +91,35 @@ def test_fused_linear_token_logprobs_frozen_weight():
     lp = vk.fused_linear_token_logprobs(hidden, weight, torch.arange(6), backend="torch")
     lp.sum().backward()
     assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.25, 0.5, 1.0])
+def test_token_logprobs_exact_at_any_logit_scale(backend, temperature):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 50, generator=g) * 3
+    tokens = torch.randint(0, 50, (2, 3), generator=g)
+    for offset in (1e3, 1e4):
+        shifted = logits + offset
+        ours, grad = loss_and_grad(
+            lambda x: vk.token_logprobs(
+                x, tokens, temperature=temperature, backend=backend, block_v=16
+            ),
+            shifted,
+        )
+        expected, expected_grad = loss_and_grad(
+            lambda x: token_logprobs64(x, tokens, temperature), shifted.double()
+        )
+        assert_rel_close(ours, expected, atol=1e-6)
+        assert_rel_close(grad, expected_grad, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_ids_out_of_range_raise(backend):
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    tokens[1, 2] = -100
+    with pytest.raises(ValueError, match=r"tokens has 1 ids outside \[0, 10\).*-100"):
+        vk.token_logprobs(logits, tokens, backend=backend)
+    with pytest.raises(ValueError, match="outside"):
+        vk.fused_linear_token_logprobs(torch.randn(2, 3, 4), torch.randn(10, 4), tokens + 10)

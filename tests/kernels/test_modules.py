@@ -40,3 +40,20 @@ def test_fused_linear_module():
 def test_bad_keywords_fail_at_construction(module):
     with pytest.raises(ValueError, match="divergence"):
         module(divergence="kl")
+
+
+def test_unknown_or_per_call_keywords_fail_at_construction():
+    with pytest.raises(ValueError, match="unknown keywords"):
+        vk.DistillLoss(temprature=2.0)
+    with pytest.raises(ValueError, match="go to forward"):
+        vk.FusedLinearDistillLoss(labels=torch.zeros(3, dtype=torch.long))
+
+
+def test_modules_take_labels():
+    student, teacher, _ = make_logits(2, 4, 9, seed=14)
+    labels = torch.tensor([[1, 2, -100, 3], [-100, -100, 0, 8]])
+    module = vk.DistillLoss(ignore_index=-100, ce_coef=0.5, backend="torch")
+    expected = vk.distill_loss(
+        student, teacher, labels=labels, ignore_index=-100, ce_coef=0.5, backend="torch"
+    )
+    assert float(module(student, teacher, labels=labels)) == float(expected)
