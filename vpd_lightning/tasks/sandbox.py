@@ -1,47 +1,54 @@
 """Run an untrusted Python program in a constrained subprocess.
 
-Model output is untrusted code. Each run gets:
+Model output is untrusted code. Where the OS allows unprivileged user namespaces (probed once, see
+:func:`launch_plan`), each run gets namespaces of its own (``sandbox_boot.py`` builds them):
 
-- a fresh temporary directory as its working directory, removed afterwards;
-- a scrubbed environment (``PATH``, ``HOME`` = the temp dir, ``LANG``, ``PYTHONHASHSEED=0``) and
-  ``python -I`` (no ``PYTHON*`` variables, no user site-packages, no cwd on ``sys.path``);
-- stdin closed; stdout and stderr merged and captured up to ``output_bytes`` (the rest is drained and
-  dropped, so a chatty program cannot fill memory);
-- rlimits: CPU seconds, address space (memory), file size, open files and processes (counted on top of
-  the processes its user already runs, since Linux counts them per user);
-- a wall-clock timeout after which the whole process group is killed (``start_new_session`` +
-  ``killpg``);
-- when the OS allows it without privileges (``unshare --user --net --pid``): no network (an empty
-  network namespace) and its own PID namespace, so every process it forks dies with it even if it
-  left the process group;
-- when the caller is root and ``nobody`` can execute the interpreter: the program runs as ``nobody``
-  (uid/gid 65534), since root ignores the process limit and may write anywhere.
+- **its own file system**: the root is a private, size-limited tmpfs (``scratch_mb``) that holds its
+  working directory and ``/tmp`` and vanishes with the run; the host shows through only as read-only
+  binds of the system libraries and the Python interpreter's standard library (no site-packages, no
+  home directory, no project, no host ``/tmp``, ``/run`` or socket files);
+- **its own PID namespace** whose init dies with the run, so no process outlives it;
+- **its own network namespace** (no interface up: no TCP, UDP or abstract Unix sockets), IPC and UTS;
+- **no privileges**: when the trainer is root the program runs as ``nobody``, else as the user inside a
+  nested user namespace without capabilities over its mounts; ``no_new_privs``; nosuid binds.
 
-What it does NOT stop (it is not a container): reading any file the user can read (source, data,
-keys in ``$HOME`` when not root), writing files outside the temp dir that the user may write, using
-the network where ``unshare`` is unavailable, using up disk bandwidth or memory bandwidth, and
-consuming machine time within the limits. Run untrusted models' code inside a real container or VM
-when that matters. See ``docs/sandbox.md``.
+Every run also gets a scrubbed environment, rlimits (CPU, address space, file size, open files,
+processes), stdout+stderr merged and capped, and a wall-clock timeout that kills every process.
+
+Without namespaces the run is **weak**: a private temp dir (mode 0700) on the host file system, the
+same limits, ``nobody`` when the trainer is root and ``nobody`` can run the interpreter; the program
+can read what its user can read, write where its user can write, and use the network. This is said
+once at start (a warning) and in every result (``SandboxResult.isolation``), never silently.
+See ``docs/sandbox.md`` for the threat model.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import glob
+import logging
+import marshal
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 NOBODY = 65534
+BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text(encoding="utf-8")
+SETUP_FAILED = 125  # exit status of the boot code when the sandbox could not be built
+WORKDIR = "/sandbox"  # the program's working directory and HOME inside the namespaces
+ISOLATED = "namespaces"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,18 @@ class SandboxLimits:
     processes: int = 16
     output_bytes: int = 64_000
     isolate_network: bool = True
+    scratch_mb: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "cpu_s", "memory_mb", "file_size_mb", "open_files", "processes"):
+        for name in (
+            "timeout_s",
+            "cpu_s",
+            "memory_mb",
+            "file_size_mb",
+            "open_files",
+            "processes",
+            "scratch_mb",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(
                     f"SandboxLimits.{name} must be positive, got {getattr(self, name)}"
@@ -80,7 +96,11 @@ class SandboxLimits:
 
 @dataclass
 class SandboxResult:
-    """What came back from one run. ``report`` is what the program wrote to its report pipe."""
+    """What came back from one run. ``report`` is what the program wrote to its report pipe.
+
+    ``isolation`` is ``"namespaces"`` when the run had its own namespaces (and network isolation
+    unless ``isolate_network`` was off), else ``"weak: <why>"``.
+    """
 
     returncode: int | None
     output: str
@@ -89,70 +109,141 @@ class SandboxResult:
     duration_s: float
     cpu_s: float
     network_isolated: bool
-
-
-# Runs first inside the sandbox: sets the rlimits, then the program. Doing it here rather than in a
-# ``preexec_fn`` keeps process creation safe in a multi-threaded trainer.
-_BOOT = """\
-import resource, runpy, sys
-_names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")
-for _name, _value in zip(_names, sys.argv[1:7]):
-    _soft = int(_value)
-    _hard = _soft + 1 if _name == "RLIMIT_CPU" else _soft  # SIGXCPU at soft, SIGKILL at hard
-    resource.setrlimit(getattr(resource, _name), (_soft, _hard))
-sys.argv = sys.argv[7:]
-del resource, _names, _name, _value, _soft, _hard
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+    isolation: str = ISOLATED
+    setup_failed: bool = False
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """How runs start on this machine, found once by probing (see :func:`launch_plan`)."""
+    """How runs start on this machine, found once by probing (see :func:`launch_plan`).
 
-    prefix: tuple[str, ...]
-    popen_identity: tuple[tuple[str, object], ...]
+    ``isolated``: namespaces work here. ``uid``: the host uid that runs the program. ``reason``:
+    why the namespaces are not used ("" when they are). ``weak_drop``: in the weak mode, whether
+    root drops to ``nobody``.
+    """
+
+    isolated: bool
     uid: int
+    reason: str = ""
+    weak_drop: bool = False
 
     @property
     def network_isolated(self) -> bool:
-        return bool(self.prefix)
+        return self.isolated
+
+    @property
+    def isolation(self) -> str:
+        return ISOLATED if self.isolated else f"weak: {self.reason}"
 
 
-def _can_run(prefix: tuple[str, ...], identity: dict[str, object]) -> bool:
-    try:
-        probe = subprocess.run(
-            [*prefix, sys.executable, "-I", "-c", "pass"],
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=30,
-            check=False,
-            **identity,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return probe.returncode == 0
+@dataclass(frozen=True)
+class _FileSystem:
+    """What of the host the program sees (read-only), computed once in the trainer."""
+
+    links: tuple[tuple[str, str], ...]
+    read_only: tuple[str, ...]
+    hidden: tuple[str, ...]
+    staging: str
 
 
-@functools.cache
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _file_system() -> _FileSystem:
+    links: list[tuple[str, str]] = []
+    read_only: list[str] = []
+    for name in ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = f"/{name}"
+        if os.path.islink(path):
+            links.append((path, os.readlink(path)))
+        elif os.path.isdir(path):
+            read_only.append(path)
+    interpreter = [sys.base_prefix, sys.base_exec_prefix, os.path.dirname(_executable())]
+    for path in map(os.path.realpath, interpreter):
+        if os.path.isdir(path) and not _under(path, read_only):
+            read_only.append(path)
+    for path in ("/etc/ld.so.cache", "/etc/localtime"):
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if _under(target, read_only):
+                links.append((path, target))
+        elif os.path.isfile(path):
+            read_only.append(path)
+    # Installed packages are not the program's business (they include datasets and their tests).
+    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+    candidates = {sysconfig.get_paths(vars=base)[key] for key in ("purelib", "platlib")}
+    candidates.update(glob.glob("/usr/lib/python3*/dist-packages"))
+    candidates.update(glob.glob("/usr/local/lib/python3*/*-packages"))
+    candidates.update(glob.glob("/usr/lib/python3*/site-packages"))
+    hidden = sorted(
+        os.path.realpath(p)
+        for p in candidates
+        if os.path.isdir(p) and _under(os.path.realpath(p), read_only)
+    )
+    # Where the new root is assembled: a directory of the host that contains nothing exposed.
+    staging = next(
+        p
+        for p in ("/tmp", "/mnt", "/media", "/srv", "/opt", "/home")
+        if os.path.isdir(p) and not any(_under(r, [p]) for r in read_only)
+    )
+    return _FileSystem(tuple(links), tuple(read_only), tuple(hidden), staging)
+
+
+def _executable() -> str:
+    """The real interpreter binary (a venv's ``bin/python`` is a link to the base one)."""
+    return os.path.realpath(sys.executable)
+
+
+def _boot_argv(bundle_fd: int) -> list[str]:
+    return [sys.executable, "-I", "-S", "-B", "-c", BOOT_SOURCE, str(bundle_fd)]
+
+
+_plan_lock = threading.Lock()
+_plan: LaunchPlan | None = None
+
+
 def launch_plan() -> LaunchPlan:
-    """Probe once: can root drop to ``nobody`` (the interpreter must be reachable by it), and do
-    unprivileged user + network + PID namespaces work here?"""
-    identity: dict[str, object] = {}
+    """Probe once per process: do user, mount, PID and network namespaces work here (a trivial
+    program is run the full way), and if not, can root drop to ``nobody`` in the weak mode? Warns
+    once when the weak mode is used."""
+    global _plan
+    with _plan_lock:
+        if _plan is None:
+            _plan = _probe()
+            if not _plan.isolated:
+                message = (
+                    f"vpd_lightning sandbox: {_plan.reason}; model-written code runs in the WEAK "
+                    "mode (no private file system, no network or PID isolation). See "
+                    "docs/sandbox.md."
+                )
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                log.warning(message)
+        return _plan
+
+
+def _probe() -> LaunchPlan:
     uid = os.geteuid()
-    if uid == 0:
-        drop = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-        if _can_run((), drop):
-            identity, uid = drop, NOBODY
-    prefix: tuple[str, ...] = ()
-    exe = shutil.which("unshare")
-    if exe is not None:
-        candidate = (exe, "--user", "--net", "--pid", "--fork", "--kill-child")
-        if _can_run(candidate, identity):
-            prefix = candidate
-    return LaunchPlan(prefix=prefix, popen_identity=tuple(identity.items()), uid=uid)
+    isolated = LaunchPlan(isolated=True, uid=NOBODY if uid == 0 else uid)
+    try:
+        hidden = str(Path(__file__).resolve().parent)
+        check = f"import os\nassert os.getpid() == 2 and not os.path.exists({hidden!r})"
+        result = _run(check, plan=isolated, limits=SandboxLimits(timeout_s=30, cpu_s=30))
+        if result.returncode == 0:
+            return isolated
+        why = result.output.strip().splitlines()[-1] if result.output.strip() else ""
+        reason = f"namespaces unavailable ({why or f'exit status {result.returncode}'})"
+    except OSError as exc:
+        reason = f"namespaces unavailable ({exc})"
+    if uid != 0:
+        return LaunchPlan(isolated=False, uid=uid, reason=reason)
+    dropped = LaunchPlan(isolated=False, uid=NOBODY, reason=reason, weak_drop=True)
+    try:
+        if _run("pass", plan=dropped, limits=SandboxLimits()).returncode == 0:
+            return dropped
+    except OSError:
+        pass
+    return LaunchPlan(isolated=False, uid=0, reason=f"{reason}; runs as root")
 
 
 def _tasks_of_user(uid: int) -> int:
@@ -191,6 +282,224 @@ def _read_available(fd: int, limit: int) -> bytes:
     return bytes(data[:limit])
 
 
+class SandboxClosed(Exception):
+    """The program closed its end of a pipe (it exited or was killed)."""
+
+
+class SandboxProcess:
+    """One sandboxed run of ``script`` that the caller may talk to while it runs.
+
+    The program's argv ends with two file descriptor numbers: one to read what the caller
+    :meth:`send`\\ s, one to write what the caller :meth:`receive`\\ s. ``files`` are written into
+    its working directory first. :meth:`finish` ends the run (waiting up to the deadline, or not at
+    all) and kills every process it left.
+    """
+
+    def __init__(
+        self,
+        script: str,
+        *,
+        files: Mapping[str, str | bytes] | None = None,
+        args: Sequence[str] = (),
+        limits: SandboxLimits | None = None,
+        plan: LaunchPlan | None = None,
+    ) -> None:
+        self.limits = limits = limits or SandboxLimits()
+        self.plan = plan = plan or launch_plan()
+        self.start = time.monotonic()
+        self.deadline = self.start + limits.timeout_s
+        self._fds: list[int] = []
+        self._workdir: Path | None = None
+        self._result: SandboxResult | None = None
+        try:
+            self._launch(script, dict(files or {}), list(args))
+        except BaseException:
+            self._close_fds()
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+            raise
+
+    def _launch(self, script: str, files: dict[str, str | bytes], args: list[str]) -> None:
+        limits, plan = self.limits, self.plan
+        to_program_r, self._to_program = os.pipe()
+        self._from_program, from_program_w = os.pipe()
+        bundle = os.memfd_create("vpd-sandbox-bundle")
+        self._fds += [to_program_r, self._to_program, self._from_program, from_program_w, bundle]
+        mb = 1024 * 1024
+        processes = limits.processes
+        if not plan.isolated:  # Linux counts processes per user; namespaced runs count their own
+            processes += _tasks_of_user(plan.uid)
+        rlimits = [
+            ("RLIMIT_CPU", limits.cpu_s),
+            ("RLIMIT_AS", limits.memory_mb * mb),
+            ("RLIMIT_FSIZE", limits.file_size_mb * mb),
+            ("RLIMIT_NOFILE", limits.open_files),
+            ("RLIMIT_NPROC", processes),
+            ("RLIMIT_CORE", 0),
+        ]
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "PYTHONHASHSEED": "0",
+            "PYTHONIOENCODING": "utf-8",
+        }
+        boot: dict[str, object] = {
+            "isolate": plan.isolated,
+            "rlimits": rlimits,
+            "executable": _executable(),
+            "program_fds": [to_program_r, from_program_w],
+        }
+        if plan.isolated:
+            fs = _file_system()
+            root = os.geteuid() == 0
+            env.update(HOME=WORKDIR, TMPDIR="/tmp")
+            boot.update(
+                network=limits.isolate_network,
+                # Root: inside uid 0 (set-up only) is host root, inside 1 (the program) is nobody.
+                uid_map="0 0 1\n1 65534 1" if root else f"0 {os.geteuid()} 1",
+                gid_map="0 0 1\n1 65534 1" if root else f"0 {os.getegid()} 1",
+                setgroups="" if root else "deny",
+                drop="setuid" if root else "userns",
+                run_uid=1 if root else 0,
+                run_gid=1 if root else 0,
+                fs={
+                    "staging": fs.staging,
+                    "scratch_mb": limits.scratch_mb,
+                    "inodes": 4096 + 64 * limits.scratch_mb,
+                    "links": fs.links,
+                    "read_only": fs.read_only,
+                    "hidden": fs.hidden,
+                    "workdir": WORKDIR,
+                },
+            )
+        else:
+            self._workdir = Path(tempfile.mkdtemp(prefix="vpd-sandbox-"))
+            if plan.weak_drop:
+                os.chown(self._workdir, NOBODY, NOBODY)
+            env.update(HOME=str(self._workdir), TMPDIR=str(self._workdir))
+            boot.update(
+                workdir=str(self._workdir),
+                drop="setuid" if plan.weak_drop else "none",
+                run_uid=NOBODY,
+                run_gid=NOBODY,
+            )
+        boot["env"] = env
+        contents = {"plan": boot, "script": script, "files": files, "args": args}
+        os.write(bundle, marshal.dumps(contents))
+        self._proc = subprocess.Popen(
+            _boot_argv(bundle),
+            cwd="/",
+            env={"LANG": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=(bundle, to_program_r, from_program_w),
+            start_new_session=True,
+        )
+        for fd in (bundle, to_program_r, from_program_w):
+            os.close(fd)
+            self._fds.remove(fd)
+        self._output = bytearray()
+        self._reader = threading.Thread(
+            target=_drain, args=(self._proc.stdout, limits.output_bytes, self._output), daemon=True
+        )
+        self._reader.start()
+
+    # -- talking to the program ------------------------------------------------------------
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the program before the deadline (TimeoutError) or SandboxClosed."""
+        view = memoryview(data)
+        os.set_blocking(self._to_program, False)
+        while view:
+            try:
+                written = os.write(self._to_program, view)
+            except BlockingIOError:
+                written = 0
+            except BrokenPipeError as exc:
+                raise SandboxClosed("the program stopped reading") from exc
+            view = view[written:]
+            if view and not select.select([], [self._to_program], [], self.remaining())[1]:
+                raise TimeoutError("the program did not read in time")
+
+    def close_input(self) -> None:
+        if self._to_program in self._fds:
+            os.close(self._to_program)
+            self._fds.remove(self._to_program)
+
+    def receive(self, size: int) -> bytes:
+        """Exactly ``size`` bytes from the program before the deadline; TimeoutError or
+        SandboxClosed (with what was read so far lost) otherwise."""
+        data = bytearray()
+        while len(data) < size:
+            if not select.select([self._from_program], [], [], self.remaining())[0]:
+                raise TimeoutError("no answer from the program in time")
+            chunk = os.read(self._from_program, min(size - len(data), 1 << 20))
+            if not chunk:
+                raise SandboxClosed("the program closed its report pipe")
+            data.extend(chunk)
+        return bytes(data)
+
+    # -- ending the run --------------------------------------------------------------------
+
+    def finish(self, *, wait: bool = True) -> SandboxResult:
+        """End the run: wait for the program until the deadline (``wait``) or not, then kill every
+        process it left and reap them. Idempotent."""
+        if self._result is not None:
+            return self._result
+        try:
+            self.close_input()
+            timed_out, status, cpu_s = _wait(self._proc, self.remaining() if wait else 0.0)
+            timed_out = timed_out and wait
+            self._reader.join(timeout=1.0)
+            if not self._reader.is_alive():
+                self._proc.stdout.close()
+            report = _read_available(self._from_program, limit=1 << 16)
+        finally:
+            self._close_fds()
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+        output = bytes(self._output).decode("utf-8", errors="replace")
+        setup_failed = status == SETUP_FAILED and output.startswith("sandbox setup failed")
+        if setup_failed:
+            log.warning("vpd_lightning sandbox: %s", output.strip()[:500])
+        if self.plan.isolated and 128 < status < 160:  # the boot code's "died from signal N"
+            status = 128 - status
+        self._result = SandboxResult(
+            returncode=status,
+            output=output,
+            report=report,
+            timed_out=timed_out,
+            duration_s=time.monotonic() - self.start,
+            cpu_s=cpu_s,
+            network_isolated=self.plan.isolated and self.limits.isolate_network,
+            isolation=self.plan.isolation
+            + ("" if self.limits.isolate_network else "; network allowed (isolate_network=False)"),
+            setup_failed=setup_failed,
+        )
+        return self._result
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SandboxProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish(wait=False)
+
+
+def _run(script: str, *, plan: LaunchPlan, limits: SandboxLimits) -> SandboxResult:
+    process = SandboxProcess(script, limits=limits, plan=plan)
+    return process.finish()
+
+
 def run_python(
     script: str,
     *,
@@ -199,102 +508,28 @@ def run_python(
     secret: bytes = b"",
     limits: SandboxLimits | None = None,
 ) -> SandboxResult:
-    """Run ``script`` (source text) with ``python -I`` in a fresh sandbox.
+    """Run ``script`` (source text) in a fresh sandbox and wait for it (up to the timeout).
 
-    ``files`` are written into the temp dir first. The program gets two extra file descriptors whose
-    numbers end its argv: one to read ``secret`` from (at most a few KB), one to write a report to.
+    ``files`` are written into its working directory first. The program gets two extra file
+    descriptors whose numbers end its argv: one to read ``secret`` from (at most a few KB), one to
+    write a report to.
     """
-    limits = limits or SandboxLimits()
-    plan = launch_plan()
-    prefix = plan.prefix if limits.isolate_network else ()
-    mb = 1024 * 1024
-    rlimits = (
-        limits.cpu_s,
-        limits.memory_mb * mb,
-        limits.file_size_mb * mb,
-        limits.open_files,
-        _tasks_of_user(plan.uid) + limits.processes,
-        0,
-    )
-    workdir = Path(tempfile.mkdtemp(prefix="vpd-sandbox-"))
-    open_fds: list[int] = []
-    start = time.monotonic()
+    process = SandboxProcess(script, files=files, args=args, limits=limits)
     try:
-        secret_r, secret_w = os.pipe()
-        report_r, report_w = os.pipe()
-        open_fds += [secret_r, secret_w, report_r, report_w]
-        for name, text in {"main.py": script, **(files or {})}.items():
-            (workdir / name).write_text(text)
-        if plan.uid != os.geteuid():
-            for path in (workdir, *workdir.iterdir()):
-                os.chown(path, plan.uid, plan.uid)
-        os.write(secret_w, secret)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(workdir),
-            "TMPDIR": str(workdir),
-            "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0",
-            "PYTHONIOENCODING": "utf-8",
-        }
-        argv = [
-            *prefix,
-            sys.executable,
-            "-I",
-            "-B",
-            "-c",
-            _BOOT,
-            *map(str, rlimits),
-            "main.py",
-            *args,
-            str(secret_r),
-            str(report_w),
-        ]
-        proc = subprocess.Popen(
-            argv,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(secret_r, report_w),
-            start_new_session=True,
-            **dict(plan.popen_identity),
-        )
-        for fd in (secret_w, secret_r, report_w):
-            os.close(fd)
-            open_fds.remove(fd)
-        output = bytearray()
-        reader = threading.Thread(
-            target=_drain, args=(proc.stdout, limits.output_bytes, output), daemon=True
-        )
-        reader.start()
-        timed_out, status, cpu_s = _wait(proc, limits.timeout_s)
-        reader.join(timeout=1.0)
-        if not reader.is_alive():
-            proc.stdout.close()
-        return SandboxResult(
-            returncode=status,
-            output=bytes(output).decode("utf-8", errors="replace"),
-            report=_read_available(report_r, limit=1 << 16),
-            timed_out=timed_out,
-            duration_s=time.monotonic() - start,
-            cpu_s=cpu_s,
-            network_isolated=bool(prefix),
-        )
-    finally:
-        for fd in open_fds:
-            os.close(fd)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if secret:
+            process.send(secret)
+    except (SandboxClosed, TimeoutError):
+        pass
+    return process.finish()
 
 
 def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[bool, int, float]:
     """Wait up to ``timeout_s``, kill the process group, reap: (timed out, exit status, CPU seconds).
 
     The group is killed before reaping (the zombie keeps its pid, so the group id cannot have been
-    reused), which also ends children a finished program left behind. CPU time comes from ``wait4``
-    and includes the descendants it waited for: under ``unshare --fork`` that is the only way to tell
-    that the CPU limit ended the program, since ``unshare`` itself just exits 1.
+    reused). In the namespaced mode that kills the run's PID 1, which ends every process of the run
+    wherever it went; in the weak mode it ends the children that stayed in the group. CPU time
+    comes from ``wait4`` and includes the descendants that were waited for.
     """
     pidfd = os.pidfd_open(proc.pid)
     try:

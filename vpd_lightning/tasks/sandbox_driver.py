@@ -61,8 +61,7 @@ def main() -> None:
     gettrace, getprofile, current_frames = sys.gettrace, sys.getprofile, sys._current_frames
     modules_table = sys.modules
     secret_fd, report_fd = int(sys.argv[-2]), int(sys.argv[-1])
-    with open("payload.json", encoding="utf-8") as handle:
-        payload = json.load(handle)
+    payload = json.loads(__files__["payload.json"])  # noqa: F821 (in memory, from the sandbox)
     os.remove("payload.json")
 
     builtins_dict = builtins.__dict__
@@ -77,7 +76,13 @@ def main() -> None:
     last = {"call": None, "result": None, "calls": 0}
     response_names: set[str] = set()
 
+    flush = sys.stdout.flush
+
     def report(status: str, **fields) -> None:
+        try:  # noqa: SIM105 (bound before the response runs)
+            flush()
+        except BaseException:
+            pass
         fields.update(status=status, calls=last["calls"], last_call=last["call"])
         fields.setdefault("last_result", last["result"])
         write(report_fd, dumps(fields).encode())
