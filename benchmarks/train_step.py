@@ -36,10 +36,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-import vpd_kernels.fused_linear as fused_linear
+import vpd_kernels.ops.fused_linear as fused_linear
 import vpd_lightning.module as trainer_module
 from vpd_kernels import DistillStats
-from vpd_kernels.reference import divergence_rows, kl
+from vpd_kernels.torch_rows import divergence_rows, kl
 from vpd_lightning.data import VPDDataModule
 from vpd_lightning.module import VPDModule
 from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions
