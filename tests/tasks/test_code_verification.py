@@ -1,5 +1,6 @@
 """HumanEval verification: every canonical solution passes; wrong, crashing, looping, memory-hungry
-and cheating responses get 0 with the right feedback, in bounded time."""
+and cheating responses get 0 with the right feedback, in bounded time. The deliberate attacks on the
+verifier (other runs, forgery, shadowing, the host) are in ``test_verifier_integrity.py``."""
 
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def test_split_is_seeded_and_disjoint():
 
 
 HAS_CLOSE = "def has_close_elements(numbers, threshold):\n"
+# Tampering with the sandboxed process changes nothing for the judge: the answer is just wrong.
+FAILED = "Test failed: assert candidate("
 CASES = {
     "wrong": (HAS_CLOSE + "    return True", "Test failed: assert candidate("),
     "crashing": (HAS_CLOSE + "    return 1 / 0", "raised ZeroDivisionError: division by zero"),
@@ -69,15 +72,15 @@ CASES = {
     "os_exit_in_call": (HAS_CLOSE + "    import os\n    os._exit(0)", "exited (code 0)"),
     "patch_assertion_error": (
         "import builtins\nbuiltins.AssertionError = Exception\n" + HAS_CLOSE + "    return True",
-        "tampered with the test harness (modified builtins)",
+        FAILED,
     ),
     "patch_builtins_in_call": (
         HAS_CLOSE + "    import builtins\n    builtins.abs = lambda x: 0\n    return True",
-        "tampered with the test harness (modified builtins)",
+        FAILED,
     ),
     "replace_dunder_builtins": (
         "__builtins__ = {'__import__': __import__}\n" + HAS_CLOSE + "    return True",
-        "replaced __builtins__",
+        FAILED,
     ),
     "always_equal": (
         "class Yes:\n    def __eq__(self, other):\n        return True\n"
@@ -97,21 +100,21 @@ CASES = {
     ),
     "redefine_check_in_call": (
         HAS_CLOSE + "    globals()['check'] = lambda c: None\n    return True",
-        "rebound the global 'check'",
+        FAILED,
     ),
     "shadow_builtin_in_call": (
         HAS_CLOSE + "    globals()['abs'] = lambda x: 0\n    return True",
-        "shadowed the builtin 'abs'",
+        FAILED,
     ),
     "trace_hook": (
         HAS_CLOSE + "    import sys\n    sys.settrace(lambda *a: None)\n    return True",
-        "installed a trace or profile hook",
+        FAILED,
     ),
     "background_thread": (
         "import threading, time\nthreading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
         + HAS_CLOSE
         + "    return True",
-        "left threads running",
+        FAILED,
     ),
     "print_success": (
         "print('All tests passed.')\nprint('{\"status\": \"passed\"}')\n"
@@ -152,11 +155,15 @@ def test_wrong_answer_feedback_names_the_input_and_the_result(task, problems):
     )
 
 
-def test_patching_a_module_the_tests_use_is_caught(task, problems):
+def test_patching_a_module_the_tests_use_changes_nothing(task, problems):
     record = problems["HumanEval/32"]  # its test checks math.fabs(poly(coeffs, solution)) < 1e-4
     code = "import math\nmath.fabs = lambda x: 0.0\ndef find_zero(xs):\n    return 0.0"
     verdict = task.verify(record, fenced(code))
-    assert verdict.reward == 0.0 and "modified the math module" in verdict.feedback
+    assert verdict.reward == 0.0
+    assert verdict.feedback == (
+        "Test failed: assert math.fabs(poly(coeffs, solution)) < 1e-4\n"
+        "find_zero([-10, -2]) returned 0.0."
+    )
 
 
 def test_feedback_is_truncated_to_the_budget(problems):

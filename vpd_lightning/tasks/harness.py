@@ -1,20 +1,30 @@
-"""Run a response's code against trusted tests in the sandbox and turn the outcome into feedback.
+"""Word the outcome of running a response against tests the way a teacher should see it, and the
+weaker *script* mode of running tests.
 
-Shared by the code tasks (HumanEval, JSONL with ``tests``). The in-sandbox half is
-``sandbox_driver.py``; this half writes its payload, runs it, checks the nonce and words the result
-the way a teacher should see it: the failing assertion, the call that failed and what it returned, or
+Shared by the code tasks (HumanEval, JSONL with ``tests``). Two modes, named in ``info["mode"]``:
+
+- ``judge`` (``judge.py``): the tests run in the trusted trainer process and only the response runs
+  in the sandbox; values cross as plain data. Nothing in the sandbox can forge the verdict.
+- ``script`` (:func:`run_tests`, for tests that are plain scripts over the response's globals, e.g.
+  JSONL records without ``entry_point``): the response and the tests run in one sandboxed process
+  (``sandbox_driver.py``), which reports over a private pipe with a nonce. It stops the shortcuts a
+  policy stumbles on, but code that goes looking (file descriptors, frames, ``gc``) can forge a
+  pass; prefer the judge mode.
+
+Either way the feedback names the failing assertion, the call that failed and what it returned, or
 the exception, or the timeout.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vpd_lightning.tasks.sandbox import SandboxLimits, SandboxResult, run_python
+from vpd_lightning.tasks.sandbox import SandboxLimits, SandboxResult, launch_plan, run_python
 
 DRIVER_SOURCE = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
 RESPONSE = "<response>"
@@ -22,6 +32,7 @@ TESTS = "<tests>"
 # The driver's own alarm fires this long before the sandbox's wall-clock kill, so it can say which
 # call was running.
 ALARM_MARGIN_S = 0.5
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +59,8 @@ def run_tests(
     check: str | None = None,
     limits: SandboxLimits | None = None,
 ) -> TestOutcome:
-    """Execute ``response_chunks`` then ``test_chunks`` ((name, source) pairs) in one namespace.
+    """Script mode: execute ``response_chunks`` then ``test_chunks`` ((name, source) pairs) in one
+    namespace of one sandboxed process (weaker than ``judge.run_judged``: see the module docstring).
 
     With ``check``, the tests define a function that is then called with the entry point (HumanEval's
     ``check(candidate)``); otherwise the tests are top-level asserts. With ``entry_point``, calls of
@@ -65,23 +77,45 @@ def run_tests(
         "check": check,
         "deadline_s": max(limits.timeout_s - ALARM_MARGIN_S, 0.1),
     }
-    result = run_python(
-        DRIVER_SOURCE,
-        files={"payload.json": json.dumps(payload)},
-        secret=nonce.encode(),
-        limits=limits,
-    )
-    return _interpret(result, nonce, entry_point, limits)
-
-
-def _interpret(
-    result: SandboxResult, nonce: str, entry_point: str | None, limits: SandboxLimits
-) -> TestOutcome:
+    try:
+        result = run_python(
+            DRIVER_SOURCE,
+            files={"payload.json": json.dumps(payload)},
+            secret=nonce.encode(),
+            limits=limits,
+        )
+    except OSError as exc:
+        return sandbox_error(exc, "script")
     try:
         report = json.loads(result.report.decode("utf-8")) if result.report else {}
     except (UnicodeDecodeError, json.JSONDecodeError):
         report = {"status": "garbled"}
-    status = report.get("status", "no_report")
+    if not isinstance(report, dict):
+        report = {"status": "garbled"}
+    if report.get("status") == "passed" and not (
+        report.get("nonce") == nonce and result.returncode == 0
+    ):
+        report = {**report, "status": "forged"}
+    outcome = outcome_from_report(report, result, entry_point, limits)
+    outcome.info["mode"] = "script"
+    return outcome
+
+
+def sandbox_error(exc: OSError, mode: str) -> TestOutcome:
+    """The sandbox could not start (no memory, no file descriptors, ...): this verdict fails, the
+    trainer goes on, and the log says why."""
+    log.warning("vpd_lightning sandbox: could not start a run: %s", exc)
+    info = {"status": "sandbox_error", "mode": mode, "sandbox": launch_plan().isolation}
+    return TestOutcome(False, f"The sandbox could not start ({exc}).", info)
+
+
+def outcome_from_report(
+    report: dict, result: SandboxResult, entry_point: str | None, limits: SandboxLimits
+) -> TestOutcome:
+    """Passed only if the trusted side's report says so; otherwise feedback from the report."""
+    status = str(report.get("status", "no_report"))
+    if result.setup_failed and status != "passed":
+        status = "sandbox_error"
     info: dict[str, object] = {
         "status": status,
         "duration_s": round(result.duration_s, 3),
@@ -90,13 +124,15 @@ def _interpret(
         "calls": report.get("calls", 0),
         "error_type": report.get("error_type"),
         "network_isolated": result.network_isolated,
+        "sandbox": result.isolation,
         "output": truncate(result.output, 1000),
     }
-    if status == "passed" and report.get("nonce") == nonce and result.returncode == 0:
-        return TestOutcome(True, "All tests passed.", info)
     if status == "passed":
-        info["status"] = "forged"
+        return TestOutcome(True, "All tests passed.", info)
+    if status == "forged":
         return TestOutcome(False, "The response interfered with the test harness.", info)
+    if status == "sandbox_error":
+        return TestOutcome(False, "The sandbox could not be set up for this run.", info)
     return TestOutcome(False, _failure_text(report, result, entry_point, limits), info)
 
 
@@ -112,8 +148,7 @@ def _failure_text(
     if status == "error" and report.get("phase") == "response":
         if report.get("error_type") == "SystemExit":
             return "The code exited (SystemExit) before the tests ran."
-        line = f" (line {report['lineno']} of the code)" if report.get("lineno") else ""
-        return f"The code failed to run: {error}{line}."
+        return f"The code failed to run: {error}{_code_line(report)}."
     if status == "missing_entry_point":
         return f"The code does not define the function `{entry_point}`."
     if status == "assertion":
@@ -127,17 +162,31 @@ def _failure_text(
         if report.get("error_type") == "SystemExit":
             return "The code exited (SystemExit) during the tests."
         if report.get("in_response") and call:
-            return f"{call} raised {error}."
+            return f"{call} raised {error}{_code_line(report)}."
         line = f" at: {report['test_line']}" if report.get("test_line") else ""
-        return f"The tests raised {error}{line}."
+        text = f"The tests raised {error}{line}"
+        if call is not None and returned is not None:
+            text += f"\n{call} returned {returned}."
+        return text
     if status == "tampered":
         return f"The code tampered with the test harness ({report.get('problem')})."
+    if status == "garbled":
+        return "The code interfered with the test harness (it sent an invalid reply)."
+    if status == "bad_return" and report.get("too_large"):
+        return f"{call} returned a value too large to check (over 16 MB as data)."
     if status == "bad_return":
+        kind, why = report.get("return_type"), str(report.get("why") or "")
+        inner = f" ({why})" if why and f"a {kind} object" not in why else ""
         return (
-            f"{call} returned a {report.get('return_type')} object; the tests need plain values "
+            f"{call} returned a {kind} object{inner}; the tests need plain values "
             "(numbers, strings, lists, tuples, dicts, sets, None)."
         )
     return _death_text(result, limits)
+
+
+def _code_line(report: dict) -> str:
+    lineno = report.get("lineno")
+    return f" (line {lineno} of the code)" if isinstance(lineno, int) else ""
 
 
 def _death_text(result: SandboxResult, limits: SandboxLimits) -> str:

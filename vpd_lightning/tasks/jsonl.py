@@ -5,9 +5,11 @@ Each record has ``prompt`` (a string or a list of chat messages), optionally ``s
 - ``answer``: compared with the content of the response's last ``<answer>...</answer>``, exactly
   (after trimming whitespace) or numerically (``match``: "exact", "numeric", or "auto": numeric when
   both sides are numbers, else exact); or
-- ``tests``: Python source (a string or a list of lines) of top-level asserts, run after the
-  response's code in the sandbox as for HumanEval. An optional ``entry_point`` names the function
-  under test: its calls are then shown in the feedback and must return plain data.
+- ``tests``: Python source (a string or a list of lines) of top-level asserts. With ``entry_point``
+  (the function under test) they run in the trusted judge as for HumanEval: the tests see that
+  function (each call goes to the sandboxed response and returns plain data) and what they import
+  themselves, nothing else of the response. Without it they run after the response's code in its
+  sandboxed process: the weaker ``script`` mode (``Verdict.info["mode"]``; see ``harness.py``).
 
 Records with both or neither are rejected when loaded.
 """
@@ -21,8 +23,9 @@ from typing import Literal
 from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
 from vpd_lightning.tasks.data import check_fraction, load_split
 from vpd_lightning.tasks.harness import RESPONSE, TESTS, run_tests, truncate
+from vpd_lightning.tasks.judge import run_judged
 from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
-from vpd_lightning.tasks.sandbox import SandboxLimits
+from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
 
 MATCH_MODES = ("auto", "exact", "numeric")
 FEEDBACK_LEVELS = ("outcome", "solution")
@@ -62,6 +65,7 @@ class JsonlTask(Task):
         self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
         self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
+        launch_plan()  # probe the sandbox now, so a weak mode is announced at start
 
     def records(self, split: str) -> list[Record]:
         records = load_split(self.path, split, self.test_fraction, self.seed)
@@ -112,12 +116,13 @@ class JsonlTask(Task):
         tests = record["tests"]
         source = "\n".join(tests) if isinstance(tests, list) else str(tests)
         entry_point = record.get("entry_point")
-        outcome = run_tests(
-            [(RESPONSE, extract_code(completion, entry_point))],
-            [(TESTS, source)],
-            entry_point=entry_point,
-            limits=self.limits,
-        )
+        code = extract_code(completion, entry_point)
+        if entry_point:  # judge mode: only the response runs in the sandbox
+            outcome = run_judged(
+                [(RESPONSE, code)], [(TESTS, source)], entry_point=entry_point, limits=self.limits
+            )
+        else:  # script mode: the tests run in the response's process
+            outcome = run_tests([(RESPONSE, code)], [(TESTS, source)], limits=self.limits)
         return Verdict(
             1.0 if outcome.passed else 0.0,
             truncate(outcome.feedback, self.feedback_chars),

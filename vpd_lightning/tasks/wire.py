@@ -1,0 +1,186 @@
+"""Plain data across the sandbox boundary: a JSON encoding that decodes only to plain values.
+
+Return values come from the sandbox to the judge as JSON text written by :func:`dump` and read by
+:func:`loads`. Reading never runs code and never builds anything but ``None``, ``bool``, ``int``,
+``float`` (nan and infinities included), ``complex``, ``str``, ``bytes``, ``list``, ``tuple``,
+``set``, ``frozenset`` and ``dict``, nested at most ``MAX_DEPTH`` deep: whatever the sandbox sends,
+the judge gets data, not objects with behaviour (no pickle, no ``__eq__`` that always says yes, no
+subclasses). JSON arrays are lists; every other container or special value is a one-key object
+(``{"tuple": [...]}``, ``{"dict": [[k, v], ...]}``, ``{"float": "nan"}``).
+
+Messages are length-prefixed (4 bytes, big-endian). The judge's messages to the sandbox (call
+arguments from the trusted tests) are ``marshal`` data, which only the sandbox reads; the sandbox's
+messages to the judge are JSON objects (:func:`message`, read with :func:`unpack`).
+
+This module's text is also run inside the sandbox, so the part the sandbox uses (:func:`dump`,
+:func:`message`) needs no module beyond ``math`` and the C ``_json`` string escaper: the sandbox
+starts faster without ``json``, ``re`` and ``enum``.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_DEPTH = 100
+MAX_MESSAGE = 16 * 1024 * 1024
+HEADER_SIZE = 4
+_INT_BITS = 4000  # larger ints travel as hex: int(str) is capped at 4300 digits
+
+try:
+    from _json import encode_basestring_ascii as _quote
+except ImportError:  # an interpreter without the C accelerator
+    from json.encoder import py_encode_basestring_ascii as _quote
+
+
+class WireError(ValueError):
+    """A value that cannot be sent, or a message that is not valid plain data."""
+
+
+def _float(value: float) -> str:
+    if math.isfinite(value):
+        return float.__repr__(value)
+    name = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return f'{{"float":"{name}"}}'
+
+
+def _dump(value: object, out: list, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise WireError("nested too deeply")
+    kind = type(value)
+    if value is None:
+        out.append("null")
+    elif kind is bool:
+        out.append("true" if value else "false")
+    elif kind is str:
+        out.append(_quote(value))
+    elif kind is int:
+        if value.bit_length() <= _INT_BITS:
+            out.append(int.__repr__(value))
+        else:
+            out.append(f'{{"int":"{hex(value)}"}}')
+    elif kind is float:
+        out.append(_float(value))
+    elif kind in (list, tuple, set, frozenset):
+        if kind is not list:
+            out.append(f'{{"{kind.__name__}":')
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _dump(item, out, depth + 1)
+        out.append("]" if kind is list else "]}")
+    elif kind is dict:
+        out.append('{"dict":[')
+        for i, (key, item) in enumerate(value.items()):
+            out.append(",[" if i else "[")
+            _dump(key, out, depth + 1)
+            out.append(",")
+            _dump(item, out, depth + 1)
+            out.append("]")
+        out.append("]}")
+    elif kind is bytes:
+        out.append(f'{{"bytes":"{value.hex()}"}}')
+    elif kind is complex:
+        out.append(f'{{"complex":[{_float(value.real)},{_float(value.imag)}]}}')
+    else:
+        raise WireError(f"a {kind.__name__} object is not plain data")
+
+
+def dump(value: object) -> str:
+    """``value`` as JSON text; WireError for anything but the plain types (exact types:
+    subclasses are refused) or nesting deeper than MAX_DEPTH."""
+    out: list[str] = []
+    _dump(value, out, 0)
+    return "".join(out)
+
+
+def frame(body: bytes) -> bytes:
+    if len(body) > MAX_MESSAGE:
+        raise WireError(f"a message of {len(body)} bytes is larger than {MAX_MESSAGE}")
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+def message(**fields: object) -> bytes:
+    """One framed JSON object whose field values are written by :func:`dump`."""
+    parts = [f"{_quote(name)}:{dump(value)}" for name, value in fields.items()]
+    return frame(("{" + ",".join(parts) + "}").encode("utf-8", "surrogatepass"))
+
+
+def size_of(header: bytes) -> int:
+    return int.from_bytes(header, "big")
+
+
+# -- the judge's side ---------------------------------------------------------------------------
+
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _decode_float(data: object) -> float:
+    if type(data) is float:
+        return data
+    if type(data) is int:
+        return float(data)
+    if type(data) is dict and len(data) == 1 and data.get("float") in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[data["float"]]
+    raise WireError("bad float")
+
+
+def decode(data: object, depth: int = 0) -> object:
+    """The plain value that ``data`` (parsed JSON) encodes; WireError if it is not valid."""
+    if depth > MAX_DEPTH:
+        raise WireError("nested too deeply")
+    kind = type(data)
+    if data is None or kind in (bool, int, float, str):
+        return data
+    if kind is list:
+        return [decode(item, depth + 1) for item in data]
+    if kind is not dict or len(data) != 1:
+        raise WireError("bad value")
+    ((tag, body),) = data.items()
+    try:
+        if tag in ("tuple", "set", "frozenset") and type(body) is list:
+            items = [decode(item, depth + 1) for item in body]
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+        if tag == "dict" and type(body) is list:
+            pairs = []
+            for pair in body:
+                if type(pair) is not list or len(pair) != 2:
+                    raise WireError("bad dict item")
+                pairs.append((decode(pair[0], depth + 1), decode(pair[1], depth + 1)))
+            return dict(pairs)
+        if tag == "float":
+            return _decode_float(data)
+        if tag == "int" and type(body) is str:
+            return int(body, 16)
+        if tag == "bytes" and type(body) is str:
+            return bytes.fromhex(body)
+        if tag == "complex" and type(body) is list and len(body) == 2:
+            return complex(_decode_float(body[0]), _decode_float(body[1]))
+    except WireError:
+        raise
+    except (TypeError, ValueError) as exc:  # unhashable set member or dict key, bad hex
+        raise WireError(f"bad {tag}: {exc}") from None
+    raise WireError(f"bad value tagged {tag!r}")
+
+
+def _no_constants(name: str) -> object:
+    raise WireError(f"bare {name} is not valid here")
+
+
+def unpack(body: bytes) -> dict:
+    """The JSON object of one message body; WireError if it is not one."""
+    import json  # the judge's side only
+
+    try:
+        parsed = json.loads(body.decode("utf-8", "surrogatepass"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise WireError(f"not a JSON message: {exc}") from None
+    if type(parsed) is not dict:
+        raise WireError("a message must be a JSON object")
+    return parsed
+
+
+def loads(text: str | bytes) -> object:
+    """The plain value of JSON text written by :func:`dump`."""
+    body = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    return decode(unpack(b'{"v":' + body + b"}")["v"])
