@@ -81,6 +81,7 @@ def mstep_loss(
             divergence=d.divergence,
             beta=d.jsd_beta,
             temperature=d.temperature,
+            teacher_topk=d.teacher_topk,
             mask=token_mask,
             reduction="sum",
             return_stats=True,

@@ -98,6 +98,9 @@ class DistillOptions:
     """Weight of KL(student || rollout-time student); needs `updates_per_batch` > 1."""
     grpo_coef: float = 0.0
     """Weight of an added GRPO surrogate (a distillation + RL hybrid); 0: off."""
+    teacher_topk: int | None = None
+    """Distil on the teacher's k most likely tokens plus one bucket for the rest of each
+    distribution (SDPO's reference uses 100); null: the full vocabulary."""
 
     def __post_init__(self) -> None:
         require_choice("model.distill.divergence", self.divergence, Divergence)
@@ -107,6 +110,8 @@ class DistillOptions:
         require_finite(
             "model.distill.temperature", self.temperature, 1e-12, math.inf, "must be > 0"
         )
+        if self.teacher_topk is not None:
+            require_positive_int("model.distill.teacher_topk", self.teacher_topk)
         for name in ("trust_region_coef", "grpo_coef"):
             require_finite(
                 f"model.distill.{name}", getattr(self, name), 0.0, math.inf, "must be >= 0"

@@ -196,3 +196,41 @@ def test_estep_measures_teacher_kl_when_beta_adapts(policy):
     expected = sum((lt.exp() * (lt - ls)).sum() for ls, lt in zip(log_s, log_t, strict=True))
     assert stats.kl_tokens == 6
     assert stats.kl_sum == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mstep_on_the_teachers_top_k_is_the_bucketed_divergence(policy):
+    """k buckets plus the rest: KL between (p_1..p_k, 1 - sum) of student and teacher."""
+    student, teacher = batches()
+    k = 4
+    loss, _ = mstep_loss(
+        policy,
+        student,
+        teacher,
+        terms=MStepTerms(DistillOptions(teacher_topk=k), 0.0, GrpoOptions()),
+        has_context=torch.ones(3, dtype=torch.bool),
+        advantages=None,
+        anchor=None,
+        distill_tokens=6,
+        all_tokens=6,
+    )
+    with torch.no_grad():
+        log_s = torch.cat(eager_logprobs(policy.model, PROMPTS, COMPLETIONS))
+        log_t = torch.cat(eager_logprobs(policy.model, TEACHER_PROMPTS, COMPLETIONS))
+    ids = log_t.topk(k, dim=-1).indices
+    s_k, t_k = log_s.gather(1, ids).exp(), log_t.gather(1, ids).exp()
+    s_b = torch.cat([s_k, 1 - s_k.sum(1, keepdim=True)], dim=1)
+    t_b = torch.cat([t_k, 1 - t_k.sum(1, keepdim=True)], dim=1)
+    expected = (s_b * (s_b.log() - t_b.log())).sum() / 6
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-3)  # float32 sums of tiny terms
+    full, _ = mstep_loss(
+        policy,
+        student,
+        teacher,
+        terms=MStepTerms(DistillOptions(), 0.0, GrpoOptions()),
+        has_context=torch.ones(3, dtype=torch.bool),
+        advantages=None,
+        anchor=None,
+        distill_tokens=6,
+        all_tokens=6,
+    )
+    assert full.item() > loss.item()  # bucketing merges tokens: the divergence can only shrink
