@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 
 import pytest
 
@@ -342,12 +341,3 @@ def test_jsonl_tests_without_an_entry_point_run_in_the_named_weaker_mode(jsonl):
     verdict = jsonl.verify(cube, "def cube(x):\n    return x ** 3")
     assert verdict.reward == 1.0 and verdict.info["mode"] == "script"
     assert jsonl.verify(cube, "def cube(x):\n    return 0").reward == 0.0
-
-
-def test_timing_of_a_small_batch(task, problems):
-    """A guard against a slow sandbox: 16 canonical solutions in well under the 10 s budget."""
-    records = list(problems.values())[:16]
-    start = time.monotonic()
-    verdicts = verify_many(task, records, [canonical(r) for r in records], workers=4)
-    assert [v.reward for v in verdicts] == [1.0] * 16
-    assert time.monotonic() - start < 8
