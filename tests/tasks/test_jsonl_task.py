@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.tasks import JsonlTask, load_task
 
 
@@ -100,7 +101,7 @@ def test_bad_records_and_options(tmp_path, answers):
     broken.write_text('{"prompt": "q", "answer": "1"}\nnot json\n')
     with pytest.raises(ValueError, match=r"broken\.jsonl:2"):
         JsonlTask(path=str(broken)).records("train")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserInputError, match="no such file"):
         JsonlTask(path=str(tmp_path / "missing.jsonl"))
     for options, message in [
         ({"match": "fuzzy"}, "match"),

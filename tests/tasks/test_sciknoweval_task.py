@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.tasks import SciKnowEvalTask, load_task
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "sciknoweval"
@@ -71,7 +72,7 @@ def test_feedback_levels(mcq, level, response, reward, feedback):
 
 
 def test_missing_path_and_bad_options(tmp_path, mcq):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserInputError, match="does not exist"):
         SciKnowEvalTask(path=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="feedback"):
         SciKnowEvalTask(path=str(mcq), feedback="hint")
@@ -79,5 +80,5 @@ def test_missing_path_and_bad_options(tmp_path, mcq):
     (tmp_path / "bad" / "train.jsonl").write_text('{"prompt": "q", "answer": "maybe"}\n')
     with pytest.raises(ValueError, match="option letter"):
         SciKnowEvalTask(path=str(tmp_path / "bad")).records("train")
-    with pytest.raises(FileNotFoundError, match=r"test\.jsonl"):
+    with pytest.raises(UserInputError, match=r"test\.jsonl"):
         SciKnowEvalTask(path=str(tmp_path / "bad")).records("test")

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 Record = dict[str, Any]
 SPLITS = ("train", "test")
+TRUNCATION_MARK = " ...[truncated]"  # ends any feedback or context text that was cut short
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from vpd_lightning.tasks.base import Record, Task, Verdict
+from vpd_lightning.tasks.base import TRUNCATION_MARK, Record, Task, Verdict
 from vpd_lightning.tasks.prompts import question_text, render_messages, with_question
 
 FeedbackSource = Literal["verifier", "sibling", "self_critique", "reference"]
@@ -31,7 +31,6 @@ CRITIQUE_REQUEST = (
     "Write a short critique of this response: what is right or wrong about it, and how to reach a "
     "correct answer. Do not write a full solution."
 )
-TRUNCATION_MARK = " ...[truncated]"
 
 
 @dataclass(frozen=True)

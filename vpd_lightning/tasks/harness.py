@@ -24,6 +24,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vpd_lightning.tasks.base import TRUNCATION_MARK
 from vpd_lightning.tasks.sandbox import SandboxLimits, SandboxResult, launch_plan, run_python
 
 DRIVER_SOURCE = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
@@ -48,7 +49,7 @@ def truncate(text: str, limit: int) -> str:
     """Cut ``text`` to ``limit`` characters, marking the cut."""
     if len(text) <= limit:
         return text
-    return text[: max(limit - 15, 0)] + " ...[truncated]"
+    return text[: max(limit - len(TRUNCATION_MARK), 0)] + TRUNCATION_MARK
 
 
 def run_tests(

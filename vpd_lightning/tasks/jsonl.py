@@ -20,8 +20,9 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
-from vpd_lightning.tasks.data import check_fraction, load_split
+from vpd_lightning.errors import UserInputError
+from vpd_lightning.tasks.base import SPLITS, Record, Task, Verdict, register_task
+from vpd_lightning.tasks.data import check_fraction, load_split, read_jsonl
 from vpd_lightning.tasks.harness import RESPONSE, TESTS, run_tests, truncate
 from vpd_lightning.tasks.judge import run_judged
 from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
@@ -60,23 +61,28 @@ class JsonlTask(Task):
         if feedback_chars < 20:
             raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
         check_fraction(test_fraction)
-        if not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"JSONL data path {path} does not exist")
         self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
         self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
         launch_plan()  # probe the sandbox now, so a weak mode is announced at start
+        self._check_files()
 
     def records(self, split: str) -> list[Record]:
-        records = load_split(self.path, split, self.test_fraction, self.seed)
-        for i, record in enumerate(records):
-            where = f"{self.path}[{split}][{i}]"
-            prompt = record.get("prompt")
-            if not (isinstance(prompt, str) and prompt.strip()) and not isinstance(prompt, list):
-                raise ValueError(f"{where}: needs `prompt` (a string or a list of chat messages)")
-            if ("answer" in record) == ("tests" in record):
-                raise ValueError(f"{where}: needs exactly one of `answer` and `tests`")
-        return records
+        return load_split(self.path, split, self.test_fraction, self.seed, check_record)
+
+    def _check_files(self) -> None:
+        """Read every file now, so a bad line stops the run before the model loads."""
+        path = Path(self.path).expanduser()
+        if not path.exists():
+            raise UserInputError(f"data.task.path = {self.path!r}: no such file or directory")
+        files = [path] if path.is_file() else [path / f"{split}.jsonl" for split in SPLITS]
+        for file in files:
+            if path.is_dir() and not file.is_file():
+                raise UserInputError(
+                    f"data.task.path = {self.path!r}: a directory needs train.jsonl and "
+                    f"test.jsonl; {file.name} is missing"
+                )
+            read_jsonl(file, check_record)
 
     def reference_solution(self, record: Record) -> str | None:
         if "answer" in record:
@@ -128,3 +134,15 @@ class JsonlTask(Task):
             truncate(outcome.feedback, self.feedback_chars),
             outcome.info,
         )
+
+
+def check_record(record: Record) -> str | None:
+    """What is wrong with one JSONL record, or None."""
+    prompt = record.get("prompt")
+    if not (isinstance(prompt, str) and prompt.strip()) and not (
+        isinstance(prompt, list) and prompt
+    ):
+        return "needs `prompt`: a non-empty string or a non-empty list of chat messages"
+    if ("answer" in record) == ("tests" in record):
+        return "needs exactly one of `answer` and `tests`"
+    return None

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
 from vpd_lightning.tasks.data import check_fraction, load_split
 from vpd_lightning.tasks.parsing import extract_tagged_answer
@@ -57,7 +58,7 @@ class SciKnowEvalTask(Task):
         check_fraction(test_fraction)
         root = Path(path).expanduser()
         if not root.exists():
-            raise FileNotFoundError(f"SciKnowEval data path {root} does not exist")
+            raise UserInputError(f"data.task.path = {path!r}: SciKnowEval data path does not exist")
         if domains is not None and not domains:
             raise ValueError("domains, when given, must list at least one domain")
         self.paths = [root / d for d in domains] if domains else [root]
