@@ -17,17 +17,20 @@ NEG_BIG = tl.constexpr(-1.0e30)
 TILE_ELEMENTS = 4096  # elements of one (rows x vocab) tile
 
 
-def pick_tiles(n_cols: int, block_v: int | None) -> tuple[int, int, int]:
+def pick_tiles(
+    n_cols: int, block_v: int | None, tile_elements: int = TILE_ELEMENTS
+) -> tuple[int, int, int]:
     """Return (block_rows, block_v, num_warps) for rows of `n_cols` vocabulary entries.
 
-    Long rows get one row per program and a vocab tile of TILE_ELEMENTS; short rows are packed
+    Long rows get one row per program and a vocab tile of `tile_elements`; short rows are packed
     several per program so that small vocabularies still fill a tile. `block_v` is a power of two
-    (checked by checks.check_tuning) or None.
+    (checked by checks.check_tuning) or None. tests/kernels/test_compile.py checks that the
+    kernels compile for sm_90 without register spills at these sizes.
     """
     if block_v is None:
-        block_v = min(triton.next_power_of_2(n_cols), TILE_ELEMENTS)
-    block_rows = max(1, min(16, TILE_ELEMENTS // (2 * block_v)))
-    num_warps = 8 if block_rows * block_v >= 4096 else 4
+        block_v = min(triton.next_power_of_2(n_cols), tile_elements)
+    block_rows = max(1, min(16, tile_elements // (2 * block_v)))
+    num_warps = 8 if block_rows * block_v >= tile_elements else 4
     return block_rows, block_v, num_warps
 
 
@@ -72,7 +75,7 @@ def max_rest_step(m, rest, arg, x, cols, scale):
     of exp((x - max) * scale), so that the sum is 1 + rest with `rest` never rounded against the
     1 (top-k tails need it when one token has almost all the mass), and that maximum's column.
 
-    Start from m = NEG_BIG, rest = -1 (an empty sum). Also returns the shift old - new max and
+    Start from m = NEG_BIG, rest = -1 (an empty sum), arg int64. Also returns the shift old - new max and
     e = exp((x - new max) * scale) on the tile.
     """
     tile_max = tl.max(x, axis=1)
@@ -83,7 +86,7 @@ def max_rest_step(m, rest, arg, x, cols, scale):
     col_max = tl.min(tl.where(x == tile_max[:, None], cols[None, :], 2147483647), axis=1)
     others = tl.sum(tl.where(cols[None, :] == col_max[:, None], 0.0, e), axis=1)
     rest = tl.where(moved, rest * r + r + others, rest + tl.sum(e, axis=1))
-    return m_new, rest, tl.where(moved, col_max, arg), m - m_new, e
+    return m_new, rest, tl.where(moved, col_max.to(tl.int64), arg), m - m_new, e
 
 
 @triton.jit

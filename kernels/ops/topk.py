@@ -43,6 +43,8 @@ from vpd_kernels.ops.tiles import (
 )
 from vpd_kernels.rows import RowOutputs, flat_rows, n_rows
 
+TILE_ELEMENTS = 2048  # half of ops/tiles.py's: this kernel holds more per element (no spills)
+
 
 @triton.jit
 def _logsumexp_k(v):
@@ -132,7 +134,7 @@ def _topk_kernel(
     # that they stay accurate when tiny.
     m_s = zero + NEG_BIG
     rest_a = zero - 1.0  # sum of exp((x - m_s) / T) is 1 + rest_a (see max_rest_step)
-    arg_s = rows * 0
+    arg_s = rows64 * 0
     h_a = zero
     m_t = zero + NEG_BIG
     d_b = zero
@@ -316,7 +318,7 @@ def topk_rows_triton(
     if total == 0:
         return outputs
     n_k = ids.shape[1]
-    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v)
+    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v, TILE_ELEMENTS)
     grad_k = torch.empty(ids.shape, device=student.device) if grad is not None else None
     teacher_arg = teacher if teacher is not None else student  # absent inputs are never read
     ref_arg = ref if ref is not None else student
