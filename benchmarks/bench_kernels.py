@@ -4,6 +4,8 @@ Workload: reverse KL + trust-region KL to a reference (ref_coef=0.1), forward + 
 - logits-in: student/teacher/ref logits (N, V) -> loss, grad wrt student logits.
 - fused-linear: hidden (N, H) and an LM head (V, H) per model -> loss, grads wrt student hidden
   and weight (teacher and reference share the student's head).
+- topk: student logits (N, V) and the teacher's top-k ids and log-probs (N, k) (k = --k, 100 as
+  SDPO) -> reverse KL over the k tokens plus the tail bucket (no ref), grad wrt student logits.
 
 Every method runs in its own subprocess so that peak memory is its own:
 - CUDA: torch.cuda.max_memory_allocated() minus the memory held before the step (inputs), so
@@ -18,6 +20,7 @@ measured device copy bandwidth; fused-linear = matmul FLOPs (3 forward + 2 backw
 
     python benchmarks/bench_kernels.py            # CPU: N=4096, V=49152, logits-in
     python benchmarks/bench_kernels.py --n 16384  # GPU defaults: N=16384, V=151936, H=2048
+    python benchmarks/bench_kernels.py --quick --modes topk --out /tmp/k.json  # a smoke run
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 REF_COEF = 0.1
 METHODS = ("eager", "torch.compile", "liger", "vpd_kernels")
+QUICK = {"n": 256, "v": 8192, "h": 256, "repeats": 2}  # --quick: a smoke run, not a measurement
 
 
 # ---------------------------------------------------------------- the workloads
@@ -55,12 +59,29 @@ def eager_fused_loss(hidden, weight, teacher_hidden, ref_hidden):
     return eager_logits_loss(hidden @ weight.T, teacher, ref)
 
 
+def eager_topk_loss(student, ids, teacher_logprobs):
+    """Top-k + tail reverse KL as it is written by hand (SDPO-style), in float32."""
+    log_s = F.log_softmax(student.float(), dim=-1).gather(-1, ids)
+
+    def with_tail(log_k):
+        rest = (1 - log_k.exp().sum(-1, keepdim=True)).clamp_min(1e-30)
+        return torch.cat([log_k, rest.log()], dim=-1)
+
+    log_p, log_q = with_tail(log_s), with_tail(teacher_logprobs)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
 def build_step(method: str, mode: str):
     """Return loss_fn(*inputs) for `method`, or raise RuntimeError(reason) if unavailable."""
+    eager = {"logits": eager_logits_loss, "fused": eager_fused_loss, "topk": eager_topk_loss}[mode]
     if method == "eager":
-        return eager_logits_loss if mode == "logits" else eager_fused_loss
+        return eager
     if method == "torch.compile":
-        return torch.compile(eager_logits_loss if mode == "logits" else eager_fused_loss)
+        return torch.compile(eager)
+    if method == "liger" and mode == "topk":
+        raise RuntimeError("no top-k distillation loss in Liger")
+    if method == "liger" and not torch.cuda.is_available():
+        raise RuntimeError("Liger's kernels need a CUDA device")
     if method == "liger":
         try:
             from liger_kernel.transformers import LigerFusedLinearJSD, LigerJSD
@@ -75,6 +96,8 @@ def build_step(method: str, mode: str):
     import vpd_kernels as vk
 
     backend = "auto"
+    if mode == "topk":
+        return lambda s, ids, lp: vk.topk_distill_loss(s, ids, lp, backend=backend)
     if mode == "logits":
         return lambda s, t, r: vk.distill_loss(
             s, t, ref_logits=r, ref_coef=REF_COEF, backend=backend
@@ -84,13 +107,16 @@ def build_step(method: str, mode: str):
     )
 
 
-def make_inputs(mode: str, n: int, v: int, h: int, dtype: torch.dtype, device: str):
+def make_inputs(mode: str, n: int, v: int, h: int, k: int, dtype: torch.dtype, device: str):
     """Random inputs filled in place (no temporaries that would inflate the memory baseline)."""
 
     def rand(*shape, scale=1.0, grad=False):
         x = torch.empty(*shape, dtype=dtype, device=device).normal_(0.0, scale)
         return x.requires_grad_(grad)
 
+    if mode == "topk":
+        logprobs, ids = torch.log_softmax(rand(n, v, scale=2.0).float(), dim=-1).topk(k, dim=-1)
+        return rand(n, v, scale=2.0, grad=True), ids, logprobs
     if mode == "logits":
         return rand(n, v, scale=2.0, grad=True), rand(n, v, scale=2.0), rand(n, v, scale=2.0)
     return rand(n, h, grad=True), rand(v, h, scale=h**-0.5, grad=True), rand(n, h), rand(n, h)
@@ -110,7 +136,7 @@ def run_child(args) -> dict:
         step_fn = build_step(args.child, args.mode)
     except RuntimeError as err:
         return {"status": f"unavailable: {err}"}
-    inputs = make_inputs(args.mode, args.n, args.v, args.h, dtype, device)
+    inputs = make_inputs(args.mode, args.n, args.v, args.h, args.k, dtype, device)
     leaves = [x for x in inputs if x.requires_grad]
 
     def step():
@@ -181,8 +207,9 @@ def measure_floors() -> dict:
 
 
 def floor_ms(mode: str, args, floors: dict) -> float:
-    if mode == "logits":
-        bytes_moved = 4 * args.n * args.v * getattr(torch, args.dtype).itemsize
+    if mode in ("logits", "topk"):  # read each input once, write the gradient once
+        streams = 4 if mode == "logits" else 2
+        bytes_moved = streams * args.n * args.v * getattr(torch, args.dtype).itemsize
         return bytes_moved / (floors["copy_bandwidth_gbs"] * 1e9) * 1e3
     flops = 5 * 2 * args.n * args.v * args.h
     return flops / (floors["bf16_matmul_tflops"] * 1e12) * 1e3
@@ -197,7 +224,7 @@ def device_slug() -> str:
 
 def run_method_subprocess(method: str, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--mode", mode]
-    cmd += ["--n", str(args.n), "--v", str(args.v), "--h", str(args.h)]
+    cmd += ["--n", str(args.n), "--v", str(args.v), "--h", str(args.h), "--k", str(args.k)]
     cmd += ["--dtype", args.dtype, "--repeats", str(args.repeats)]
     try:
         proc = subprocess.run(
@@ -232,12 +259,16 @@ def main() -> None:
         "--v", type=int, default=151936 if on_gpu else 49152, help="vocabulary size"
     )
     parser.add_argument("--h", type=int, default=2048, help="hidden size (fused-linear)")
+    parser.add_argument("--k", type=int, default=100, help="teacher top-k (topk mode)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=20 if on_gpu else 3)
     parser.add_argument(
         "--modes",
         default="logits,fused" if on_gpu else "logits",
-        help="comma list of logits,fused (fused-linear GEMMs are slow on CPU)",
+        help="comma list of logits,fused,topk (fused-linear GEMMs are slow on CPU)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}"
     )
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--timeout", type=int, default=900, help="seconds per method")
@@ -247,6 +278,8 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="logits", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
 
     if args.child:
         print(json.dumps(run_child(args)))
@@ -269,14 +302,14 @@ def main() -> None:
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("n", "v", "h", "dtype", "repeats")}
+    config = {k: getattr(args, k) for k in ("n", "v", "h", "k", "dtype", "repeats")}
     payload = {
         "device": slug,
         "torch": torch.__version__,
         "config": {
             **config,
             "ref_coef": REF_COEF,
-            "workload": "reverse KL + ref KL, forward+backward",
+            "workload": "reverse KL + ref KL (topk: top-k + tail reverse KL), forward+backward",
         },
         "memory_method": "cuda max_memory_allocated delta"
         if on_gpu

@@ -100,9 +100,9 @@ def loss_and_grad(fn, leaf: torch.Tensor, grad_out: torch.Tensor | None = None):
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (a scale-aware relative error for whole tensors)."""
-    expected = expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     scale = expected.abs().max().clamp_min(1e-12)
-    return float((actual.double() - expected).abs().max() / scale)
+    return float((actual - expected).abs().max() / scale)
 
 
 def assert_rel_close(
