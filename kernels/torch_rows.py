@@ -59,9 +59,13 @@ def divergence_rows(
 
 
 def rest_outside(log_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """1 - the mass at `ids` of full-vocabulary log-probabilities, summed outside the ids (no
-    1 - sum: accurate also when the ids hold almost all the mass). Shape (n, 1)."""
-    return log_full.exp().scatter(-1, ids, 0.0).sum(-1, keepdim=True)
+    """1 - the mass at `ids` of full-vocabulary log-probabilities, summed outside the ids (not
+    1 - sum: accurate also when the ids hold almost all the mass) and divided by the sum of all
+    (in float64, so that neither the sums over V nor the rounding of the normaliser in
+    `log_full` matter). Shape (n, 1)."""
+    p = log_full.exp()
+    rest = p.scatter(-1, ids, 0.0).sum(-1, keepdim=True, dtype=torch.float64)
+    return (rest / p.sum(-1, keepdim=True, dtype=torch.float64)).to(p.dtype)
 
 
 def rest_of_given(log_k: torch.Tensor) -> torch.Tensor:
