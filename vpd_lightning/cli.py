@@ -2,7 +2,10 @@
 
 Besides LightningCLI's own behaviour (unknown keys are errors, `--print_config`, the resolved
 config saved next to the logs), `fit` evaluates before and after training, draws the learning
-curves and ends by printing where the logs, curves, checkpoints and config went.
+curves and ends by printing where the logs, curves, checkpoints and config went (process 0 only;
+every process takes part in the collectives that find them). `--trainer.strategy` takes `ddp` and
+`fsdp2` (`strategies.py`). `python -m vpd_lightning export CKPT OUT_DIR` writes a Hugging Face
+model folder from a checkpoint (`export.py`).
 
 Bad input (options, config files, data files, model ids, checkpoints) is refused before the model
 loads, with one line on stderr and exit status 2; `VPD_TRACEBACK=1` shows the traceback instead.
@@ -133,11 +136,12 @@ class VPDCLI(LightningCLI):
         if self._wants_before_after():
             validated_now = self.model.last_validated_step == self.trainer.global_step
             after = self._last_validation() if validated_now else self._validate()
+        log_dir = self.trainer.log_dir  # a broadcast from process 0: every process must ask
         if self.trainer.is_global_zero:
-            print(self._summary(self._before, after, self._plot()))
+            print(self._summary(self._before, after, log_dir, self._plot()))
 
     def _plot(self) -> Path | None:
-        """Learning curves from the CSV log, when the run has one."""
+        """Learning curves from the CSV log, when the run has one (process 0 only)."""
         logger = self.trainer.logger
         if logger is None or not (Path(logger.log_dir) / "metrics.csv").exists():
             return None
@@ -157,9 +161,11 @@ class VPDCLI(LightningCLI):
         metrics = self.trainer.callback_metrics
         return {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
 
-    def _summary(self, before: dict | None, after: dict | None, curves: Path | None) -> str:
+    def _summary(
+        self, before: dict | None, after: dict | None, log_dir: str | None, curves: Path | None
+    ) -> str:
         trainer = self.trainer
-        log_dir = Path(trainer.log_dir) if trainer.log_dir else None
+        log_dir = Path(log_dir) if log_dir else None
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
             trainer.checkpoint_callback, "best_model_path", ""
         )
@@ -229,9 +235,14 @@ def find_user_error(error: BaseException) -> BaseException | None:
     return UserInputError(text.group(1)) if text else None
 
 
-def main(args: list[str] | None = None) -> VPDCLI:
+def main(args: list[str] | None = None) -> VPDCLI | None:
     arguments = sys.argv[1:] if args is None else args
     try:
+        if arguments[:1] == ["export"]:
+            from vpd_lightning.export import export_main
+
+            export_main(arguments[1:])
+            return None
         check_config_files(arguments)
         return VPDCLI(
             VPDModule,

@@ -8,20 +8,29 @@ student updates of `updates_per_batch > 1`) are stepped through the strategy, pr
 but not counted, so `max_steps`, logging and checkpoint intervals all count batches of prompts,
 whatever the method.
 
+With several processes (DDP or FSDP2) a step's batch is every process's prompts: losses are
+normalised by counts summed over processes, and delta, beta and the logged metrics are computed
+over the global batch (`distributed.py`), so 2 processes on B prompts each train as one process on
+the same 2B prompts.
+
 The jobs this module delegates: options and their checks (`options.py`), sampling and verifying
 (`rollouts.py`), the per-micro-batch losses (`losses.py`), the roles of the one network
-(`policy.py`), non-finite losses (`guard.py`) and RNG state (`seeding.py`).
+(`policy.py`), strategies (`strategies.py`), sums over processes (`distributed.py`), non-finite
+losses (`guard.py`) and RNG state (`seeding.py`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.tensor import DTensor
 
+from vpd_lightning.distributed import gather_objects, mean_over_processes, sum_over_processes
 from vpd_lightning.errors import UserInputError, require
 from vpd_lightning.generation import HFGenerateEngine, SamplingParams
 from vpd_lightning.guard import NonFiniteGuard
@@ -50,6 +59,7 @@ from vpd_lightning.policy import Policy
 from vpd_lightning.rollouts import Rollout, rollout_stats, sample_and_verify, to_rollouts
 from vpd_lightning.seeding import get_rng_state, mix_seed, set_rng_state
 from vpd_lightning.sequences import PackedBatch, pack
+from vpd_lightning.strategies import check_strategy, is_sharded
 from vpd_lightning.tasks import (
     FeedbackSource,
     Task,
@@ -59,11 +69,6 @@ from vpd_lightning.tasks import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNSUPPORTED_STRATEGIES = {
-    "DeepSpeedStrategy": "DeepSpeed",
-    "FSDPStrategy": "FSDP (v1)",
-    "ModelParallelStrategy": "ModelParallelStrategy (FSDP2) is not wired up yet",
-}
 OPTION_GROUPS = {
     "lora": LoraOptions,
     "rollout": RolloutOptions,
@@ -76,16 +81,6 @@ OPTION_GROUPS = {
 ROLES = ("student", "teacher")
 # Seed offsets of the evaluation passes, apart from the training rollouts' (step, rank) seeds.
 VALIDATION_SEED, TEACHER_VALIDATION_SEED = 17, 29
-
-
-def check_strategy(strategy: object) -> None:
-    """Refuse, before training, strategies that cannot step two optimizers by hand."""
-    name = type(strategy).__name__
-    if name in UNSUPPORTED_STRATEGIES:
-        raise UserInputError(
-            f"trainer.strategy = {name}: {UNSUPPORTED_STRATEGIES[name]} cannot run this module's "
-            "two manually stepped optimizers. Use trainer.strategy: ddp (multi-GPU) or auto."
-        )
 
 
 class VPDModule(pl.LightningModule):
@@ -204,7 +199,7 @@ class VPDModule(pl.LightningModule):
             initial_prior=method == "vpd" and self.estep.prior == "initial",
         )
         eos_ids = {self.tokenizer.eos_token_id, *_generation_eos_ids(network)}
-        self.engine = HFGenerateEngine(self.policy.model, self.tokenizer.pad_token_id, eos_ids)
+        self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
 
         # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
         self.register_buffer("delta", torch.zeros((), dtype=torch.float64))
@@ -296,6 +291,11 @@ class VPDModule(pl.LightningModule):
             success_threshold=self.success_threshold,
         )
 
+    def configure_model(self) -> None:
+        """FSDP2 only: shard the policy (DDP and one device train the model as loaded)."""
+        if is_sharded(self.trainer.strategy):
+            self.policy.shard(self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
         student_factory, teacher_factory = self._optimizer_factories
         student_sched, teacher_sched = self._scheduler_factories
@@ -328,7 +328,10 @@ class VPDModule(pl.LightningModule):
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         step_start = time.perf_counter()
         rollouts = self._collect_rollouts(batch)
-        stats = rollout_stats(rollouts, self.success_threshold)
+        strategy = self.trainer.strategy
+        stats = mean_over_processes(
+            strategy, rollout_stats(rollouts, self.success_threshold), len(rollouts)
+        )
         rollout_time = time.perf_counter() - step_start
 
         update_start = time.perf_counter()
@@ -346,7 +349,7 @@ class VPDModule(pl.LightningModule):
             stats["estep/beta"] = float(self.beta)
         update_time = time.perf_counter() - update_start
 
-        tokens = sum(len(r.completion_ids) for r in rollouts)
+        (tokens,) = sum_over_processes(strategy, [sum(len(r.completion_ids) for r in rollouts)])
         stats["time/rollout_s"] = rollout_time
         stats["time/update_s"] = update_time
         stats["throughput/tokens_per_s"] = tokens / max(time.perf_counter() - step_start, 1e-9)
@@ -358,7 +361,8 @@ class VPDModule(pl.LightningModule):
         )
 
     def log_step_metrics(self, stats: dict[str, float]) -> None:
-        """Send one step's metrics straight to the loggers (process 0's values).
+        """Send one step's metrics straight to the loggers (over every process's rollouts; times
+        are process 0's).
 
         `self.log` would keep re-sending the last E-step's values on steps without an E-step;
         metrics that exist only on some steps must appear only on those steps.
@@ -422,14 +426,16 @@ class VPDModule(pl.LightningModule):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per micro-batch (hidden, head weight) of the rollout-time policy, for several updates
         per batch: the trust-region anchor and GRPO's old log-probs."""
-        weight = self.policy.head_weight.detach()
-        if self.policy.head_weight.requires_grad:
-            weight = weight.clone()  # the head itself is trained: keep its rollout-time value
-        with self.policy.student():
-            return [
-                (self.policy.hidden(self._pack(micro)), weight)
-                for micro in self._micro_batches(rollouts)
-            ]
+
+        def anchors() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            weight = self.policy.kept_head_weight()
+            with self.policy.student():
+                return [
+                    (self.policy.hidden(self._pack(micro)), weight)
+                    for micro in self._micro_batches(rollouts)
+                ]
+
+        return self.policy(anchors)
 
     # ------------------------------------------------------------------------ M-step
     def _student_update(
@@ -445,8 +451,15 @@ class VPDModule(pl.LightningModule):
             grpo_coef=1.0 if self.method == "grpo" else self.distill.grpo_coef,
             grpo=self.grpo,
         )
-        distill_tokens = max(sum(len(r.completion_ids) for r in rollouts if r.has_context), 1)
-        all_tokens = max(sum(len(r.completion_ids) for r in rollouts), 1)
+        strategy = self.trainer.strategy
+        distill_sum, all_sum = sum_over_processes(
+            strategy,
+            [
+                sum(len(r.completion_ids) for r in rollouts if r.has_context),
+                sum(len(r.completion_ids) for r in rollouts),
+            ],
+        )
+        distill_tokens, all_tokens = max(int(distill_sum), 1), max(int(all_sum), 1)
         advantages = None
         if terms.grpo_coef:
             rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
@@ -457,24 +470,31 @@ class VPDModule(pl.LightningModule):
         total_loss, totals, start = 0.0, MStepStats(), 0
         with self.policy.student():
             for index, micro in enumerate(self._micro_batches(rollouts)):
-                loss, stats = mstep_loss(
-                    self.policy,
-                    self._pack(micro),
-                    self._pack(micro, teacher=True),
-                    terms=terms,
-                    has_context=torch.tensor([r.has_context for r in micro]),
-                    advantages=None
-                    if advantages is None
-                    else advantages[start : start + len(micro)],
-                    anchor=anchors[index] if anchors else None,
-                    distill_tokens=distill_tokens,
-                    all_tokens=all_tokens,
+                loss, stats = self.policy(
+                    partial(
+                        mstep_loss,
+                        self.policy,
+                        self._pack(micro),
+                        self._pack(micro, teacher=True),
+                        terms=terms,
+                        has_context=torch.tensor([r.has_context for r in micro]),
+                        advantages=None
+                        if advantages is None
+                        else advantages[start : start + len(micro)],
+                        anchor=anchors[index] if anchors else None,
+                        distill_tokens=distill_tokens,
+                        all_tokens=all_tokens,
+                    )
                 )
-                self.manual_backward(loss)
+                self._backward_share(loss)
                 total_loss += float(loss.detach())
                 for name, value in asdict(stats).items():
                     setattr(totals, name, getattr(totals, name) + value)
                 start += len(micro)
+        finite = self._all_finite(total_loss)
+        names = list(asdict(totals))
+        summed = sum_over_processes(strategy, [total_loss, *(getattr(totals, n) for n in names)])
+        total_loss, totals = summed[0], MStepStats(**dict(zip(names, summed[1:], strict=True)))
 
         out = {"mstep/loss": total_loss}
         if terms.distill is not None:
@@ -490,7 +510,7 @@ class VPDModule(pl.LightningModule):
             scheduler,
             self.policy.student_parameters(),
             self.student_grad_clip,
-            total_loss,
+            finite,
             counted=counted,
         )
         out["mstep/grad_norm"] = grad_norm
@@ -502,43 +522,78 @@ class VPDModule(pl.LightningModule):
     # ------------------------------------------------------------------------ E-step
     def _teacher_update(self, buffer: list[Rollout]) -> dict:
         """BCO on verifier labels: the implicit reward is measured against the prior (by default
-        the current student, detached: the dynamic prior), and `delta` is a running mean of it."""
+        the current student, detached: the dynamic prior), and `delta` is a running mean of it.
+        Label counts, delta and the KL that adapts beta are over every process's buffer."""
         optimizer, scheduler = self._optimizer_and_scheduler(1)
+        strategy = self.trainer.strategy
         beta = float(self.beta)
         threshold = self.success_threshold
         weights = torch.tensor([1.0 if r.has_context else 0.0 for r in buffer])
         success = torch.tensor([r.reward >= threshold for r in buffer])
-        n_success = float((weights * success).sum())
-        n_failure = float((weights * ~success).sum())
+        n_success, n_failure = sum_over_processes(
+            strategy, [float((weights * success).sum()), float((weights * ~success).sum())]
+        )
         rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
         for micro in self._micro_batches(buffer):
             end = start + len(micro)
-            loss, stats = estep_loss(
-                self.policy,
-                self._pack(micro),
-                self._pack(micro, teacher=True),
-                options=self.estep,
-                beta=beta,
-                delta=self.delta,
-                success=success[start:end].to(self.device),
-                weight=weights[start:end].to(self.device),
-                lengths=torch.tensor([len(r.completion_ids) for r in micro], device=self.device),
-                n_success=n_success,
-                n_failure=n_failure,
+            loss, stats = self.policy(
+                partial(
+                    estep_loss,
+                    self.policy,
+                    self._pack(micro),
+                    self._pack(micro, teacher=True),
+                    options=self.estep,
+                    beta=beta,
+                    delta=self.delta,
+                    success=success[start:end].to(self.device),
+                    weight=weights[start:end].to(self.device),
+                    lengths=torch.tensor(
+                        [len(r.completion_ids) for r in micro], device=self.device
+                    ),
+                    n_success=n_success,
+                    n_failure=n_failure,
+                )
             )
-            self.manual_backward(loss)
+            self._backward_share(loss)
             total_loss += float(loss.detach())
             rewards.append(stats.rewards)
             kl_sum, kl_tokens = kl_sum + stats.kl_sum, kl_tokens + stats.kl_tokens
             start = end
 
+        finite = self._all_finite(total_loss)
+        reward = torch.cat(rewards).cpu().double()
+        weights, success = weights.double(), success.double()
+        (
+            total_loss,
+            reward_sum,
+            weight_sum,
+            success_reward,
+            success_weight,
+            failure_reward,
+            failure_weight,
+            kl_sum,
+            kl_tokens,
+        ) = sum_over_processes(
+            strategy,
+            [
+                total_loss,
+                float((reward * weights).sum()),
+                float(weights.sum()),
+                float((reward * weights * success).sum()),
+                float((weights * success).sum()),
+                float((reward * weights * (1 - success)).sum()),
+                float((weights * (1 - success)).sum()),
+                kl_sum,
+                kl_tokens,
+            ],
+        )
         grad_norm, skipped = self._step(
             "teacher",
             optimizer,
             scheduler,
             self.policy.teacher_parameters(),
             self.teacher_grad_clip,
-            total_loss,
+            finite,
             counted=False,
         )
         out = {
@@ -546,16 +601,14 @@ class VPDModule(pl.LightningModule):
             "estep/grad_norm": grad_norm,
             "estep/skipped": float(skipped),
         }
-        reward = torch.cat(rewards).cpu()
-        weights = weights.to(reward.dtype)
-        if weights.sum() > 0:
-            batch_mean = (reward * weights).sum() / weights.sum()
-            out["estep/implicit_reward"] = float(batch_mean)
-            if (weights * success).sum() > 0 and (weights * ~success).sum() > 0:
-                succ_mean = (reward * weights * success).sum() / (weights * success).sum()
-                fail_mean = (reward * weights * ~success).sum() / (weights * ~success).sum()
-                out["estep/margin"] = float(succ_mean - fail_mean)
-            update_running_mean(self.delta, batch_mean, self.estep.delta_momentum)
+        if weight_sum > 0:
+            batch_mean = reward_sum / weight_sum
+            out["estep/implicit_reward"] = batch_mean
+            if success_weight > 0 and failure_weight > 0:
+                out["estep/margin"] = (
+                    success_reward / success_weight - failure_reward / failure_weight
+                )
+            update_running_mean(self.delta, torch.tensor(batch_mean), self.estep.delta_momentum)
         if kl_tokens:
             measured = kl_sum / kl_tokens
             out["estep/teacher_kl"] = measured
@@ -566,6 +619,16 @@ class VPDModule(pl.LightningModule):
         return out
 
     # ------------------------------------------------------------------------ optimizer steps
+    def _backward_share(self, loss: torch.Tensor) -> None:
+        """Back-propagate this process's share of a loss normalised by global counts: DDP and
+        FSDP2 average gradients over processes, so the world size makes it the global sum."""
+        self.manual_backward(loss * self.trainer.world_size)
+
+    def _all_finite(self, loss: float) -> bool:
+        """Whether every process's loss is finite (one non-finite loss skips the update)."""
+        finite = bool(torch.isfinite(torch.tensor(loss)).item())
+        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+
     def _step(
         self,
         kind: str,
@@ -573,19 +636,16 @@ class VPDModule(pl.LightningModule):
         scheduler,
         params: list,
         clip: float | None,
-        loss: float,
+        finite: bool,
         counted: bool,
     ) -> tuple[float, bool]:
         """Clip, step and zero one optimizer; (grad norm, whether the update was skipped).
 
-        A non-finite loss (on any process) skips the update: the gradients are dropped and a
-        counted step still advances `global_step` (an optimizer step without gradients changes
-        nothing), so `max_steps` bounds a run whatever its losses.
+        A non-finite loss (on any process: `finite` is already agreed) skips the update: the
+        gradients are dropped and a counted step still advances `global_step` (an optimizer
+        step without gradients changes nothing), so `max_steps` bounds a run whatever its losses.
         """
-        finite = torch.isfinite(torch.tensor(loss)).item()
-        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        grad_norm = _grad_norm(params)
         self.guard.record(kind, finite, self.global_step)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
@@ -684,12 +744,16 @@ class VPDModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Runs on every process (process 0 writes): the E-step buffer and RNG states are each
+        process's own and are kept per rank; the snapshot's shards are gathered under FSDP2."""
+        per_rank = gather_objects(
+            {"estep_buffer": [asdict(r) for r in self.estep_buffer], "rng": get_rng_state()}
+        )
         checkpoint["vpd_state"] = {
-            "estep_buffer": [asdict(r) for r in self.estep_buffer],
+            "per_rank": per_rank,
             "steps_since_estep": self.steps_since_estep,
             "nonfinite": self.guard.state_dict(),
             "snapshot": self.policy.snapshot.state_dict() if self.policy.snapshot else None,
-            "rng": get_rng_state(),
             "optimizers": [
                 type(o).__name__ for o in _as_list(self.optimizers(use_pl_optimizer=False))
             ],
@@ -699,12 +763,26 @@ class VPDModule(pl.LightningModule):
         state = checkpoint.get("vpd_state")
         if state is None:
             raise UserInputError("this checkpoint was not written by VPDModule (no 'vpd_state')")
-        self.estep_buffer = [Rollout(**r) for r in state["estep_buffer"]]
+        if "per_rank" not in state:
+            raise UserInputError(
+                "ckpt_path: written by an older vpd_lightning (no per-process state); resume "
+                "from a checkpoint of this version"
+            )
+        per_rank = state["per_rank"]
+        world = self.trainer.world_size
+        if self.trainer.state.fn == "fit" and len(per_rank) != world:
+            raise UserInputError(
+                f"ckpt_path: written by {len(per_rank)} process(es), resumed with {world}: each "
+                "process's prompts and E-step buffer depend on the number of processes; resume "
+                f"with trainer.devices x trainer.num_nodes = {len(per_rank)}"
+            )
+        own = per_rank[min(self.global_rank, len(per_rank) - 1)]
+        self.estep_buffer = [Rollout(**r) for r in own["estep_buffer"]]
+        self._rng_to_restore = own["rng"]
         self.steps_since_estep = state["steps_since_estep"]
         self.guard.load_state_dict(state["nonfinite"])
         if self.policy.snapshot is not None:
             self.policy.snapshot.load_state_dict(state["snapshot"])
-        self._rng_to_restore = state["rng"]
 
 
 def _make_optimizer(factory: OptimizerCallable | None, params: list) -> torch.optim.Optimizer:
@@ -718,6 +796,15 @@ def _generation_eos_ids(network: torch.nn.Module) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, list | tuple) else [eos]
+
+
+def _grad_norm(params: list) -> float:
+    """The global gradient norm (under FSDP2 the gradients are shards: their norm is reduced)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _as_list(value) -> list:

@@ -5,15 +5,23 @@ One network serves every role. What differs is which weights are live when it ru
 - the VPD teacher: the same weights (`shared`) or the `teacher` LoRA adapter (`adapter`);
 - the SDPO/OPSD teacher: the live weights, an EMA snapshot, the initial snapshot, or a logit
   interpolation of initial and current (computed as one wider matmul, see `teacher_features`).
+
+Every computation with the network runs as this module's `forward` (or `generate`). That is a
+plain call without sharding; under FSDP2 (`shard`) the policy is the root unit, and its hooks
+gather the weights no decoder layer owns (embeddings, final norm, lm_head, which the fused losses
+read directly rather than through the head's forward) and reduce-scatter their gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TypeVar
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
@@ -24,6 +32,8 @@ from vpd_lightning.models import (
 from vpd_lightning.options import LoraOptions, SdpoOptions
 from vpd_lightning.sequences import PackedBatch, completion_hidden
 from vpd_lightning.weights import WeightSnapshot
+
+T = TypeVar("T")
 
 
 class Policy(torch.nn.Module):
@@ -66,8 +76,57 @@ class Policy(torch.nn.Module):
         self.initial_prior = initial_prior  # the E-step anchors to the initial snapshot
         self.snapshot: WeightSnapshot | None = None
         if initial_prior or passive_teacher in ("ema", "initial", "interpolate"):
-            self.snapshot = WeightSnapshot(dict(self._student_named_parameters()))
+            self.snapshot = self._take_snapshot()
+        self.sharded_units: list[torch.nn.Module] = []  # FSDP2 units besides the root
         self._enable_all_trainable()
+
+    def _take_snapshot(self) -> WeightSnapshot:
+        return WeightSnapshot(self.model, (n for n, _ in self._student_named_parameters()))
+
+    # ----------------------------------------------------------------------------- running
+    def forward(self, compute: Callable[[], T]) -> T:
+        """Run `compute`, a pass with this network (losses, features), as the module's forward:
+        under FSDP2 the root unit's hooks run around it (see the module docstring)."""
+        return compute()
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        """`generate` of the network. Under FSDP2 every layer is gathered once for the whole call
+        (registered as a forward of the root in `shard`): no collective per generated token, and
+        processes whose responses end sooner need not wait for the others."""
+        if not self.sharded_units:
+            return self.model.generate(**kwargs)
+        for unit in self.sharded_units:
+            unit.unshard()
+            unit.set_reshard_after_forward(False)
+        try:
+            return self.model.generate(**kwargs)
+        finally:
+            for unit in self.sharded_units:
+                unit.set_reshard_after_forward(True)
+                unit.reshard()
+
+    def shard(self, mesh: DeviceMesh) -> None:
+        """FSDP2: one unit per decoder layer, and the policy itself the root unit, which keeps
+        the embeddings, final norm and lm_head (tied or not) together. Idempotent: Lightning
+        calls `configure_model` again for each of fit, validate and test in one process."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        if self.sharded_units:
+            return
+        layers = getattr(decoder_and_head(self.model)[0], "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise UserInputError(
+                f"trainer.strategy = fsdp2: the model's decoder ({type(self.model).__name__}) "
+                "has no `layers` list to shard one by one; use trainer.strategy: ddp"
+            )
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+        register_fsdp_forward_method(self, "generate")
+        self.sharded_units = list(layers)
+        if self.snapshot is not None:  # the parameters are now shards: so must the copies be
+            self.snapshot = self._take_snapshot()
 
     # ----------------------------------------------------------------------------- parameters
     def _student_named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -120,6 +179,13 @@ class Policy(torch.nn.Module):
     @property
     def head_weight(self) -> torch.Tensor:
         return decoder_and_head(self.model)[1].weight
+
+    def kept_head_weight(self) -> torch.Tensor:
+        """The head's current values, safe to keep after this pass: a copy when the head is
+        trained (it will change) or gathered by FSDP2 (freed when the pass ends)."""
+        head = self.head_weight
+        keep = head.requires_grad or bool(self.sharded_units)
+        return head.detach().clone() if keep else head.detach()
 
     def hidden(self, batch: PackedBatch) -> torch.Tensor:
         """Final hidden states at the completion positions of `batch` with the live weights."""

@@ -1,7 +1,8 @@
 """Checks before a run loads anything costly: learning rates, and the checkpoint it starts from.
 
-A checkpoint must be a file written by `VPDModule`, and resuming must not change what it was
-trained as: the model, the method and teacher mode, the LoRA shape, the dtype, the priors that
+A checkpoint must be written by `VPDModule`: a file (one device, DDP) or a sharded folder (FSDP2:
+one shard file per process plus `meta.pt`, which holds everything but the weights and optimizer
+states). Resuming must not change what it was trained as: the model, the method and teacher mode, the LoRA shape, the dtype, the priors that
 decide which snapshots it holds, and the optimizer classes. Everything else (max_steps, logging,
 validation cadence, learning rates) may change on resume.
 """
@@ -17,6 +18,7 @@ import torch
 from vpd_lightning.errors import UserInputError
 
 DEFAULT_OPTIMIZER = "AdamW"
+SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 ROLES = ("student", "teacher")
 
 
@@ -32,12 +34,18 @@ def check_learning_rates(model_config: Any) -> None:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """The checkpoint's contents, or a `UserInputError` that names the file and what is wrong."""
+    """The checkpoint's contents (of a sharded folder: its `meta.pt`, without the weights), or a
+    `UserInputError` that names the file and what is wrong."""
     file = Path(path)
     if not file.exists():
         raise UserInputError(f"ckpt_path {path}: no such file")
     if file.is_dir():
-        raise UserInputError(f"ckpt_path {path}: is a directory; give the .ckpt file in it")
+        if not (file / SHARDED_METADATA).is_file():
+            raise UserInputError(
+                f"ckpt_path {path}: is a directory without {SHARDED_METADATA}, so not a sharded "
+                "(fsdp2) checkpoint; give the .ckpt file in it"
+            )
+        file = file / SHARDED_METADATA
     if file.stat().st_size == 0:
         raise UserInputError(f"ckpt_path {path}: the file is empty (0 bytes), not a checkpoint")
     try:

@@ -25,7 +25,7 @@ def test_pack_aligns_student_and_teacher_completion_positions():
 
 def test_snapshot_swaps_in_and_restores_exactly():
     layer = torch.nn.Linear(3, 2)
-    snapshot = WeightSnapshot(dict(layer.named_parameters()))
+    snapshot = WeightSnapshot(layer, ["weight", "bias"])
     initial = layer.weight.detach().clone()
     with torch.no_grad():
         layer.weight.add_(1.0)
