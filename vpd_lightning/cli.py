@@ -31,6 +31,7 @@ from vpd_lightning.guard import NonFiniteLossError
 from vpd_lightning.module import VPDModule
 from vpd_lightning.plot import plot_run
 from vpd_lightning.resume import check_checkpoint, check_learning_rates
+from vpd_lightning.strategies import check_checkpoint_strategy
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs", name="vpd"),
@@ -118,6 +119,7 @@ class VPDCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         if config.get("ckpt_path"):
             check_checkpoint(config["ckpt_path"], config["model"])
+            check_checkpoint_strategy(config["ckpt_path"], config["trainer"]["strategy"])
 
     def before_instantiate_classes(self) -> None:
         """Checks that need no model and that no constructor runs before the model loads."""

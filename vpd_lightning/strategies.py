@@ -13,6 +13,8 @@ applies `fully_shard` itself in `configure_model` (see `Policy.shard`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from vpd_lightning.errors import UserInputError
@@ -74,6 +76,22 @@ def check_strategy(strategy: object) -> None:
                 f"this module has no tensor-parallel plan; use trainer.strategy: {FSDP2}, or "
                 "ModelParallelStrategy with tensor_parallel_size: 1"
             )
+
+
+def check_checkpoint_strategy(ckpt_path: str | Path, strategy: object) -> None:
+    """A sharded checkpoint (a folder) loads only under FSDP2; a checkpoint file loads under any
+    strategy. `strategy` is the config's value: a name, a class_path config, or an instance."""
+    if not Path(ckpt_path).is_dir():
+        return
+    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None)
+    name = name or type(strategy).__name__
+    if name == FSDP2 or name.endswith(("ModelParallelStrategy", "FSDP2Strategy")):
+        return
+    raise UserInputError(
+        f"ckpt_path {ckpt_path}: a sharded (fsdp2) checkpoint folder, but trainer.strategy = "
+        f"{name!r}; load it with --trainer.strategy {FSDP2}, or write it as a Hugging Face model "
+        "with `python -m vpd_lightning export`"
+    )
 
 
 def register_strategies() -> None:

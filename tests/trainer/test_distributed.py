@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.export import export
-from vpd_lightning.strategies import FSDP2Strategy, check_strategy
+from vpd_lightning.strategies import FSDP2Strategy, check_checkpoint_strategy, check_strategy
 
 from .ddp_run import CASES, run_case
+from .helpers import tiny_module, tiny_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -170,3 +171,27 @@ def test_strategies_that_cannot_work_are_refused_with_the_reason(strategy):
 def test_ddp_and_fsdp2_are_accepted():
     check_strategy(DDPStrategy())
     check_strategy(FSDP2Strategy())
+
+
+def test_a_sharded_checkpoint_needs_fsdp2_and_a_file_loads_anywhere(tmp_path):
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    for strategy in ("fsdp2", FSDP2Strategy()):
+        check_checkpoint_strategy(folder, strategy)
+    with pytest.raises(UserInputError, match=r"sharded \(fsdp2\).*'ddp'.*export"):
+        check_checkpoint_strategy(folder, "ddp")
+    (tmp_path / "file.ckpt").write_bytes(b"x")
+    check_checkpoint_strategy(tmp_path / "file.ckpt", "ddp")
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    """Each process's prompts and E-step buffer depend on the world size."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    module = tiny_module()
+    module.trainer = tiny_trainer(tmp_path, 1)
+    module.trainer.state.fn = TrainerFn.FITTING
+    rank_state = {"estep_buffer": [], "rng": None}
+    state = {"per_rank": [rank_state, rank_state], "steps_since_estep": 0, "nonfinite": {}}
+    with pytest.raises(UserInputError, match=r"written by 2 process.*resumed with 1"):
+        module.on_load_checkpoint({"vpd_state": state})
