@@ -156,6 +156,7 @@ def run_case(out: Path, case: str, strategy: str = "auto", devices: int = 1) -> 
             "beta": float(module.beta),
             "prompts": prompts,
             "global_step": trainer.global_step,
+            "sharded": bool(module.policy.sharded_units),
         }
         (out / f"{case}.json").write_text(json.dumps(report))
         torch.save(weights, out / f"{case}.pt")

@@ -72,6 +72,7 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(
     ref = json.loads((one_process / f"{case}.json").read_text())
     got = json.loads((two / f"{case}.json").read_text())
     assert got["global_step"] == ref["global_step"] == 2
+    assert got["sharded"] == (strategy == "fsdp2")
     # the same prompts: rank 0's then rank 1's at each step, none shared between ranks
     rank0, rank1 = got["prompts"]
     assert not set(rank0) & set(rank1)
