@@ -177,7 +177,7 @@ class TimedStepModule(VPDModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         row: dict = {}
-        rollouts = self._phase(row, "rollout", lambda: self._collect_rollouts(batch)[0])
+        rollouts = self._phase(row, "rollout", lambda: self._collect_rollouts(batch))
         completion = sum(len(r.completion_ids) for r in rollouts)
         row["completion_tokens"] = completion
         row["student_tokens"] = completion + sum(len(r.prompt_ids) for r in rollouts)
