@@ -450,6 +450,7 @@ class VPDModule(pl.LightningModule):
             distill=self.distill if self.method != "grpo" else None,
             grpo_coef=1.0 if self.method == "grpo" else self.distill.grpo_coef,
             grpo=self.grpo,
+            sampling_temperature=self.rollout_opts.temperature,
         )
         strategy = self.trainer.strategy
         distill_sum, all_sum = sum_over_processes(
@@ -536,25 +537,28 @@ class VPDModule(pl.LightningModule):
         rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
         for micro in self._micro_batches(buffer):
             end = start + len(micro)
-            loss, stats = self.policy(
-                partial(
-                    estep_loss,
-                    self.policy,
-                    self._pack(micro),
-                    self._pack(micro, teacher=True),
-                    options=self.estep,
-                    beta=beta,
-                    delta=self.delta,
-                    success=success[start:end].to(self.device),
-                    weight=weights[start:end].to(self.device),
-                    lengths=torch.tensor(
-                        [len(r.completion_ids) for r in micro], device=self.device
-                    ),
-                    n_success=n_success,
-                    n_failure=n_failure,
+            # Forward and backward in the teacher's context: gradient checkpointing recomputes
+            # the forward during backward, and must do so with the teacher adapter active.
+            with self.policy.trainable_teacher():
+                loss, stats = self.policy(
+                    partial(
+                        estep_loss,
+                        self.policy,
+                        self._pack(micro),
+                        self._pack(micro, teacher=True),
+                        options=self.estep,
+                        beta=beta,
+                        delta=self.delta,
+                        success=success[start:end].to(self.device),
+                        weight=weights[start:end].to(self.device),
+                        lengths=torch.tensor(
+                            [len(r.completion_ids) for r in micro], device=self.device
+                        ),
+                        n_success=n_success,
+                        n_failure=n_failure,
+                    )
                 )
-            )
-            self._backward_share(loss)
+                self._backward_share(loss)
             total_loss += float(loss.detach())
             rewards.append(stats.rewards)
             kl_sum, kl_tokens = kl_sum + stats.kl_sum, kl_tokens + stats.kl_tokens

@@ -158,16 +158,19 @@ class Policy(torch.nn.Module):
     # ----------------------------------------------------------------------------- roles
     @contextmanager
     def adapter(self, name: str) -> Iterator[None]:
-        """Run with one LoRA adapter active (only meaningful with a separate teacher adapter)."""
+        """Run with one LoRA adapter active, then restore the one that was active before, so
+        roles nest (the E-step reads the student's prior inside the teacher's context).
+        Only meaningful with a separate teacher adapter."""
         if not self.separate_teacher_adapter:
             yield
             return
+        previous = self.model.active_adapter
         self.model.set_adapter(name)
         self._enable_all_trainable()
         try:
             yield
         finally:
-            self.model.set_adapter(STUDENT_ADAPTER)
+            self.model.set_adapter(previous)
             self._enable_all_trainable()
 
     def student(self) -> contextmanager:

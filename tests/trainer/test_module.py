@@ -222,3 +222,49 @@ def test_validation_logs_mean_pass_and_teacher_accuracy(tmp_path):
     (results,) = trainer.validate(module, datamodule=tiny_data(), verbose=False)
     assert set(results) == {"val/mean@2", "val/pass@1", "val/pass@2", "val/teacher_mean@2"}
     assert all(0.0 <= v <= 1.0 for v in results.values())
+
+
+class FixedEngine:
+    """Every prompt gets the same completion: two runs see identical rollouts."""
+
+    def __init__(self, completion: list[int]) -> None:
+        self.completion = completion
+
+    def generate(self, prompts, params) -> list[list[int]]:
+        return [list(self.completion) for _ in prompts for _ in range(params.num_samples)]
+
+
+def test_adapter_teacher_estep_gradient_is_the_same_with_gradient_checkpointing(
+    tmp_path, monkeypatch
+):
+    """The backward of the E-step must see the teacher adapter, also when checkpointing
+    recomputes the forward during backward (the student adapter differs from the teacher's)."""
+    from vpd_lightning.models import TEACHER_ADAPTER, adapter_parameters
+
+    grads: dict[bool, list[torch.Tensor]] = {}
+    original = VPDModule._step
+
+    def recording(self, kind, optimizer, scheduler, params, *args, **kwargs):
+        if kind == "teacher":
+            grads[self.hparams.gradient_checkpointing] = [
+                torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params
+            ]
+        return original(self, kind, optimizer, scheduler, params, *args, **kwargs)
+
+    monkeypatch.setattr(VPDModule, "_step", recording)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = tiny_module(
+            teacher_mode="adapter", lora=lora(), gradient_checkpointing=checkpointing
+        )
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # a teacher adapter that differs from the student's
+            for p in adapter_parameters(module.policy.model, TEACHER_ADAPTER):
+                p.add_(0.5 * torch.randn(p.shape, generator=generator))
+        eos = module.tokenizer.eos_token_id
+        module.engine = FixedEngine(module.tokenizer.encode("<answer>7</answer>") + [eos])
+        fit(module, tmp_path / str(checkpointing), steps=1)
+    plain, checkpointed = grads[False], grads[True]
+    assert sum(float(g.norm()) for g in plain) > 0
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
