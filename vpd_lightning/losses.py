@@ -29,6 +29,9 @@ class MStepTerms:
     distill: DistillOptions | None
     grpo_coef: float
     grpo: GrpoOptions
+    sampling_temperature: float = 1.0
+    """The temperature the rollouts were sampled at: GRPO's log-probs and ratios are those of the
+    sampling distribution softmax(logits / T) (TRL's convention); 0 (greedy) counts as 1."""
 
 
 @dataclass
@@ -96,11 +99,16 @@ def mstep_loss(
         if advantages is None:
             raise ValueError("GRPO needs the micro-batch's advantages")
         hidden = policy.hidden(student) if hidden is None else hidden
-        logp = vk.fused_linear_token_logprobs(hidden, policy.head_weight, student.targets)
+        temperature = terms.sampling_temperature or 1.0
+        logp = vk.fused_linear_token_logprobs(
+            hidden, policy.head_weight, student.targets, temperature=temperature
+        )
         old_logp = logp.detach()
         if anchor is not None:
             with torch.no_grad():
-                old_logp = vk.fused_linear_token_logprobs(anchor[0], anchor[1], student.targets)
+                old_logp = vk.fused_linear_token_logprobs(
+                    anchor[0], anchor[1], student.targets, temperature=temperature
+                )
         token_advantages = advantages.to(logp.device)[student.seq_index]
         g = terms.grpo
         grpo_sum = grpo_token_loss(logp, old_logp, token_advantages, g.clip_low, g.clip_high).sum()

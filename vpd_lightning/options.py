@@ -93,7 +93,8 @@ class DistillOptions:
     jsd_beta: float = 0.5
     """Mixture weight of the generalised JSD, in (0, 1)."""
     temperature: float = 1.0
-    """Softmax temperature of both distributions in the divergence, > 0."""
+    """Softmax temperature of both distributions in the divergence, > 0 (its own option: GRPO's
+    log-probs use the sampling temperature, `rollout.temperature`)."""
     trust_region_coef: float = 0.0
     """Weight of KL(student || rollout-time student); needs `updates_per_batch` > 1."""
     grpo_coef: float = 0.0

@@ -75,7 +75,8 @@ def test_mstep_reverse_kl_matches_the_eager_sum_over_distilled_tokens(policy):
         torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_mstep_grpo_is_the_clipped_surrogate_over_all_tokens(policy):
+@pytest.mark.parametrize("sampling_temperature", [1.0, 0.7])
+def test_mstep_grpo_is_the_clipped_surrogate_over_all_tokens(policy, sampling_temperature):
     student, teacher = batches()
     advantages = torch.tensor([1.0, -0.5, 0.25])
     all_tokens = sum(len(c) for c in COMPLETIONS)
@@ -83,7 +84,7 @@ def test_mstep_grpo_is_the_clipped_surrogate_over_all_tokens(policy):
         policy,
         student,
         teacher,
-        terms=MStepTerms(None, 1.0, GrpoOptions()),
+        terms=MStepTerms(None, 1.0, GrpoOptions(), sampling_temperature),
         has_context=torch.tensor([True, True, True]),
         advantages=advantages,
         anchor=None,
@@ -91,8 +92,8 @@ def test_mstep_grpo_is_the_clipped_surrogate_over_all_tokens(policy):
         all_tokens=all_tokens,
     )
     # With old = current log-probs the ratio is 1: the loss is -mean(A) per token and the
-    # gradient is -A * grad log p summed over tokens.
-    log_s = eager_logprobs(policy.model, PROMPTS, COMPLETIONS)
+    # gradient is -A * grad log p summed over tokens, p the sampling distribution at T.
+    log_s = eager_logprobs(policy.model, PROMPTS, COMPLETIONS, sampling_temperature)
     token_logp = [
         ls.gather(1, torch.tensor(c)[:, None]) for ls, c in zip(log_s, COMPLETIONS, strict=True)
     ]
