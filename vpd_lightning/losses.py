@@ -126,6 +126,46 @@ class EStepStats:
     kl_tokens: int = 0
 
 
+def implicit_rewards(
+    policy: Policy,
+    student: PackedBatch,
+    teacher: PackedBatch,
+    *,
+    options: EStepOptions,
+    beta: float,
+    lengths: torch.Tensor,
+    measure_kl: bool = False,
+) -> tuple[torch.Tensor, float, int]:
+    """r~ = beta (log q(y|x,C) - log sg prior(y|x)) per sequence, differentiable wrt the teacher;
+    with `measure_kl`, also the token sum and count of KL(q || prior) (for the adaptive beta)."""
+    s_hidden, s_weight = policy.prior_features(student)
+    with torch.no_grad():
+        s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
+    kl_sum, kl_tokens = 0.0, 0
+    with policy.trainable_teacher():
+        t_hidden = policy.hidden(teacher)
+        t_logp = vk.fused_linear_token_logprobs(t_hidden, policy.head_weight, teacher.targets)
+        if measure_kl:
+            with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
+                kl_sum = float(
+                    vk.fused_linear_distill_loss(
+                        s_hidden,
+                        s_weight,
+                        t_hidden.detach(),
+                        policy.head_weight.detach(),
+                        divergence="forward_kl",
+                        reduction="sum",
+                    )
+                )
+                kl_tokens = len(student.targets)
+    s_seq = per_sequence_sum(s_logp, student)
+    t_seq = per_sequence_sum(t_logp, teacher)
+    if options.length_normalize:
+        lengths = lengths.to(s_seq.device).clamp(min=1)
+        s_seq, t_seq = s_seq / lengths, t_seq / lengths
+    return implicit_reward(t_seq, s_seq, beta), kl_sum, kl_tokens
+
+
 def estep_loss(
     policy: Policy,
     student: PackedBatch,
@@ -145,32 +185,15 @@ def estep_loss(
     success / weight / lengths: (B,) labels, 0/1 weights (no context: 0), response lengths.
     n_success / n_failure: weighted label counts over the whole E-step buffer.
     """
-    s_hidden, s_weight = policy.prior_features(student)
-    with torch.no_grad():
-        s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
-    kl_sum, kl_tokens = 0.0, 0
-    with policy.trainable_teacher():
-        t_hidden = policy.hidden(teacher)
-        t_logp = vk.fused_linear_token_logprobs(t_hidden, policy.head_weight, teacher.targets)
-        if options.target_kl is not None:
-            with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
-                kl_sum = float(
-                    vk.fused_linear_distill_loss(
-                        s_hidden,
-                        s_weight,
-                        t_hidden.detach(),
-                        policy.head_weight.detach(),
-                        divergence="forward_kl",
-                        reduction="sum",
-                    )
-                )
-                kl_tokens = len(student.targets)
-    s_seq = per_sequence_sum(s_logp, student)
-    t_seq = per_sequence_sum(t_logp, teacher)
-    if options.length_normalize:
-        lengths = lengths.to(s_seq.device).clamp(min=1)
-        s_seq, t_seq = s_seq / lengths, t_seq / lengths
-    reward = implicit_reward(t_seq, s_seq, beta)
+    reward, kl_sum, kl_tokens = implicit_rewards(
+        policy,
+        student,
+        teacher,
+        options=options,
+        beta=beta,
+        lengths=lengths,
+        measure_kl=options.target_kl is not None,
+    )
     success_sum, failure_sum = bco_loss_terms(reward, success, delta, weight)
     loss = success_sum / max(n_success, 1.0) + failure_sum / max(n_failure, 1.0)
     return loss, EStepStats(reward.detach(), kl_sum, kl_tokens)

@@ -21,6 +21,7 @@ losses (`guard.py`) and RNG state (`seeding.py`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from functools import partial
@@ -34,7 +35,7 @@ from vpd_lightning.distributed import gather_objects, mean_over_processes, sum_o
 from vpd_lightning.errors import UserInputError, require
 from vpd_lightning.generation import HFGenerateEngine, SamplingParams
 from vpd_lightning.guard import NonFiniteGuard
-from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, mstep_loss
+from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, implicit_rewards, mstep_loss
 from vpd_lightning.metrics import MeanAtN, PassAtK
 from vpd_lightning.models import load_causal_lm, load_tokenizer
 from vpd_lightning.objectives import adapt_beta, group_advantages, update_running_mean
@@ -202,7 +203,10 @@ class VPDModule(pl.LightningModule):
         self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
 
         # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
+        # delta: BCO's running mean of the implicit reward (bias-corrected EMA, see objectives)
         self.register_buffer("delta", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("delta_ema", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("delta_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("beta", torch.tensor(self.estep.beta, dtype=torch.float64))
         self.estep_buffer: list[Rollout] = []
         self.steps_since_estep = 0
@@ -534,6 +538,7 @@ class VPDModule(pl.LightningModule):
         n_success, n_failure = sum_over_processes(
             strategy, [float((weights * success).sum()), float((weights * ~success).sum())]
         )
+        self._update_delta(buffer, weights, beta)
         rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
         for micro in self._micro_batches(buffer):
             end = start + len(micro)
@@ -612,7 +617,6 @@ class VPDModule(pl.LightningModule):
                 out["estep/margin"] = (
                     success_reward / success_weight - failure_reward / failure_weight
                 )
-            update_running_mean(self.delta, torch.tensor(batch_mean), self.estep.delta_momentum)
         if kl_tokens:
             measured = kl_sum / kl_tokens
             out["estep/teacher_kl"] = measured
@@ -621,6 +625,38 @@ class VPDModule(pl.LightningModule):
                 adapt_beta(beta, measured, e.target_kl, e.beta_rate, e.beta_min, e.beta_max)
             )
         return out
+
+    @torch.no_grad()
+    def _update_delta(self, buffer: list[Rollout], weights: torch.Tensor, beta: float) -> None:
+        """BCO's convention: this buffer's implicit rewards (every process's) enter the running
+        mean before the loss uses it, so the first E-step's delta is its own batch mean. Costs
+        one no-grad teacher and prior forward over the buffer."""
+        total, start = 0.0, 0
+        for micro in self._micro_batches(buffer):
+            end = start + len(micro)
+            with self.policy.trainable_teacher():
+                reward, _, _ = self.policy(
+                    partial(
+                        implicit_rewards,
+                        self.policy,
+                        self._pack(micro),
+                        self._pack(micro, teacher=True),
+                        options=self.estep,
+                        beta=beta,
+                        lengths=torch.tensor(
+                            [len(r.completion_ids) for r in micro], device=self.device
+                        ),
+                    )
+                )
+            total += float((reward.double().cpu() * weights[start:end].double()).sum())
+            start = end
+        total, count = sum_over_processes(self.trainer.strategy, [total, float(weights.sum())])
+        if count > 0 and math.isfinite(total):
+            momentum = self.estep.delta_momentum
+            corrected = update_running_mean(
+                self.delta_ema, self.delta_updates, total / count, momentum
+            )
+            self.delta.fill_(corrected)
 
     # ------------------------------------------------------------------------ optimizer steps
     def _backward_share(self, loss: torch.Tensor) -> None:

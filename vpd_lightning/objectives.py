@@ -39,9 +39,15 @@ def bco_loss_terms(
     return success_sum, failure_sum
 
 
-def update_running_mean(current: torch.Tensor, batch_mean: torch.Tensor, momentum: float) -> None:
-    """delta <- momentum * delta + (1 - momentum) * batch_mean, in place and detached."""
-    current.mul_(momentum).add_(batch_mean.detach().to(current.dtype), alpha=1.0 - momentum)
+def update_running_mean(
+    ema: torch.Tensor, updates: torch.Tensor, batch_mean: float, momentum: float
+) -> float:
+    """BCO's delta as a bias-corrected EMA: ema <- m ema + (1 - m) batch_mean, in place, and
+    returns ema / (1 - m^k) after k updates, so the first value is the first batch's mean
+    (an EMA started at 0 stays near 0 for ~1 / (1 - m) updates)."""
+    ema.mul_(momentum).add_(batch_mean * (1.0 - momentum))
+    updates.add_(1)
+    return float(ema) / (1.0 - momentum ** int(updates))
 
 
 def adapt_beta(

@@ -131,7 +131,8 @@ class EStepOptions:
     beta: float = 0.1
     """Scale of the implicit reward beta * (log q - log prior), > 0."""
     delta_momentum: float = 0.9
-    """Momentum of delta, the running mean of the implicit reward, in [0, 1)."""
+    """Momentum of delta, BCO's running mean of the implicit reward, in [0, 1): a bias-corrected
+    EMA that takes in each E-step's batch before its loss uses it."""
     length_normalize: bool = False
     """Divide sequence log-probs by the response length."""
     target_kl: float | None = None

@@ -152,14 +152,18 @@ def test_estep_runs_every_F_steps_on_the_buffered_rollouts(tmp_path):
     assert module.steps_since_estep == 1 and len(module.estep_buffer) == 4
 
 
-def test_bco_delta_is_the_running_mean_of_the_implicit_reward(tmp_path):
+def test_bco_delta_includes_the_batch_before_the_loss_uses_it(tmp_path):
+    """After the first E-step delta is that batch's mean implicit reward (not 0.1 of it), and the
+    logged delta is the value the loss used: a bias-corrected EMA of the batch means."""
     module = tiny_module(estep=EStepOptions(every=1, delta_momentum=0.9, beta=0.5))
     recorder = fit(module, tmp_path, steps=2)
     r1, r2 = (row["estep/implicit_reward"] for row in recorder.rows)
-    assert r1 != 0.0
-    expected = 0.9 * (0.1 * r1) + 0.1 * r2
-    assert module.delta.item() == pytest.approx(expected, rel=1e-5, abs=1e-9)
-    assert recorder.rows[-1]["estep/delta"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert abs(r1) > 1e-6
+    d1, d2 = (row["estep/delta"] for row in recorder.rows)
+    assert d1 == pytest.approx(r1, rel=1e-4, abs=1e-7)
+    expected = (0.9 * 0.1 * r1 + 0.1 * r2) / (1 - 0.9**2)
+    assert d2 == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert module.delta.item() == pytest.approx(d2, rel=1e-9)
 
 
 def test_adaptive_beta_moves_beta(tmp_path):

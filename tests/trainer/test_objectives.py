@@ -48,11 +48,12 @@ def test_bco_pushes_successes_up_and_failures_down():
     assert (rewards.grad[:2] < 0).all() and (rewards.grad[2:] > 0).all()
 
 
-def test_delta_is_an_ema_of_batch_means():
-    delta = torch.zeros((), dtype=torch.float64)
-    update_running_mean(delta, torch.tensor(1.0), momentum=0.9)
-    update_running_mean(delta, torch.tensor(2.0), momentum=0.9)
-    assert delta.item() == pytest.approx(0.9 * 0.1 + 0.1 * 2.0)
+def test_delta_is_a_bias_corrected_ema_of_batch_means():
+    ema, updates = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    assert update_running_mean(ema, updates, 1.0, momentum=0.9) == pytest.approx(1.0)
+    second = update_running_mean(ema, updates, 2.0, momentum=0.9)
+    assert second == pytest.approx((0.9 * 0.1 + 0.1 * 2.0) / (1 - 0.81))
+    assert int(updates) == 2 and ema.item() == pytest.approx(0.9 * 0.1 + 0.1 * 2.0)
 
 
 def test_adaptive_beta_moves_toward_the_target_and_is_clamped():
