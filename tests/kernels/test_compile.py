@@ -4,12 +4,11 @@ other tests use never compiles). Runs in a subprocess because TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
-
-import pytest
 
 SCRIPT = r"""
 import json, re, subprocess, sys, tempfile
@@ -73,7 +72,7 @@ print(json.dumps(results))
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="needs triton's CUDA backend")
+    importlib.import_module("triton.backends.nvidia.compiler")  # ships with triton on Linux
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run(

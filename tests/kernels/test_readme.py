@@ -21,8 +21,6 @@ def example(heading: str | None) -> str:
     "heading", [None, "Use it in TRL", "Use it in Liger's place", "Use it in your own loop"]
 )
 def test_example_runs(heading, capsys):
-    if heading == "Use it in TRL":
-        pytest.importorskip("trl", reason="the TRL example needs trl (pip install -e '.[dev]')")
     namespace: dict = {}
     exec(compile(example(heading), f"kernels/README.md ({heading})", "exec"), namespace)
     assert namespace["loss"].requires_grad

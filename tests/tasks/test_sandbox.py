@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -386,3 +388,14 @@ def test_weak_mode_is_announced_once_and_named_in_every_result(monkeypatch):
     assert "ran" in result.output
     assert result.isolation == "weak: namespaces unavailable (test)"
     assert not result.network_isolated
+
+
+def test_namespaces_are_used_wherever_the_kernel_allows_them():
+    """The isolation tests skip only in a real weak mode: where this process may create user,
+    mount, network and PID namespaces, the sandbox must have chosen them."""
+    flags = 0x10000000 | 0x00020000 | 0x40000000 | 0x20000000  # NEWUSER | NEWNS | NEWNET | NEWPID
+    probe = (
+        f"import ctypes, sys\nsys.exit(ctypes.CDLL(None, use_errno=True).unshare({flags}) != 0)\n"
+    )
+    allowed = subprocess.run([sys.executable, "-c", probe], timeout=30).returncode == 0
+    assert launch_plan().isolated == allowed, launch_plan().reason
