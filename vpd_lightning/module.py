@@ -38,7 +38,12 @@ from vpd_lightning.guard import NonFiniteGuard
 from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, implicit_rewards, mstep_loss
 from vpd_lightning.metrics import MeanAtN, PassAtK
 from vpd_lightning.models import load_causal_lm, load_tokenizer
-from vpd_lightning.objectives import adapt_beta, group_advantages, update_running_mean
+from vpd_lightning.objectives import (
+    adapt_beta,
+    bias_corrected,
+    group_advantages,
+    update_running_mean,
+)
 from vpd_lightning.options import (
     DTYPE_NAMES,
     DistillOptions,
@@ -203,8 +208,7 @@ class VPDModule(pl.LightningModule):
         self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
 
         # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
-        # delta: BCO's running mean of the implicit reward (bias-corrected EMA, see objectives)
-        self.register_buffer("delta", torch.zeros((), dtype=torch.float64))
+        # BCO's running mean of the implicit reward, as an EMA and its update count (`delta`)
         self.register_buffer("delta_ema", torch.zeros((), dtype=torch.float64))
         self.register_buffer("delta_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("beta", torch.tensor(self.estep.beta, dtype=torch.float64))
@@ -538,10 +542,11 @@ class VPDModule(pl.LightningModule):
         n_success, n_failure = sum_over_processes(
             strategy, [float((weights * success).sum()), float((weights * ~success).sum())]
         )
-        self._update_delta(buffer, weights, beta)
+        micro_batches = [self._estep_batch(micro) for micro in self._micro_batches(buffer)]
+        self._update_delta(micro_batches, weights, beta)
         rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
-        for micro in self._micro_batches(buffer):
-            end = start + len(micro)
+        for student, teacher, lengths in micro_batches:
+            end = start + len(lengths)
             # Forward and backward in the teacher's context: gradient checkpointing recomputes
             # the forward during backward, and must do so with the teacher adapter active.
             with self.policy.trainable_teacher():
@@ -549,16 +554,14 @@ class VPDModule(pl.LightningModule):
                     partial(
                         estep_loss,
                         self.policy,
-                        self._pack(micro),
-                        self._pack(micro, teacher=True),
+                        student,
+                        teacher,
                         options=self.estep,
                         beta=beta,
                         delta=self.delta,
                         success=success[start:end].to(self.device),
                         weight=weights[start:end].to(self.device),
-                        lengths=torch.tensor(
-                            [len(r.completion_ids) for r in micro], device=self.device
-                        ),
+                        lengths=lengths,
                         n_success=n_success,
                         n_failure=n_failure,
                     )
@@ -626,37 +629,51 @@ class VPDModule(pl.LightningModule):
             )
         return out
 
+    @property
+    def delta(self) -> torch.Tensor:
+        """BCO's delta: the bias-corrected EMA of the E-steps' mean implicit rewards."""
+        value = bias_corrected(
+            float(self.delta_ema), int(self.delta_updates), self.estep.delta_momentum
+        )
+        return torch.tensor(value, dtype=torch.float64, device=self.delta_ema.device)
+
     @torch.no_grad()
-    def _update_delta(self, buffer: list[Rollout], weights: torch.Tensor, beta: float) -> None:
+    def _update_delta(
+        self,
+        micro_batches: list[tuple[PackedBatch, PackedBatch, torch.Tensor]],
+        weights: torch.Tensor,
+        beta: float,
+    ) -> None:
         """BCO's convention: this buffer's implicit rewards (every process's) enter the running
         mean before the loss uses it, so the first E-step's delta is its own batch mean. Costs
         one no-grad teacher and prior forward over the buffer."""
         total, start = 0.0, 0
-        for micro in self._micro_batches(buffer):
-            end = start + len(micro)
+        for student, teacher, lengths in micro_batches:
+            end = start + len(lengths)
             with self.policy.trainable_teacher():
                 reward, _, _ = self.policy(
                     partial(
                         implicit_rewards,
                         self.policy,
-                        self._pack(micro),
-                        self._pack(micro, teacher=True),
+                        student,
+                        teacher,
                         options=self.estep,
                         beta=beta,
-                        lengths=torch.tensor(
-                            [len(r.completion_ids) for r in micro], device=self.device
-                        ),
+                        lengths=lengths,
                     )
                 )
             total += float((reward.double().cpu() * weights[start:end].double()).sum())
             start = end
         total, count = sum_over_processes(self.trainer.strategy, [total, float(weights.sum())])
         if count > 0 and math.isfinite(total):
-            momentum = self.estep.delta_momentum
-            corrected = update_running_mean(
-                self.delta_ema, self.delta_updates, total / count, momentum
+            update_running_mean(
+                self.delta_ema, self.delta_updates, total / count, self.estep.delta_momentum
             )
-            self.delta.fill_(corrected)
+
+    def _estep_batch(self, micro: list[Rollout]) -> tuple[PackedBatch, PackedBatch, torch.Tensor]:
+        """(student batch, teacher batch, response lengths) of one E-step micro-batch."""
+        lengths = torch.tensor([len(r.completion_ids) for r in micro], device=self.device)
+        return self._pack(micro), self._pack(micro, teacher=True), lengths
 
     # ------------------------------------------------------------------------ optimizer steps
     def _backward_share(self, loss: torch.Tensor) -> None:

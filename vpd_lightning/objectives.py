@@ -43,11 +43,16 @@ def update_running_mean(
     ema: torch.Tensor, updates: torch.Tensor, batch_mean: float, momentum: float
 ) -> float:
     """BCO's delta as a bias-corrected EMA: ema <- m ema + (1 - m) batch_mean, in place, and
-    returns ema / (1 - m^k) after k updates, so the first value is the first batch's mean
-    (an EMA started at 0 stays near 0 for ~1 / (1 - m) updates)."""
+    returns the corrected mean after this update (see `bias_corrected`)."""
     ema.mul_(momentum).add_(batch_mean * (1.0 - momentum))
     updates.add_(1)
-    return float(ema) / (1.0 - momentum ** int(updates))
+    return bias_corrected(float(ema), int(updates), momentum)
+
+
+def bias_corrected(ema: float, updates: int, momentum: float) -> float:
+    """ema / (1 - m^k) after k updates (0 before any): the first value is the first batch's mean,
+    where an EMA started at 0 stays near 0 for ~1 / (1 - m) updates."""
+    return ema / (1.0 - momentum**updates) if updates else 0.0
 
 
 def adapt_beta(

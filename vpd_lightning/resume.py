@@ -121,8 +121,8 @@ def check_checkpoint(path: str | Path, model_config: Any) -> None:
     differences = [
         f"{key}: {before[key]!r} -> {now[key]!r}"
         for key in before
-        if before[key] != now[key] and before[key] is not None
-    ]
+        if None not in (before[key], now[key]) and before[key] != now[key]
+    ]  # None: the setting does not apply to that method (then the method itself differs)
     if differences:
         raise UserInputError(
             f"ckpt_path {path}: the config changes what the checkpoint was trained as ("
