@@ -10,6 +10,7 @@ import torch
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
+TOPK_SOURCES = ("teacher", "student")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -18,9 +19,10 @@ class LossSettings:
     """The scalar settings of a distillation loss, validated once so that kernels can trust them.
 
     Per token: loss = div_coef * D + ref_coef * KL(student || ref) + ce_coef * CE(labels), where
-    D is the divergence at `temperature`, over the full vocabulary or, with `teacher_topk` (k of
-    the teacher's logits) or given top-k teacher log-probs, over k buckets plus, with `tail`, one
-    for the rest. `div_coef` is not a public keyword: the Liger compatibility layer sets it.
+    D is the divergence at `temperature`, over the full vocabulary or, with `teacher_topk` (the k
+    most likely tokens of the teacher, or of the student with `topk_from="student"`, as SDPO's
+    reference does) or given top-k teacher log-probs, over k buckets plus, with `tail`, one for
+    the rest. `div_coef` is not a public keyword: the Liger compatibility layer sets it.
     """
 
     divergence: str = "reverse_kl"
@@ -32,6 +34,7 @@ class LossSettings:
     div_coef: float = 1.0
     teacher_topk: int | None = None
     tail: bool = True
+    topk_from: str = "teacher"
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:
@@ -52,6 +55,11 @@ class LossSettings:
         k = self.teacher_topk
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"teacher_topk must be None or an integer >= 1, got {k!r}")
+        if self.topk_from not in TOPK_SOURCES:
+            raise ValueError(
+                f"topk_from must be one of {TOPK_SOURCES} (whose k most likely tokens the "
+                f"top-k divergence is taken over), got {self.topk_from!r}"
+            )
 
 
 def check_temperature(temperature: float) -> None:

@@ -126,6 +126,7 @@ def distill_loss(
     ce_coef: float = 0.0,
     teacher_topk: int | None = None,
     topk_tail: bool = True,
+    topk_from: str = "teacher",
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
@@ -138,7 +139,8 @@ def distill_loss(
     ce_coef * cross-entropy with `labels` at T=1. Tokens are weighted by `mask` and, with
     `labels`, skipped where labels == ignore_index. `teacher_topk=k` takes D over the teacher's
     k most likely tokens (plus, with `topk_tail`, one bucket for the rest), as
-    `topk_distill_loss` does with a given top-k. Gradients flow to `student_logits` only. With
+    `topk_distill_loss` does with a given top-k; `topk_from="student"` ranks the student's
+    tokens instead (SDPO's reference). Gradients flow to `student_logits` only. With
     `return_stats=True` returns `(loss, DistillStats)`, computed in the same pass. `block_v` /
     `chunk_size` tune the Triton tile / torch chunk (None: automatic).
     """
@@ -151,6 +153,7 @@ def distill_loss(
         ce_coef=ce_coef,
         teacher_topk=teacher_topk,
         tail=topk_tail,
+        topk_from=topk_from,
     )
     check_tuning(block_v, chunk_size)
     _check_logits(student_logits, teacher_logits, ref_logits, ref_coef)
@@ -288,6 +291,7 @@ def fused_linear_distill_loss(
     ce_coef: float = 0.0,
     teacher_topk: int | None = None,
     topk_tail: bool = True,
+    topk_from: str = "teacher",
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
@@ -310,6 +314,7 @@ def fused_linear_distill_loss(
         ce_coef=ce_coef,
         teacher_topk=teacher_topk,
         tail=topk_tail,
+        topk_from=topk_from,
     )
     return fused_linear_distill(
         settings,

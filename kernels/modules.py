@@ -12,7 +12,9 @@ from vpd_kernels.checks import LossSettings
 from vpd_kernels.functional import distill_loss, fused_linear_distill_loss
 
 _SETTINGS = {f: f for f in ("divergence", "beta", "temperature", "ref_coef", "reduction")}
-_SETTINGS.update(ce_coef="ce_coef", teacher_topk="teacher_topk", topk_tail="tail")
+_SETTINGS.update(
+    ce_coef="ce_coef", teacher_topk="teacher_topk", topk_tail="tail", topk_from="topk_from"
+)
 _PER_CALL = {"ref_logits", "mask", "labels", "ref_hidden", "ref_weight"}
 _PER_CALL |= {"student_bias", "teacher_bias", "ref_bias"}
 

@@ -85,6 +85,20 @@ def top_ids(teacher: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return ids
 
 
+def logprobs_at(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int
+) -> torch.Tensor:
+    """(N, k) float32 log softmax(logits / T) of (outer, inner, V) rows read at `ids` (N, k),
+    `chunk` rows at a time (a top-k ranked by another distribution: SDPO's student top-k)."""
+    total = n_rows(logits)
+    out = torch.empty(ids.shape, device=logits.device, dtype=torch.float32)
+    for lo in range(0, total, chunk):
+        hi = min(lo + chunk, total)
+        rows = torch.log_softmax(row_chunk(logits, lo, hi).float() / temperature, dim=-1)
+        out[lo:hi] = rows.gather(-1, ids[lo:hi])
+    return out
+
+
 def _safe_total(weights: torch.Tensor) -> torch.Tensor:
     """sum(weights), or 1 when it is 0, so that an all-masked batch divides 0 by 1 (no NaN)."""
     total = weights.sum()

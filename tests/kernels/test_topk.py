@@ -110,6 +110,46 @@ def test_teacher_topk_option_is_the_topk_of_the_teacher(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_topk_from_student_ranks_the_students_tokens(backend, divergence):
+    """SDPO's reference takes the k ids from the student; the teacher is read at those ids."""
+    student, teacher, _ = make_logits(2, 5, 40, seed=34)
+    ids = student.double().topk(6, dim=-1).indices
+    logprobs = torch.log_softmax(teacher.double() / 0.8, -1).gather(-1, ids)
+    kw = {"divergence": divergence, "temperature": 0.8}
+    ours, grad = loss_and_grad(
+        lambda x: vk.distill_loss(
+            x, teacher, teacher_topk=6, topk_from="student", backend=backend, block_v=16, **kw
+        ),
+        student,
+    )
+    expected, expected_grad = loss_and_grad(
+        lambda x: topk_rows64(x, ids, logprobs, **kw).mean(), student.double()
+    )
+    assert_rel_close(ours, expected)
+    assert_rel_close(grad, expected_grad)
+    by_teacher = vk.distill_loss(student, teacher, teacher_topk=6, backend=backend, **kw)
+    assert max_rel_err(by_teacher, expected) > 1e-3  # the option changes which tokens count
+    hidden = torch.randn(10, 8, generator=torch.Generator().manual_seed(3))
+    weight = torch.randn(40, 8, generator=torch.Generator().manual_seed(4))
+    t_hidden = torch.randn(10, 8, generator=torch.Generator().manual_seed(5))
+    fused = vk.fused_linear_distill_loss(
+        hidden, weight, t_hidden, teacher_topk=6, topk_from="student", backend=backend,
+        chunk_size=3, **kw,
+    )  # fmt: skip
+    s_logits, t_logits = hidden.double() @ weight.double().T, t_hidden.double() @ weight.double().T
+    f_ids = s_logits.topk(6, dim=-1).indices
+    f_logprobs = torch.log_softmax(t_logits / 0.8, -1).gather(-1, f_ids)
+    assert_rel_close(fused, topk_rows64(s_logits, f_ids, f_logprobs, **kw).mean())
+
+
+def test_topk_from_must_name_a_distribution():
+    student, teacher, _ = make_logits(2, 10, seed=35)
+    with pytest.raises(ValueError, match="topk_from must be one of"):
+        vk.distill_loss(student, teacher, teacher_topk=3, topk_from="mixture")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_k_as_large_as_the_vocabulary_is_the_full_divergence(backend):
     student, teacher, _ = make_logits(4, 12, seed=33)
     full = distill_rows64(student, teacher, "forward_kl").mean()
