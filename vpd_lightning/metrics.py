@@ -63,3 +63,30 @@ class PassAtK(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp(min=1)
+
+
+class RepairRate(Metric):
+    """Of the student's failed attempts, the fraction the teacher then gets right (NaN before any
+    failure was seen): how much the feedback on a wrong attempt helps, with no answer shown."""
+
+    full_state_update = False
+
+    def __init__(self, success_threshold: float = 1.0) -> None:
+        super().__init__()
+        self.success_threshold = success_threshold
+        self.add_state(
+            "fixed", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+        )
+        self.add_state("failed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, student_rewards: torch.Tensor, teacher_rewards: torch.Tensor) -> None:
+        """Rewards of the same attempts, any shape: the student's and the teacher's after it."""
+        failed = student_rewards < self.success_threshold
+        fixed = failed & (teacher_rewards >= self.success_threshold)
+        self.fixed = self.fixed + fixed.sum().to(torch.float64)
+        self.failed = self.failed + failed.sum()
+
+    def compute(self) -> torch.Tensor:
+        if self.failed == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.fixed / self.failed

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 
 import lightning.pytorch as pl
@@ -36,7 +36,7 @@ from vpd_lightning.errors import UserInputError, require
 from vpd_lightning.generation import HFGenerateEngine, SamplingParams
 from vpd_lightning.guard import NonFiniteGuard
 from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, implicit_rewards, mstep_loss
-from vpd_lightning.metrics import MeanAtN, PassAtK
+from vpd_lightning.metrics import MeanAtN, PassAtK, RepairRate
 from vpd_lightning.models import load_causal_lm, load_tokenizer
 from vpd_lightning.objectives import (
     adapt_beta,
@@ -45,6 +45,7 @@ from vpd_lightning.objectives import (
     update_running_mean,
 )
 from vpd_lightning.options import (
+    DEFAULT_FEEDBACK_SOURCE,
     DTYPE_NAMES,
     DistillOptions,
     EStepOptions,
@@ -60,6 +61,7 @@ from vpd_lightning.options import (
     require_choice,
     require_finite,
     require_positive_int,
+    resolved_topk,
 )
 from vpd_lightning.policy import Policy
 from vpd_lightning.rollouts import Rollout, rollout_stats, sample_and_verify, to_rollouts
@@ -101,7 +103,9 @@ class VPDModule(pl.LightningModule):
         lora: LoRA options; null for full fine-tuning.
         dtype: Weights' dtype: `float32`, `bfloat16` or `float16`.
         feedback_source: The teacher's context: `verifier` feedback, a successful `sibling`'s
-            response, a `self_critique`, or the task's `reference` solution.
+            response, both (`sibling_and_feedback`, SDPO's reprompt), a `self_critique`, or the
+            task's `reference` solution; null: the method's own (vpd: verifier, sdpo:
+            sibling_and_feedback, opsd: reference).
         max_context_tokens: Token budget of the context block (the question is never cut).
         success_threshold: A reward >= this is a success: BCO's labels, `sibling` contexts,
             the critique's outcome, the success fraction and pass@k.
@@ -135,7 +139,7 @@ class VPDModule(pl.LightningModule):
         teacher_mode: TeacherMode = "shared",
         lora: LoraOptions | None = None,
         dtype: str = "float32",
-        feedback_source: FeedbackSource = "verifier",
+        feedback_source: FeedbackSource | None = None,
         max_context_tokens: int = 256,
         success_threshold: float = 1.0,
         rollout: RolloutOptions = RolloutOptions(),  # noqa: B008 (read-only)
@@ -222,13 +226,15 @@ class VPDModule(pl.LightningModule):
         self.val_pass = torch.nn.ModuleDict(
             {str(k): PassAtK(k, success_threshold) for k in self.validation.pass_k}
         )
-        self.val_teacher_mean = MeanAtN()
+        self.val_teacher_repair = RepairRate(success_threshold)
 
     # ------------------------------------------------------------------------ options
     def _check_options(self, given: dict) -> None:
         """Top-level options one by one, then the combinations (`options.check_combinations`)."""
         require_choice("model.method", self.method, Method)
         require_choice("model.teacher_mode", self.teacher_mode, TeacherMode)
+        if self.feedback_source is None:
+            self.feedback_source = DEFAULT_FEEDBACK_SOURCE[self.method]
         require_choice("model.feedback_source", self.feedback_source, FeedbackSource)
         require(
             given["dtype"] in DTYPE_NAMES,
@@ -290,6 +296,18 @@ class VPDModule(pl.LightningModule):
         if kwargs is not None and self.policy.separate_teacher_adapter:
             # The M-step leaves the teacher adapter without gradients and the E-step the student's.
             kwargs["find_unused_parameters"] = True
+        if self.validation.teacher and self.task.feedback_reveals_answer:
+            raise UserInputError(
+                "model.validation.teacher = true: this task's feedback states the correct answer, "
+                "so the teacher's held-out repair rate would measure copying; use feedback that "
+                "does not (for example `diagnostic`) or set model.validation.teacher: false"
+            )
+        self.failure_feedback = TeacherContextBuilder(
+            self.tokenizer,
+            source="verifier",
+            max_context_tokens=self.hparams.max_context_tokens,
+            success_threshold=self.success_threshold,
+        )
         self.builder = TeacherContextBuilder(
             self.tokenizer,
             source=self.feedback_source,
@@ -455,7 +473,11 @@ class VPDModule(pl.LightningModule):
         """One student update, accumulated over micro-batches (memory bounded by one)."""
         optimizer, scheduler = self._optimizer_and_scheduler(0)
         terms = MStepTerms(
-            distill=self.distill if self.method != "grpo" else None,
+            distill=(
+                replace(self.distill, topk=resolved_topk(self.method, self.distill))
+                if self.method != "grpo"
+                else None
+            ),
             grpo_coef=1.0 if self.method == "grpo" else self.distill.grpo_coef,
             grpo=self.grpo,
             sampling_temperature=self.rollout_opts.temperature,
@@ -761,9 +783,12 @@ class VPDModule(pl.LightningModule):
             self._evaluate_teacher(attempts, params, prefix)
 
     def _evaluate_teacher(self, attempts, params: SamplingParams, prefix: str) -> None:
-        """One teacher answer per student attempt, from that attempt's teacher context."""
+        """The teacher's repair rate: it answers each question again from the verifier's feedback
+        on the student's attempt, and only the student's wrong attempts count, whose feedback
+        never states the answer (the feedback on a right one says it is right). Every attempt is
+        answered, so that all processes generate alike (FSDP2 gathers weights in `generate`)."""
         groups = attempts.groups()
-        contexts = self.builder.build_batch(
+        contexts = self.failure_feedback.build_batch(
             attempts.records,
             [attempts.texts[g] for g in groups],
             [attempts.verdicts[g] for g in groups],
@@ -791,10 +816,12 @@ class VPDModule(pl.LightningModule):
                 teacher_params,
                 self.verify_workers,
             )
-        self.val_teacher_mean.update(answers.rewards().to(self.device).view(-1, attempts.n))
+        self.val_teacher_repair.update(
+            attempts.rewards().to(self.device).view(-1), answers.rewards().to(self.device).view(-1)
+        )
         self.log(
-            f"{prefix}/teacher_mean@{attempts.n}",
-            self.val_teacher_mean,
+            f"{prefix}/teacher_repair_rate",
+            self.val_teacher_repair,
             on_epoch=True,
             batch_size=len(attempts.records),
         )

@@ -66,15 +66,17 @@ def adapt_beta(
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6
+    rewards: torch.Tensor, group_size: int, normalize_std: bool, eps: float = 1e-4
 ) -> torch.Tensor:
-    """A_i = r_i - mean of its group (optionally / std); rewards are ordered group by group."""
+    """A_i = r_i - mean of its group, optionally / (its unbiased std + eps), as TRL's GRPOTrainer
+    does by default (`scale_rewards="group"`); rewards are ordered group by group. A group whose
+    rewards are all equal gets advantage 0 either way."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if normalize_std:
-        advantages = advantages / (grouped.std(dim=1, keepdim=True, unbiased=False) + eps)
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
     return advantages.reshape(-1)
 
 

@@ -20,6 +20,7 @@ TeacherMode = Literal["shared", "adapter"]
 SdpoTeacher = Literal["current", "ema", "interpolate"]
 EStepPrior = Literal["student", "initial"]
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
+TopkFrom = Literal["student", "teacher"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -99,9 +100,11 @@ class DistillOptions:
     """Weight of KL(student || rollout-time student); needs `updates_per_batch` > 1."""
     grpo_coef: float = 0.0
     """Weight of an added GRPO surrogate (a distillation + RL hybrid); 0: off."""
-    teacher_topk: int | None = None
-    """Distil on the teacher's k most likely tokens plus one bucket for the rest of each
-    distribution (SDPO's reference uses 100); null: the full vocabulary."""
+    topk: int | None = None
+    """Distil on k tokens plus one bucket for the rest of each distribution; 0: the full
+    vocabulary; null: the method's default (sdpo: 100, as SDPO's reference code; others: 0)."""
+    topk_from: TopkFrom = "student"
+    """Whose k most likely tokens: the `student`'s (SDPO's reference code) or the `teacher`'s."""
 
     def __post_init__(self) -> None:
         require_choice("model.distill.divergence", self.divergence, Divergence)
@@ -111,8 +114,14 @@ class DistillOptions:
         require_finite(
             "model.distill.temperature", self.temperature, 1e-12, math.inf, "must be > 0"
         )
-        if self.teacher_topk is not None:
-            require_positive_int("model.distill.teacher_topk", self.teacher_topk)
+        if self.topk is not None:
+            require(
+                isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 0,
+                "model.distill.topk",
+                self.topk,
+                "must be an integer >= 0 (0: the full vocabulary) or null (the method's default)",
+            )
+        require_choice("model.distill.topk_from", self.topk_from, TopkFrom)
         for name in ("trust_region_coef", "grpo_coef"):
             require_finite(
                 f"model.distill.{name}", getattr(self, name), 0.0, math.inf, "must be >= 0"
@@ -170,8 +179,9 @@ class EStepOptions:
 class SdpoOptions:
     """Which weights the passive teacher of SDPO uses."""
 
-    teacher: SdpoTeacher = "current"
-    """`current` weights, an `ema` of them, or `interpolate` initial and current logits."""
+    teacher: SdpoTeacher = "ema"
+    """`ema` of the student's weights (SDPO's reference default), the `current` weights, or
+    `interpolate` initial and current logits."""
     ema_decay: float = 0.05
     """lambda of the EMA teacher: ema <- (1 - lambda) * ema + lambda * current, in (0, 1]."""
     interpolation: float = 0.5
@@ -193,8 +203,9 @@ class GrpoOptions:
     """The ratio is clipped below at 1 - clip_low, in [0, 1)."""
     clip_high: float = 0.28
     """The ratio is clipped above at 1 + clip_high, >= 0."""
-    normalize_std: bool = False
-    """Divide each group's advantages by the group's reward standard deviation."""
+    normalize_std: bool = True
+    """Divide each group's advantages by the group's unbiased reward standard deviation + 1e-4
+    (TRL's default, `scale_rewards="group"`; false: Dr. GRPO's unscaled advantages)."""
 
     def __post_init__(self) -> None:
         require_finite("model.grpo.clip_low", self.clip_low, 0.0, 1 - 1e-12, "must be in [0, 1)")
@@ -216,7 +227,9 @@ class ValidationOptions:
     max_new_tokens: int | None = None
     """Longest response, in tokens; null: the rollout's."""
     teacher: bool = False
-    """Also measure the teacher's accuracy with feedback on the student's attempt."""
+    """Also measure `teacher_repair_rate`: of the student's wrong attempts, the fraction the
+    teacher answers right when shown the verifier's feedback on that attempt (a context that never
+    states the answer; refused for tasks whose feedback does)."""
 
     def __post_init__(self) -> None:
         key = "model.validation"
@@ -232,6 +245,23 @@ class ValidationOptions:
         require_finite(f"{key}.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")
         if self.max_new_tokens is not None:
             require_positive_int(f"{key}.max_new_tokens", self.max_new_tokens)
+
+
+# What each method uses when an option is left null: SDPO's follow its reference code
+# (lasgroup/SDPO: a successful sibling's solution and the environment's feedback, top-100 + tail).
+DEFAULT_FEEDBACK_SOURCE = {
+    "vpd": "verifier",
+    "sdpo": "sibling_and_feedback",
+    "opsd": "reference",
+    "grpo": "verifier",
+}
+DEFAULT_TOPK = {"sdpo": 100}
+
+
+def resolved_topk(method: str, distill: DistillOptions) -> int | None:
+    """The top-k the M-step uses: `distill.topk`, or the method's default; None: full vocabulary."""
+    k = distill.topk if distill.topk is not None else DEFAULT_TOPK.get(method, 0)
+    return k or None
 
 
 def as_options(cls: type, value: object) -> object:
@@ -289,10 +319,10 @@ def check_combinations(
             f"model.rollout.num_generations = {rollout.num_generations}: GRPO's group-relative "
             "advantage needs at least 2"
         )
-    if feedback_source == "sibling" and rollout.num_generations < 2:
+    if feedback_source.startswith("sibling") and rollout.num_generations < 2:
         raise UserInputError(
-            f"model.rollout.num_generations = {rollout.num_generations}: feedback_source sibling "
-            "needs at least 2"
+            f"model.rollout.num_generations = {rollout.num_generations}: feedback_source "
+            f"{feedback_source} needs at least 2"
         )
     if distill.trust_region_coef and updates_per_batch == 1:
         raise UserInputError(

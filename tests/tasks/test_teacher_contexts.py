@@ -75,6 +75,45 @@ def test_sibling_spreads_over_successes(tiny_tokenizer):
     assert "A correct solution to this question:" in decode(tiny_tokenizer, contexts[1].prompt_ids)
 
 
+def test_sibling_and_feedback_is_sdpos_reprompt(tiny_tokenizer):
+    """A successful sibling's solution (never the rollout's own) and the rollout's feedback, each
+    under its header, in that order; a group without a success shows the feedback alone."""
+    builder = TeacherContextBuilder(tiny_tokenizer, source="sibling_and_feedback")
+    contexts = builder.build(RECORD, ["a", "b", "c"], [OK, BAD, BAD])
+    texts = [decode(tiny_tokenizer, c.prompt_ids) for c in contexts]
+    assert all(c.has_context and c.source == "sibling_and_feedback" for c in contexts)
+    assert "A correct solution" not in texts[0]  # the only success is the rollout itself
+    assert "Feedback on an earlier attempt at this question:\nCorrect." in texts[0]
+    for text in texts[1:]:
+        solution = text.index("A correct solution to this question:\na")
+        feedback = text.index("Feedback on an earlier attempt at this question:\nYour answer 14")
+        assert text.index(QUESTION) < solution < feedback < text.index("Using the information")
+    alone = builder.build(RECORD, ["x", "y"], [BAD, BAD])
+    assert all("A correct solution" not in c.context for c in alone)
+    assert [c.context for c in alone] == ["Feedback on an earlier attempt at this question:\n"
+                                          "Your answer 14 is incorrect."] * 2  # fmt: skip
+    empty = builder.build(RECORD, ["x", "y"], [Verdict(0.0, ""), Verdict(0.0, " ")])
+    assert not any(c.has_context for c in empty)  # nothing to show: masked, as the reference does
+
+
+def test_sibling_and_feedback_share_one_token_budget(tiny_tokenizer):
+    """The solution comes first; the feedback gets what it leaves of max_context_tokens."""
+    builder = TeacherContextBuilder(
+        tiny_tokenizer, source="sibling_and_feedback", max_context_tokens=24
+    )
+    contexts = builder.build(RECORD, ["step " * 100, "b"], [OK, Verdict(0.0, "wrong " * 100)])
+    header, body = contexts[1].context.split("\n", 1)
+    assert header == "A correct solution to this question:" and body.endswith("...[truncated]")
+    assert len(tiny_tokenizer(body, add_special_tokens=False)["input_ids"]) <= 24
+    assert "Feedback" not in contexts[1].context  # nothing of the budget is left
+    short = builder.build(RECORD, ["4 * 5", "b"], [OK, Verdict(0.0, "wrong " * 100)])[1].context
+    solution, feedback = short.split("\n\n")
+    assert solution.endswith("4 * 5") and feedback.endswith("...[truncated]")
+    used = [len(tiny_tokenizer(part.split("\n", 1)[1], add_special_tokens=False)["input_ids"])
+            for part in (solution, feedback)]  # fmt: skip
+    assert sum(used) <= 24
+
+
 def test_question_survives_truncation(tiny_tokenizer):
     long_question = "Question: " + "why? " * 200
     record = {"prompt": long_question}

@@ -199,15 +199,17 @@ def test_estep_measures_teacher_kl_when_beta_adapts(policy):
     assert stats.kl_sum == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_mstep_on_the_teachers_top_k_is_the_bucketed_divergence(policy):
-    """k buckets plus the rest: KL between (p_1..p_k, 1 - sum) of student and teacher."""
+@pytest.mark.parametrize("topk_from", ["student", "teacher"])
+def test_mstep_on_a_top_k_is_the_bucketed_divergence(policy, topk_from):
+    """k buckets plus the rest: KL between (p_1..p_k, 1 - sum) of student and teacher, with the
+    ids ranked by the student (SDPO's reference) or by the teacher."""
     student, teacher = batches()
     k = 4
     loss, _ = mstep_loss(
         policy,
         student,
         teacher,
-        terms=MStepTerms(DistillOptions(teacher_topk=k), 0.0, GrpoOptions()),
+        terms=MStepTerms(DistillOptions(topk=k, topk_from=topk_from), 0.0, GrpoOptions()),
         has_context=torch.ones(3, dtype=torch.bool),
         advantages=None,
         anchor=None,
@@ -217,7 +219,7 @@ def test_mstep_on_the_teachers_top_k_is_the_bucketed_divergence(policy):
     with torch.no_grad():
         log_s = torch.cat(eager_logprobs(policy.model, PROMPTS, COMPLETIONS))
         log_t = torch.cat(eager_logprobs(policy.model, TEACHER_PROMPTS, COMPLETIONS))
-    ids = log_t.topk(k, dim=-1).indices
+    ids = (log_s if topk_from == "student" else log_t).topk(k, dim=-1).indices
     s_k, t_k = log_s.gather(1, ids).exp(), log_t.gather(1, ids).exp()
     s_b = torch.cat([s_k, 1 - s_k.sum(1, keepdim=True)], dim=1)
     t_b = torch.cat([t_k, 1 - t_k.sum(1, keepdim=True)], dim=1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,8 +226,66 @@ def test_validation_logs_mean_pass_and_teacher_accuracy(tmp_path):
     )
     trainer = tiny_trainer(tmp_path, 1, limit_val_batches=1)
     (results,) = trainer.validate(module, datamodule=tiny_data(), verbose=False)
-    assert set(results) == {"val/mean@2", "val/pass@1", "val/pass@2", "val/teacher_mean@2"}
-    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert set(results) == {"val/mean@2", "val/pass@1", "val/pass@2", "val/teacher_repair_rate"}
+    assert all(0.0 <= v <= 1.0 or math.isnan(v) for v in results.values())
+
+
+class CopyingEngine:
+    """Student: right on the first held-out question, wrong on the others. Teacher: copies an
+    answer its context states ("Correct: X"), else answers wrongly: it knows nothing but what the
+    context tells it."""
+
+    def __init__(self, tokenizer, records: list[dict]) -> None:
+        self.tokenizer, self.records, self.teacher_texts = tokenizer, records, []
+
+    def reply(self, text: str) -> str:
+        if "Feedback on a previous attempt" in text:
+            self.teacher_texts.append(text)
+            copied = re.search(r"Correct: (-?\d+)", text)
+            return f"<answer>{copied.group(1) if copied else -999}</answer>"
+        index = next(i for i, r in enumerate(self.records) if r["prompt"] in text)
+        answer = self.records[index]["answer"]
+        return f"<answer>{answer if index == 0 else answer + 1}</answer>"
+
+    def generate(self, prompts, params) -> list[list[int]]:
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for ids in prompts:
+            reply = self.tokenizer.encode(self.reply(self.tokenizer.decode(ids))) + [eos]
+            out += [reply] * params.num_samples
+        return out
+
+
+def test_teacher_repair_rate_counts_only_wrong_attempts_whose_feedback_hides_the_answer(tmp_path):
+    """Issue 12, defect 4: a teacher shown "Correct: X" when the student was right beats the
+    student by copying. The repair rate counts only the student's wrong attempts, so a teacher
+    that can only copy repairs nothing."""
+    from vpd_lightning.options import ValidationOptions
+
+    module = tiny_module(validation=ValidationOptions(num_samples=2, pass_k=[1], teacher=True))
+    data = tiny_data()
+    data.setup("validate")
+    engine = CopyingEngine(module.tokenizer, module.task.records("test")[:2])
+    module.engine = engine
+    trainer = tiny_trainer(tmp_path, 1, limit_val_batches=1)
+    (results,) = trainer.validate(module, datamodule=data, verbose=False)
+    assert results["val/mean@2"] == 0.5  # the student is right on one question of two
+    assert results["val/teacher_repair_rate"] == 0.0
+    assert len(engine.teacher_texts) == 4  # every attempt is answered (FSDP2-safe), 2 count
+    failed = [t for t in engine.teacher_texts if "Correct:" not in t]
+    assert len(failed) == 2 and all("Your answer" in t for t in failed)
+
+
+def test_teacher_validation_refuses_feedback_that_states_the_answer():
+    from vpd_lightning.errors import UserInputError
+    from vpd_lightning.options import ValidationOptions
+    from vpd_lightning.tasks import ArithmeticTask
+
+    task = ArithmeticTask(num_ops=2, max_operand=9, num_train=8, num_test=2, feedback="solution")
+    module = tiny_module(validation=ValidationOptions(teacher=True), task=task)
+    trainer = tiny_trainer(Path("/tmp"), 1)
+    with pytest.raises(UserInputError, match="states the correct answer"):
+        trainer.validate(module, datamodule=tiny_data(), verbose=False)
 
 
 class FixedEngine:

@@ -69,8 +69,13 @@ def test_group_advantages():
     torch.testing.assert_close(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]))
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(rewards, 4, normalize_std=False)
-    std = group_advantages(rewards, 3, normalize_std=True)
-    assert std[:3].std(unbiased=False).item() == pytest.approx(1.0, rel=1e-4)
+    # TRL's default scaling: the unbiased std of the group (1/sqrt(3) here) plus 1e-4
+    scaled = group_advantages(rewards, 3, normalize_std=True)
+    expected = torch.tensor([2 / 3, -1 / 3, -1 / 3]) / (1 / math.sqrt(3) + 1e-4)
+    torch.testing.assert_close(scaled[:3], expected)
+    assert scaled[:3].std().item() == pytest.approx(1.0, rel=1e-3)
+    flat = group_advantages(torch.ones(4), 4, normalize_std=True)
+    assert torch.equal(flat, torch.zeros(4))  # equal rewards: no signal, no division by zero
 
 
 def test_grpo_surrogate_clips_asymmetrically():

@@ -102,7 +102,7 @@ def test_top_level_options_are_checked_before_the_model_loads(name, value, monke
     [
         (dict(method="sdpo", teacher_mode="adapter", lora=lora()), "teacher_mode: adapter is for"),
         (dict(method="grpo", estep=EStepOptions(prior="initial")), "estep.prior: initial is for"),
-        (dict(method="opsd"), "feedback_source: reference"),
+        (dict(method="opsd", feedback_source="verifier"), "feedback_source: reference"),
         (dict(method="grpo", distill=DistillOptions(grpo_coef=1.0)), "leave it 0"),
         (dict(distill=DistillOptions(trust_region_coef=0.1)), "updates_per_batch > 1"),
         (dict(method="vpd", teacher_mode="adapter"), "needs LoRA"),
@@ -130,3 +130,23 @@ def test_option_groups_load_from_checkpoint_dicts():
     module_options = tiny_module().hparams
     assert RolloutOptions(**module_options["rollout"]).num_generations == 2
     assert EStepOptions(**module_options["estep"]).every == 1
+
+
+def test_each_method_gets_its_own_defaults_when_options_are_null():
+    """SDPO as its reference code runs it: sibling solution + feedback, EMA teacher, top-100 from
+    the student; OPSD the reference solution; GRPO TRL's std-scaled advantages."""
+    from vpd_lightning.options import GrpoOptions, SdpoOptions, resolved_topk
+
+    assert SdpoOptions().teacher == "ema" and SdpoOptions().ema_decay == 0.05
+    assert GrpoOptions().normalize_std
+    assert resolved_topk("sdpo", DistillOptions()) == 100
+    assert DistillOptions().topk_from == "student"
+    assert resolved_topk("sdpo", DistillOptions(topk=0)) is None  # 0: the full vocabulary
+    assert resolved_topk("vpd", DistillOptions()) is None
+    assert resolved_topk("vpd", DistillOptions(topk=8)) == 8
+    for method, source in [("sdpo", "sibling_and_feedback"), ("opsd", "reference"),
+                           ("vpd", "verifier")]:  # fmt: skip
+        assert tiny_module(method=method).feedback_source == source
+    assert tiny_module(method="sdpo", feedback_source="verifier").feedback_source == "verifier"
+    with pytest.raises(UserInputError, match=r"model\.distill\.topk = -1: must be an integer >= 0"):
+        DistillOptions(topk=-1)

@@ -156,6 +156,10 @@ class ArithmeticTask(Task):
             previous = result
         return lines
 
+    @property
+    def feedback_reveals_answer(self) -> bool:
+        return self.feedback == "solution"
+
     def reference_solution(self, record: Record) -> str:
         return "\n".join([*self.worked_steps(record), f"<answer>{record['answer']}</answer>"])
 

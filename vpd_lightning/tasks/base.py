@@ -48,6 +48,12 @@ class Task(ABC):
     def verify(self, record: Record, completion: str) -> Verdict:
         """Score ``completion`` (the model's whole response text) for ``record``."""
 
+    @property
+    def feedback_reveals_answer(self) -> bool:
+        """Whether the feedback on a wrong attempt can state the correct answer (then it cannot
+        measure how much feedback helps a teacher: `validation.teacher` refuses it)."""
+        return False
+
     def reference_solution(self, record: Record) -> str | None:
         """A correct answer to show a teacher (OPSD's context), or None when the task has none."""
         return None

@@ -18,12 +18,15 @@ from typing import Any, Literal, get_args
 from vpd_lightning.tasks.base import TRUNCATION_MARK, Record, Task, Verdict
 from vpd_lightning.tasks.prompts import question_text, render_messages, with_question
 
-FeedbackSource = Literal["verifier", "sibling", "self_critique", "reference"]
+FeedbackSource = Literal[
+    "verifier", "sibling", "sibling_and_feedback", "self_critique", "reference"
+]
 SOURCES: tuple[str, ...] = get_args(FeedbackSource)
 HEADERS = {
     "verifier": "Feedback on a previous attempt at this question:",
     "sibling": "A correct solution to this question:",
     "self_critique": "A critique of a previous attempt at this question:",
+    "attempt_feedback": "Feedback on an earlier attempt at this question:",
     "reference": "A reference solution to this question:",
 }
 INSTRUCTION = "Using the information above, answer the original question."
@@ -59,7 +62,9 @@ class TeacherContextBuilder:
 
     Sources: ``verifier`` (the rollout's own verdict feedback), ``sibling`` (the response of another
     successful rollout of the same prompt, never the rollout itself; falls back to the verifier
-    feedback when none succeeded), ``self_critique`` (the model's critique of its own response given
+    feedback when none succeeded), ``sibling_and_feedback`` (SDPO's reprompt: that sibling's
+    response when there is one, and the rollout's own verifier feedback, each under its own
+    header), ``self_critique`` (the model's critique of its own response given
     the outcome, produced by ``critique_fn``), ``reference`` (``task.reference_solution``).
 
     ``critique_fn`` receives critique prompts, each the plain text of one user message (the caller
@@ -136,9 +141,10 @@ class TeacherContextBuilder:
         """(context text, source) per rollout, before truncation."""
         if self.source == "verifier":
             return [[(v.feedback, "verifier") for v in group] for group in verdicts]
-        if self.source == "sibling":
+        if self.source in ("sibling", "sibling_and_feedback"):
+            both = self.source == "sibling_and_feedback"
             return [
-                _siblings(group, judged, self.success_threshold)
+                _siblings(group, judged, self.success_threshold, both)
                 for group, judged in zip(completions, verdicts, strict=True)
             ]
         if self.source == "reference":
@@ -164,15 +170,18 @@ class TeacherContextBuilder:
             start += len(group)
         return out
 
-    def _truncate(self, text: str) -> str:
+    def _truncate(self, text: str, budget: int | None = None) -> str:
+        budget = self.max_context_tokens if budget is None else budget
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= self.max_context_tokens:
+        if len(ids) <= budget:
             return text
         mark = len(self.tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
-        keep = max(self.max_context_tokens - mark, 0)
+        keep = max(budget - mark, 0)
         return self.tokenizer.decode(ids[:keep]) + TRUNCATION_MARK
 
-    def _render(self, record: Record, text: str, source: str) -> TeacherContext:
+    def _render(self, record: Record, text: str | tuple[str, str], source: str) -> TeacherContext:
+        if isinstance(text, tuple):  # (sibling solution, feedback): each part gets its own header
+            return self._render_parts(record, *text)
         context = self._truncate(text.strip()) if text.strip() else ""
         if not context:  # masked; the ids are the plain student prompt, for callers that want them
             return TeacherContext(
@@ -185,18 +194,44 @@ class TeacherContextBuilder:
         ids = render_messages(self.tokenizer, with_question(record, teacher_text))
         return TeacherContext(context, True, ids, source)
 
+    def _render_parts(self, record: Record, solution: str, feedback: str) -> TeacherContext:
+        """SDPO's reprompt: the sibling's solution block, then the feedback block (either may be
+        absent); the token budget is shared, the solution first."""
+        blocks, budget = [], self.max_context_tokens
+        for header, text in (
+            (HEADERS["sibling"], solution),
+            (HEADERS["attempt_feedback"], feedback),
+        ):
+            text = text.strip()
+            if not text or budget < 1:
+                continue
+            cut = self._truncate(text, budget)
+            budget -= len(self.tokenizer(cut, add_special_tokens=False)["input_ids"])
+            blocks.append(f"{header}\n{cut}")
+        if not blocks:
+            return self._render(record, "", "sibling_and_feedback")
+        teacher_text = "\n\n".join([question_text(record), *blocks, INSTRUCTION])
+        ids = render_messages(self.tokenizer, with_question(record, teacher_text))
+        return TeacherContext("\n\n".join(blocks), True, ids, "sibling_and_feedback")
+
 
 def _siblings(
-    completions: Sequence[str], verdicts: Sequence[Verdict], success_threshold: float
-) -> list[tuple[str, str]]:
-    """Each rollout gets the next successful rollout after it (cyclically), never itself."""
+    completions: Sequence[str],
+    verdicts: Sequence[Verdict],
+    success_threshold: float,
+    with_feedback: bool = False,
+) -> list[tuple[str | tuple[str, str], str]]:
+    """Each rollout gets the next successful rollout after it (cyclically), never itself; without
+    one, its own verifier feedback. `with_feedback`: (solution or "", own feedback) pairs."""
     successes = [i for i, v in enumerate(verdicts) if v.reward >= success_threshold]
-    out = []
+    out: list[tuple[str | tuple[str, str], str]] = []
     for i, verdict in enumerate(verdicts):
         others = [j for j in successes if j != i]
-        if others:
-            j = next((j for j in others if j > i), others[0])
-            out.append((completions[j], "sibling"))
+        solution = completions[next((j for j in others if j > i), others[0])] if others else ""
+        if with_feedback:
+            out.append(((solution, verdict.feedback), "sibling_and_feedback"))
+        elif solution:
+            out.append((solution, "sibling"))
         else:
             out.append((verdict.feedback, "verifier"))
     return out

@@ -84,6 +84,10 @@ class JsonlTask(Task):
                 )
             read_jsonl(file, check_record)
 
+    @property
+    def feedback_reveals_answer(self) -> bool:
+        return self.feedback == "solution"
+
     def reference_solution(self, record: Record) -> str | None:
         if "answer" in record:
             return str(record["answer"])
