@@ -49,29 +49,46 @@ def sweep_table(compare: dict) -> str:
             if run is None:
                 cells.append("-")
                 continue
-            after = run["after"]["val/mean@1"] if run["after"] else float("nan")
             mark = " **chosen**" if lr == chosen else ""
-            cells.append(f"{late_reward(run):.3f} / {after:.3f}{mark}")
+            cells.append(f"{late_reward(run):.3f} / {run['held_out_mean']:.3f}{mark}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def probe_lines(probe: dict | None) -> list[str]:
+    """What the untrained model makes of the feedback (compare_methods.feedback_probe)."""
+    if probe is None:
+        return []
+    return [
+        f"Feedback probe, before training: of the {probe['student_wrong']} held-out prompts "
+        f"(of {probe['held_out_size']}) that the student answers wrongly, the same model shown "
+        f"the verifier's feedback on its attempt answers {probe['repaired']} right; "
+        f"{probe['repeats_wrong_answer']} of its answers repeat the wrong answer that the "
+        "feedback quotes.",
+        "",
+    ]
 
 
 def compare_section(compare: dict, device: str) -> list[str]:
     s = compare["setup"]
     minutes = compare["total_seconds"] / 60
+    task = s["task"]
     out = [
         f"#### GRPO vs SDPO vs VPD ({device})",
         "",
         f"`benchmarks/compare_methods.py`: {s['model']} with LoRA r={s['lora_r']}, arithmetic "
-        f"({s['task']['num_ops']} operation, operands <= {s['task']['max_operand']}, "
-        f"{s['task']['feedback']} feedback), {s['steps']} steps of {s['prompts_per_step']} "
-        f"prompts x {s['num_generations']} rollouts, VPD E-step every {s['estep_every']} steps, "
-        f"held-out: greedy mean@1 on {s['val_size']} fixed test prompts; seeds "
-        f"{', '.join(map(str, compare['seeds']))}; {minutes:.0f} min on "
+        f"({task['num_ops']} operations of {task['operations']}, operands <= "
+        f"{task['max_operand']}, {task['feedback']} feedback), {s['steps']} steps of "
+        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts "
+        f"({compare['rollout_budget']} rollouts per run, every method), VPD E-step every "
+        f"{s['estep_every']} steps; held-out: greedy accuracy on {s['val_size']} fixed test "
+        f"prompts; seeds {', '.join(map(str, compare['seeds']))} (variants: "
+        f"{', '.join(map(str, compare['variant_seeds']))}); {minutes:.0f} min on "
         f"{compare['cpu_count']} CPU cores.",
         "",
         compare_table(compare["summary"]),
         "",
+        *probe_lines(compare.get("feedback_probe")),
         f"![learning curves](benchmarks/results/compare-{device}.png)",
         "",
         f"Learning-rate sweep (seed {compare['lr_sweep']['seed']}): late train reward / held-out "
