@@ -20,11 +20,10 @@ import pytest
 from vpd_lightning.tasks import sandbox
 from vpd_lightning.tasks.sandbox import LaunchPlan, SandboxLimits, launch_plan, run_python
 
+from .helpers import isolated_only
+
 FAST = SandboxLimits(timeout_s=2.0, cpu_s=2)
 PROJECT = Path(sandbox.__file__).resolve().parents[2]
-isolated_only = pytest.mark.skipif(
-    not launch_plan().isolated, reason=f"sandbox in weak mode here: {launch_plan().reason}"
-)
 
 
 def test_runs_in_fresh_private_dir_with_scrubbed_env(monkeypatch):

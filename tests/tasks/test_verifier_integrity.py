@@ -16,11 +16,9 @@ import pytest
 
 from vpd_lightning.tasks import HumanEvalTask, JsonlTask, verify_many, wire
 from vpd_lightning.tasks.judge import run_judged
-from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
+from vpd_lightning.tasks.sandbox import SandboxLimits
 
-isolated_only = pytest.mark.skipif(
-    not launch_plan().isolated, reason=f"sandbox in weak mode here: {launch_plan().reason}"
-)
+from .helpers import isolated_only
 
 
 @pytest.fixture(scope="module")
