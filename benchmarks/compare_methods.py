@@ -48,7 +48,7 @@ from vpd_lightning.generation import SamplingParams
 from vpd_lightning.module import VPDModule
 from vpd_lightning.options import DistillOptions, EStepOptions, LoraOptions, RolloutOptions
 from vpd_lightning.rollouts import sample_and_verify
-from vpd_lightning.tasks import ArithmeticTask, TeacherContextBuilder, render_prompt
+from vpd_lightning.tasks import ArithmeticTask, TeacherContextBuilder, Verdict, render_prompt
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_KEYS = (
@@ -194,62 +194,66 @@ def held_out_records(setup: Setup) -> list[dict]:
 
 
 @torch.no_grad()
-def held_out_rewards(module: VPDModule, records: list[dict], setup: Setup) -> list[float]:
-    """Greedy reward of the student on each held-out prompt, in order."""
+def answer_greedily(
+    module: VPDModule, records: list[dict], prompts: list[list[int]], setup: Setup
+) -> tuple[list[str], list[Verdict]]:
+    """The student's greedy response to each prompt and its verdict against the prompt's record,
+    32 prompts at a time."""
     params = SamplingParams(
         num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=setup.max_new_tokens, seed=0
     )
-    rewards: list[float] = []
+    texts: list[str] = []
+    verdicts: list[Verdict] = []
     with module.policy.student():
         for start in range(0, len(records), 32):
-            chunk = records[start : start + 32]
-            prompts = [render_prompt(module.tokenizer, r) for r in chunk]
+            end = start + 32
             attempts = sample_and_verify(
-                module.engine, module.tokenizer, module.task, chunk, prompts, params, 1
+                module.engine,
+                module.tokenizer,
+                module.task,
+                records[start:end],
+                prompts[start:end],
+                params,
+                1,
             )
-            rewards += attempts.rewards().view(-1).tolist()
-    return rewards
+            texts += attempts.texts
+            verdicts += attempts.verdicts
+    return texts, verdicts
 
 
-@torch.no_grad()
-def feedback_probe(module: VPDModule, records: list[dict], setup: Setup) -> dict:
+def held_out_answers(module: VPDModule, setup: Setup) -> tuple[list[str], list[Verdict]]:
+    """The student's greedy answers to the fixed held-out prompts, in order."""
+    records = held_out_records(setup)
+    prompts = [render_prompt(module.tokenizer, r) for r in records]
+    return answer_greedily(module, records, prompts, setup)
+
+
+def feedback_probe(
+    module: VPDModule, texts: list[str], verdicts: list[Verdict], setup: Setup
+) -> dict:
     """Before training, is the feedback usable by this model? On the held-out prompts the student
-    answers wrongly (greedy), the same model answers again shown the verifier's feedback on its
-    attempt (`val/teacher_repair_rate`'s context): how many it now gets right, and how many
-    answers just repeat the wrong answer that the feedback quotes."""
-    params = SamplingParams(
-        num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=setup.max_new_tokens, seed=0
-    )
+    answered wrongly (`texts`, `verdicts`: its greedy answers), the same model answers again shown
+    the verifier's feedback on its attempt (`val/teacher_repair_rate`'s context): how many it now
+    gets right, and how many answers just repeat the wrong answer that the feedback quotes."""
+    records = held_out_records(setup)
+    wrong = [i for i, v in enumerate(verdicts) if v.reward < 1.0]
     builder = TeacherContextBuilder(
         module.tokenizer, source="verifier", max_context_tokens=setup.max_context_tokens
     )
-    prompts = [render_prompt(module.tokenizer, r) for r in records]
-    with module.policy.student():
-        student = sample_and_verify(
-            module.engine, module.tokenizer, module.task, records, prompts, params, 1
-        )
-        wrong = [i for i, v in enumerate(student.verdicts) if v.reward < 1.0]
-        contexts = [
-            builder.build(records[i], [student.texts[i]], [student.verdicts[i]])[0] for i in wrong
-        ]
-        again = sample_and_verify(
-            module.engine,
-            module.tokenizer,
-            module.task,
-            [records[i] for i in wrong],
-            [c.prompt_ids for c in contexts],
-            params,
-            1,
-        )
+    contexts = builder.build_batch(
+        [records[i] for i in wrong], [[texts[i]] for i in wrong], [[verdicts[i]] for i in wrong]
+    )
+    _, again = answer_greedily(
+        module, [records[i] for i in wrong], [c.prompt_ids for (c,) in contexts], setup
+    )
     repeats = sum(
-        v.info.get("answer") is not None
-        and v.info.get("answer") == student.verdicts[i].info.get("answer")
-        for i, v in zip(wrong, again.verdicts, strict=True)
+        v.info.get("answer") is not None and v.info.get("answer") == verdicts[i].info.get("answer")
+        for i, v in zip(wrong, again, strict=True)
     )
     return {
         "held_out_size": len(records),
         "student_wrong": len(wrong),
-        "repaired": sum(v.reward >= 1.0 for v in again.verdicts),
+        "repaired": sum(v.reward >= 1.0 for v in again),
         "repeats_wrong_answer": repeats,
     }
 
@@ -283,7 +287,7 @@ def run_one(setup: Setup, variant: str, lr: float, seed: int, accelerator: str) 
         {"step": step, "train_seconds": seconds, **logger.rows.get(step, {})}
         for step, seconds in sorted(timer.seconds.items())
     ]
-    rewards = held_out_rewards(module, held_out_records(setup), setup)
+    rewards = [v.reward for v in held_out_answers(module, setup)[1]]
     return {
         "method": variant,
         "lr": lr,
@@ -367,13 +371,12 @@ def summarize(runs: list[dict], chosen: dict[str, float], before: list[float]) -
                 "train_seconds": statistics.fmean(r["train_seconds"] for r in picked),
             }
         )
+    rows_by_method = {row["method"]: row for row in rows}
     differences = []
     for a, b in COMPARISONS:
         if a in matrices and b in matrices:
             low, high = bootstrap(matrices[a], matrices[b])
-            diff = statistics.fmean(map(statistics.fmean, matrices[a])) - statistics.fmean(
-                map(statistics.fmean, matrices[b])
-            )
+            diff = rows_by_method[a]["mean"] - rows_by_method[b]["mean"]
             differences.append(
                 {
                     "a": a,
@@ -514,7 +517,7 @@ def main() -> None:
         result = json.loads(args.probe_only.read_text())
         setup = Setup(**result["setup"])
         module = build_module(setup, "vpd", 1e-4, 0)
-        result["feedback_probe"] = feedback_probe(module, held_out_records(setup), setup)
+        result["feedback_probe"] = feedback_probe(module, *held_out_answers(module, setup), setup)
         args.probe_only.write_text(json.dumps(result, indent=1) + "\n")
         print(result["feedback_probe"])
         return
@@ -523,8 +526,9 @@ def main() -> None:
     # The untrained model (LoRA's B = 0) on the held-out prompts; also pays the one-off costs of
     # a process's first generate call before any timed run.
     untrained = build_module(setup, "vpd", 1e-4, args.seeds[0])
-    before = held_out_rewards(untrained, held_out_records(setup), setup)
-    probe = feedback_probe(untrained, held_out_records(setup), setup)
+    texts, verdicts = held_out_answers(untrained, setup)
+    before = [v.reward for v in verdicts]
+    probe = feedback_probe(untrained, texts, verdicts, setup)
     print(f"before training: held-out {statistics.fmean(before):.3f}; {probe}", flush=True)
     runs: list[dict] = []
 
