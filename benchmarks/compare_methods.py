@@ -43,12 +43,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
 
-from vpd_lightning.data import VPDDataModule
-from vpd_lightning.generation import SamplingParams
-from vpd_lightning.module import VPDModule
 from vpd_lightning.options import DistillOptions, EStepOptions, LoraOptions, RolloutOptions
-from vpd_lightning.rollouts import sample_and_verify
-from vpd_lightning.tasks import ArithmeticTask, TeacherContextBuilder, Verdict, render_prompt
+from vpd_lightning.rollout import TeacherContextBuilder, render_prompt
+from vpd_lightning.rollout.engine import SamplingParams
+from vpd_lightning.rollout.sampling import sample_and_verify
+from vpd_lightning.tasks import ArithmeticTask, Verdict
+from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.module import VPDModule
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_KEYS = (

@@ -37,13 +37,13 @@ import lightning.pytorch as pl
 import torch
 
 import vpd_kernels.ops.fused_linear as fused_linear
-import vpd_lightning.module as trainer_module
+import vpd_lightning.trainer.module as trainer_module
 from vpd_kernels import DistillStats
 from vpd_kernels.torch_rows import divergence_rows, kl
-from vpd_lightning.data import VPDDataModule
-from vpd_lightning.module import VPDModule
 from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions
 from vpd_lightning.tasks import ArithmeticTask
+from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.module import VPDModule
 
 RESULTS = Path(__file__).parent / "results"
 PHASES = ("rollout", "mstep", "estep")

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from vpd_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+from vpd_lightning.policy.tiny import build_tiny_model, build_tiny_tokenizer
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -23,7 +23,7 @@ def test_tiny_tokenizer_round_trips_text_and_has_chat_template(tiny_tokenizer):
 
 
 def test_tiny_model_is_deterministic_fast_and_generates(tiny_tokenizer):
-    from vpd_lightning.tiny import build_tiny_model
+    from vpd_lightning.policy.tiny import build_tiny_model
 
     a = build_tiny_model(len(tiny_tokenizer))  # the first call also imports the model class
     start = time.perf_counter()

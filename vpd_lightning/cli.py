@@ -25,13 +25,13 @@ from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from vpd_lightning.data import VPDDataModule
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.guard import NonFiniteLossError
-from vpd_lightning.module import VPDModule
-from vpd_lightning.plot import plot_run
-from vpd_lightning.resume import check_checkpoint, check_learning_rates
-from vpd_lightning.strategies import check_checkpoint_strategy
+from vpd_lightning.trainer.checkpoint import check_checkpoint, check_learning_rates
+from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.module import VPDModule
+from vpd_lightning.trainer.plot import plot_run
+from vpd_lightning.trainer.stepping import NonFiniteLossError
+from vpd_lightning.trainer.strategies import check_checkpoint_strategy
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs", name="vpd"),

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.models import (
+from vpd_lightning.options import DTYPE_NAMES, LoraOptions
+from vpd_lightning.policy.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
     add_lora,
     load_causal_lm,
     load_tokenizer,
 )
-from vpd_lightning.options import DTYPE_NAMES, LoraOptions
-from vpd_lightning.resume import load_checkpoint_file
+from vpd_lightning.trainer.checkpoint import load_checkpoint_file
 
 POLICY_PREFIX = "policy.model."  # the network's keys in VPDModule's state dict
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vpd_lightning.tasks.sandbox import launch_plan
+from vpd_lightning.tasks.sandbox.runner import launch_plan
 
 # Skips only where this kernel forbids the sandbox's namespaces (weak mode, announced);
 # test_sandbox.test_namespaces_are_used_wherever_the_kernel_allows_them fails if the kernel

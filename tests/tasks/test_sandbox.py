@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from vpd_lightning.tasks import sandbox
-from vpd_lightning.tasks.sandbox import LaunchPlan, SandboxLimits, launch_plan, run_python
+from vpd_lightning.tasks.sandbox import runner as sandbox
+from vpd_lightning.tasks.sandbox.runner import LaunchPlan, SandboxLimits, launch_plan, run_python
 
 from .helpers import isolated_only
 

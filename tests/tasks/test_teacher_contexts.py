@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vpd_lightning.tasks import (
-    ArithmeticTask,
-    TeacherContextBuilder,
-    Verdict,
-    render_prompt,
-    teacher_sequence,
-)
+from vpd_lightning.rollout import TeacherContextBuilder, render_prompt, teacher_sequence
+from vpd_lightning.tasks import ArithmeticTask, Verdict
 
 RECORD = {"prompt": "Compute (2 + 3) * 4.", "system": "Answer in <answer></answer>.", "answer": 20}
 QUESTION = RECORD["prompt"]

@@ -14,9 +14,10 @@ import random
 
 import pytest
 
-from vpd_lightning.tasks import HumanEvalTask, JsonlTask, verify_many, wire
-from vpd_lightning.tasks.judge import run_judged
-from vpd_lightning.tasks.sandbox import SandboxLimits
+from vpd_lightning.tasks import HumanEvalTask, JsonlTask, verify_many
+from vpd_lightning.tasks.sandbox import wire
+from vpd_lightning.tasks.sandbox.judge import run_judged
+from vpd_lightning.tasks.sandbox.runner import SandboxLimits
 
 from .helpers import isolated_only
 

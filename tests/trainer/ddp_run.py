@@ -30,10 +30,10 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.trainer.helpers import lora, tiny_data, tiny_module, tiny_trainer
-from vpd_lightning.distributed import gather_objects
-from vpd_lightning.generation import SamplingParams
 from vpd_lightning.options import DistillOptions, EStepOptions, SdpoOptions
-from vpd_lightning.tasks import render_prompt
+from vpd_lightning.rollout import render_prompt
+from vpd_lightning.rollout.engine import SamplingParams
+from vpd_lightning.trainer.distributed import gather_objects
 
 PROMPTS_PER_PROCESS = 2
 STEPS = 2

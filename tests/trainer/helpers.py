@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from vpd_lightning.data import VPDDataModule
-from vpd_lightning.module import VPDModule
 from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions, ValidationOptions
 from vpd_lightning.tasks import ArithmeticTask
+from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.module import VPDModule
 
 
 def tiny_task() -> ArithmeticTask:

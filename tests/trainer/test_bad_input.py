@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import vpd_lightning.module as module_lib
+import vpd_lightning.trainer.module as module_lib
 from vpd_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

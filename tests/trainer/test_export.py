@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.export import export
-from vpd_lightning.tiny import build_tiny_model, build_tiny_tokenizer
+from vpd_lightning.policy.tiny import build_tiny_model, build_tiny_tokenizer
 
 from .helpers import lora, tiny_data, tiny_module, tiny_trainer
 

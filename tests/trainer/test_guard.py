@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vpd_lightning.guard import NonFiniteGuard, NonFiniteLossError
+from vpd_lightning.trainer.stepping import NonFiniteGuard, NonFiniteLossError
 
 
 def test_kinds_are_counted_separately_and_finite_losses_reset_only_their_own():

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpd_lightning.losses import MStepTerms, estep_loss, mstep_loss
+from vpd_lightning.algorithm.losses import MStepTerms, estep_loss, mstep_loss
 from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions, SdpoOptions
-from vpd_lightning.policy import Policy
-from vpd_lightning.sequences import pack
-from vpd_lightning.tiny import build_tiny_model
+from vpd_lightning.policy.packing import pack
+from vpd_lightning.policy.roles import Policy
+from vpd_lightning.policy.tiny import build_tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 TEACHER_PROMPTS = [[5, 6, 7, 30, 31], [8, 9, 32], [10, 11, 12, 13]]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vpd_lightning.guard import NonFiniteLossError
-from vpd_lightning.module import VPDModule
 from vpd_lightning.options import DistillOptions, EStepOptions, SdpoOptions
+from vpd_lightning.trainer.module import VPDModule
+from vpd_lightning.trainer.stepping import NonFiniteLossError
 
 from .helpers import changed, lora, snapshot, tiny_data, tiny_module, tiny_trainer
 
@@ -177,7 +177,7 @@ def test_adaptive_beta_moves_beta(tmp_path):
 
 def _poison_mstep(monkeypatch) -> None:
     """Every M-step loss becomes NaN; E-step losses stay finite."""
-    import vpd_lightning.module as module_lib
+    import vpd_lightning.trainer.module as module_lib
 
     real = module_lib.mstep_loss
 
@@ -303,7 +303,7 @@ def test_adapter_teacher_estep_gradient_is_the_same_with_gradient_checkpointing(
 ):
     """The backward of the E-step must see the teacher adapter, also when checkpointing
     recomputes the forward during backward (the student adapter differs from the teacher's)."""
-    from vpd_lightning.models import TEACHER_ADAPTER, adapter_parameters
+    from vpd_lightning.policy.models import TEACHER_ADAPTER, adapter_parameters
 
     grads: dict[bool, list[torch.Tensor]] = {}
     original = VPDModule._step

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from vpd_lightning.metrics import MeanAtN, PassAtK, unbiased_pass_at_k
-from vpd_lightning.objectives import (
+from vpd_lightning.algorithm.objectives import (
     adapt_beta,
     bco_loss_terms,
     group_advantages,
@@ -14,6 +13,7 @@ from vpd_lightning.objectives import (
     implicit_reward,
     update_running_mean,
 )
+from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, unbiased_pass_at_k
 
 
 def test_implicit_reward_detaches_the_student():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.module import VPDModule
 from vpd_lightning.options import (
     DistillOptions,
     EStepOptions,
@@ -16,6 +15,7 @@ from vpd_lightning.options import (
     SdpoOptions,
     ValidationOptions,
 )
+from vpd_lightning.trainer.module import VPDModule
 
 from .helpers import lora, tiny_module
 
@@ -87,7 +87,7 @@ def test_defaults_are_valid():
     ],
 )
 def test_top_level_options_are_checked_before_the_model_loads(name, value, monkeypatch):
-    import vpd_lightning.module as module_lib
+    import vpd_lightning.trainer.module as module_lib
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from vpd_lightning.generation import HFGenerateEngine, SamplingParams
-from vpd_lightning.rollouts import rollout_stats, sample_and_verify, to_rollouts
-from vpd_lightning.tasks import TeacherContextBuilder, render_prompt
-from vpd_lightning.tiny import build_tiny_model
+from vpd_lightning.policy.tiny import build_tiny_model
+from vpd_lightning.rollout import TeacherContextBuilder, render_prompt
+from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
+from vpd_lightning.rollout.sampling import rollout_stats, sample_and_verify, to_rollouts
 
 from .helpers import tiny_task
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpd_lightning.seeding import get_rng_state, mix_seed, set_rng_state
+from vpd_lightning.trainer.seeding import get_rng_state, mix_seed, set_rng_state
 
 
 def test_mixed_seeds_are_distinct_over_a_run_and_pure():

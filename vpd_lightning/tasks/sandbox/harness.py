@@ -7,7 +7,7 @@ Shared by the code tasks (HumanEval, JSONL with ``tests``). Two modes, named in 
   in the sandbox; values cross as plain data. Nothing in the sandbox can forge the verdict.
 - ``script`` (:func:`run_tests`, for tests that are plain scripts over the response's globals, e.g.
   JSONL records without ``entry_point``): the response and the tests run in one sandboxed process
-  (``sandbox_driver.py``), which reports over a private pipe with a nonce. It stops the shortcuts a
+  (``driver.py``), which reports over a private pipe with a nonce. It stops the shortcuts a
   policy stumbles on, but code that goes looking (file descriptors, frames, ``gc``) can forge a
   pass; prefer the judge mode.
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpd_lightning.tasks.base import TRUNCATION_MARK
-from vpd_lightning.tasks.sandbox import SandboxLimits, SandboxResult, launch_plan, run_python
+from vpd_lightning.tasks.sandbox.runner import SandboxLimits, SandboxResult, launch_plan, run_python
 
-DRIVER_SOURCE = (Path(__file__).with_name("sandbox_driver.py")).read_text(encoding="utf-8")
+DRIVER_SOURCE = (Path(__file__).with_name("driver.py")).read_text(encoding="utf-8")
 RESPONSE = "<response>"
 TESTS = "<tests>"
 # The driver's own alarm fires this long before the sandbox's wall-clock kill, so it can say which

@@ -1,4 +1,4 @@
-"""Start-up code of one sandboxed run (read as text by ``sandbox.py`` and run with ``python -I -S -c``;
+"""Start-up code of one sandboxed run (read as text by ``runner.py`` and run with ``python -I -S -c``;
 never imported). Only the standard library; everything before ``exec`` in ``_run_program`` is
 trusted, and it imports as little as it can (no ``json``, ``re``, ``enum``): start-up time is most of
 a run's cost.
@@ -18,7 +18,7 @@ With ``plan["isolate"]`` the processes are:
   rlimits, and runs the program from the bundle. This is the only process that runs untrusted code.
 
 Without ``isolate`` (the OS does not allow the namespaces) P itself becomes G in a private temp dir the
-trainer made, optionally as ``nobody``: the weak mode that ``sandbox.py`` names in every result.
+trainer made, optionally as ``nobody``: the weak mode that ``runner.py`` names in every result.
 
 Exit status of P: the program's exit code, or 128 + N if it died from signal N; 125 with a message
 on stderr if the sandbox could not be set up.

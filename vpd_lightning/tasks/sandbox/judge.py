@@ -1,6 +1,6 @@
 """The trusted judge: tests run here, only the response's code runs in the sandbox.
 
-``run_judged`` starts the response in a sandbox (``sandbox_server.py`` runs its code and answers
+``run_judged`` starts the response in a sandbox (``server.py`` runs its code and answers
 calls), then executes the trusted test code in this process with the entry point bound to a
 :class:`Candidate`: a stand-in that sends each call's arguments to the sandbox as plain data and
 returns what comes back, decoded as plain data (``wire.py``: numbers, strings, bytes, lists, tuples,
@@ -24,15 +24,15 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from vpd_lightning.tasks import wire
-from vpd_lightning.tasks.harness import TestOutcome, outcome_from_report, sandbox_error
-from vpd_lightning.tasks.sandbox import (
+from vpd_lightning.tasks.sandbox import wire
+from vpd_lightning.tasks.sandbox.harness import TestOutcome, outcome_from_report, sandbox_error
+from vpd_lightning.tasks.sandbox.runner import (
     SandboxClosed,
     SandboxLimits,
     SandboxProcess,
 )
 
-SERVER_SOURCE = Path(__file__).with_name("sandbox_server.py").read_text(encoding="utf-8")
+SERVER_SOURCE = Path(__file__).with_name("server.py").read_text(encoding="utf-8")
 WIRE_SOURCE = Path(wire.__file__).read_text(encoding="utf-8")
 _FATAL = ("SystemExit", "KeyboardInterrupt", "GeneratorExit")
 

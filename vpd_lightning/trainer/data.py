@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.options import require_positive_int
-from vpd_lightning.seeding import mix_seed
 from vpd_lightning.tasks import Task
+from vpd_lightning.trainer.seeding import mix_seed
 
 
 class PromptSampler:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from vpd_lightning.rollout.prompts import question_text, render_messages, with_question
 from vpd_lightning.tasks.base import TRUNCATION_MARK, Record, Task, Verdict
-from vpd_lightning.tasks.prompts import question_text, render_messages, with_question
 
 FeedbackSource = Literal[
     "verifier", "sibling", "sibling_and_feedback", "self_critique", "reference"

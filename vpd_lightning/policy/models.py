@@ -35,7 +35,7 @@ def _smollm2_folder() -> Path:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of `name_or_path`, left-padded for batched generation, with a pad token."""
     if name_or_path == TINY_ALIAS:
-        from vpd_lightning.tiny import build_tiny_tokenizer
+        from vpd_lightning.policy.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
     if name_or_path == SMOLLM2_ALIAS:
@@ -56,7 +56,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A `transformers` causal LM whose last hidden state times `lm_head.weight` gives its logits."""
     if name_or_path == TINY_ALIAS:
-        from vpd_lightning.tiny import build_tiny_model
+        from vpd_lightning.policy.tiny import build_tiny_model
 
         model = build_tiny_model()
     elif name_or_path == SMOLLM2_ALIAS:

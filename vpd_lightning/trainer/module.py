@@ -31,19 +31,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.distributed.tensor import DTensor
 
-from vpd_lightning.distributed import gather_objects, mean_over_processes, sum_over_processes
-from vpd_lightning.errors import UserInputError, require
-from vpd_lightning.generation import HFGenerateEngine, SamplingParams
-from vpd_lightning.guard import NonFiniteGuard
-from vpd_lightning.losses import MStepStats, MStepTerms, estep_loss, implicit_rewards, mstep_loss
-from vpd_lightning.metrics import MeanAtN, PassAtK, RepairRate
-from vpd_lightning.models import load_causal_lm, load_tokenizer
-from vpd_lightning.objectives import (
+from vpd_lightning.algorithm.losses import (
+    MStepStats,
+    MStepTerms,
+    estep_loss,
+    implicit_rewards,
+    mstep_loss,
+)
+from vpd_lightning.algorithm.objectives import (
     adapt_beta,
     bias_corrected,
     group_advantages,
     update_running_mean,
 )
+from vpd_lightning.errors import UserInputError, require
 from vpd_lightning.options import (
     DEFAULT_FEEDBACK_SOURCE,
     DTYPE_NAMES,
@@ -63,18 +64,27 @@ from vpd_lightning.options import (
     require_positive_int,
     resolved_topk,
 )
-from vpd_lightning.policy import Policy
-from vpd_lightning.rollouts import Rollout, rollout_stats, sample_and_verify, to_rollouts
-from vpd_lightning.seeding import get_rng_state, mix_seed, set_rng_state
-from vpd_lightning.sequences import PackedBatch, pack
-from vpd_lightning.strategies import check_strategy, is_sharded
-from vpd_lightning.tasks import (
+from vpd_lightning.policy.models import load_causal_lm, load_tokenizer
+from vpd_lightning.policy.packing import PackedBatch, pack
+from vpd_lightning.policy.roles import Policy
+from vpd_lightning.rollout import (
     FeedbackSource,
-    Task,
     TeacherContextBuilder,
     render_messages,
     render_prompt,
 )
+from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
+from vpd_lightning.rollout.sampling import Rollout, rollout_stats, sample_and_verify, to_rollouts
+from vpd_lightning.tasks import Task
+from vpd_lightning.trainer.distributed import (
+    gather_objects,
+    mean_over_processes,
+    sum_over_processes,
+)
+from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, RepairRate
+from vpd_lightning.trainer.seeding import get_rng_state, mix_seed, set_rng_state
+from vpd_lightning.trainer.stepping import NonFiniteGuard
+from vpd_lightning.trainer.strategies import check_strategy, is_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OPTION_GROUPS = {

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 import vpd_kernels as vk
-from vpd_lightning.objectives import bco_loss_terms, grpo_token_loss, implicit_reward
+from vpd_lightning.algorithm.objectives import bco_loss_terms, grpo_token_loss, implicit_reward
 from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions
-from vpd_lightning.policy import Policy
-from vpd_lightning.sequences import PackedBatch, per_sequence_sum
+from vpd_lightning.policy.packing import PackedBatch, per_sequence_sum
+from vpd_lightning.policy.roles import Policy
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (hidden (T, H), head weight (V, H))
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vpd_lightning.generation import RolloutEngine, SamplingParams
-from vpd_lightning.tasks import Record, Task, TeacherContext, Verdict, verify_many
+from vpd_lightning.rollout.contexts import TeacherContext
+from vpd_lightning.rollout.engine import RolloutEngine, SamplingParams
+from vpd_lightning.tasks import Record, Task, Verdict, verify_many
 
 
 @dataclass

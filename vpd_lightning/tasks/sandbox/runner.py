@@ -1,7 +1,7 @@
 """Run an untrusted Python program in a constrained subprocess.
 
 Model output is untrusted code. Where the OS allows unprivileged user namespaces (probed once, see
-:func:`launch_plan`), each run gets namespaces of its own (``sandbox_boot.py`` builds them):
+:func:`launch_plan`), each run gets namespaces of its own (``boot.py`` builds them):
 
 - **its own file system**: the root is a private, size-limited tmpfs (``scratch_mb``) that holds its
   working directory and ``/tmp`` and vanishes with the run; the host shows through only as read-only
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NOBODY = 65534
-BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text(encoding="utf-8")
+BOOT_SOURCE = Path(__file__).with_name("boot.py").read_text(encoding="utf-8")
 SETUP_FAILED = 125  # exit status of the boot code when the sandbox could not be built
 WORKDIR = "/sandbox"  # the program's working directory and HOME inside the namespaces
 ISOLATED = "namespaces"

@@ -22,16 +22,16 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.models import (
+from vpd_lightning.options import LoraOptions, SdpoOptions
+from vpd_lightning.policy.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
     adapter_parameters,
     add_lora,
     decoder_and_head,
 )
-from vpd_lightning.options import LoraOptions, SdpoOptions
-from vpd_lightning.sequences import PackedBatch, completion_hidden
-from vpd_lightning.weights import WeightSnapshot
+from vpd_lightning.policy.packing import PackedBatch, completion_hidden
+from vpd_lightning.policy.snapshots import WeightSnapshot
 
 T = TypeVar("T")
 

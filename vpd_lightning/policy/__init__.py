@@ -1,0 +1,1 @@
+"""The network in its roles (student, trained teacher, passive teacher): loading, snapshots, packing."""

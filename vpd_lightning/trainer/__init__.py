@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, its data, stepping, evaluation, checkpoints, strategies."""
