@@ -36,8 +36,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+import vpd_kernels as vk
 import vpd_kernels.ops.fused_linear as fused_linear
-import vpd_lightning.trainer.module as trainer_module
 from vpd_kernels import DistillStats
 from vpd_kernels.torch_rows import divergence_rows, kl
 from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions
@@ -110,8 +110,8 @@ def eager_token_logprobs(
 
 def use_eager_losses() -> None:
     """Swap the two fused entry points, as the trainer module sees them, for the eager ones."""
-    trainer_module.vk.fused_linear_distill_loss = eager_distill_loss
-    trainer_module.vk.fused_linear_token_logprobs = eager_token_logprobs
+    vk.fused_linear_distill_loss = eager_distill_loss
+    vk.fused_linear_token_logprobs = eager_token_logprobs
 
 
 def use_small_chunks(logits_per_chunk: int) -> None:
@@ -177,13 +177,14 @@ class TimedStepModule(VPDModule):
 
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         row: dict = {}
-        rollouts = self._phase(row, "rollout", lambda: self._collect_rollouts(batch))
+        rollouts = self._phase(row, "rollout", lambda: self.collect_rollouts(batch))
         completion = sum(len(r.completion_ids) for r in rollouts)
         row["completion_tokens"] = completion
         row["student_tokens"] = completion + sum(len(r.prompt_ids) for r in rollouts)
         row["teacher_tokens"] = completion + sum(len(r.teacher_prompt_ids) for r in rollouts)
-        self._phase(row, "mstep", lambda: self._student_update(rollouts, None, counted=True))
-        self._phase(row, "estep", lambda: self._teacher_update(rollouts))
+        self._phase(row, "mstep", lambda: self.update_student(rollouts))
+        batches = self.batches_of(rollouts)
+        self._phase(row, "estep", lambda: self.estep.update(self.policy, batches, self.stepper))
         self.measurements.append(row)
 
     def _phase(self, row: dict, name: str, fn: Callable):

@@ -2,15 +2,16 @@
 
 Every attribute's docstring is its one description: `python -m vpd_lightning fit --help` shows it
 and the README's configuration reference is generated from it (`python -m vpd_lightning.reference`).
-Checks that involve one group live in its `__post_init__`; checks across groups live in
-`check_combinations`. Every choice that `../shared/vpd_method.md` marks as unconfirmed by the paper
+Checks that involve one group live in its `__post_init__`; checks across groups, which depend on
+the method, live with the method table (`algorithm/methods.py`). Values derived from a group live
+on it (`RolloutOptions.sampling`). Every choice that `../shared/vpd_method.md` marks as unconfirmed by the paper
 is an option here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal, get_args
 
 from vpd_lightning.errors import UserInputError, require
@@ -38,6 +39,17 @@ def require_finite(key: str, value: object, low: float, high: float, rule: str) 
     """A finite number in [low, high] (the rule text says which ends are open)."""
     ok = isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
     require(ok, key, value, rule)
+
+
+@dataclass
+class SamplingParams:
+    """What a rollout engine is asked for: the shape a vLLM-style engine takes."""
+
+    num_samples: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None  # sampling is a pure function of the seed, which makes resume exact
 
 
 @dataclass
@@ -83,6 +95,12 @@ class RolloutOptions:
         require_finite("model.rollout.temperature", self.temperature, 0.0, math.inf, "must be >= 0")
         require_finite("model.rollout.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")
         require_positive_int("model.rollout.max_new_tokens", self.max_new_tokens)
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """The training rollouts' sampling parameters, seeded."""
+        return SamplingParams(
+            self.num_generations, self.temperature, self.top_p, self.max_new_tokens, seed
+        )
 
 
 @dataclass
@@ -246,22 +264,51 @@ class ValidationOptions:
         if self.max_new_tokens is not None:
             require_positive_int(f"{key}.max_new_tokens", self.max_new_tokens)
 
+    def sampling(self, rollout: RolloutOptions, seed: int) -> SamplingParams:
+        """The held-out sampling parameters (the rollout's length unless given), seeded."""
+        max_new_tokens = self.max_new_tokens or rollout.max_new_tokens
+        return SamplingParams(self.num_samples, self.temperature, self.top_p, max_new_tokens, seed)
 
-# What each method uses when an option is left null: SDPO's follow its reference code
-# (lasgroup/SDPO: a successful sibling's solution and the environment's feedback, top-100 + tail).
-DEFAULT_FEEDBACK_SOURCE = {
-    "vpd": "verifier",
-    "sdpo": "sibling_and_feedback",
-    "opsd": "reference",
-    "grpo": "verifier",
+
+@dataclass
+class OptionGroups:
+    """The module's option groups, each as given or defaulted (`VPDModule.opts`)."""
+
+    lora: LoraOptions | None
+    rollout: RolloutOptions
+    distill: DistillOptions
+    estep: EStepOptions
+    sdpo: SdpoOptions
+    grpo: GrpoOptions
+    validation: ValidationOptions
+
+    @classmethod
+    def from_given(cls, **groups: object) -> OptionGroups:
+        """From dataclasses, dicts (a checkpoint's hparams) or None (defaults; LoRA: off)."""
+        lora = groups.pop("lora")
+        return cls(
+            lora=as_options(LoraOptions, lora) if lora is not None else None,
+            **{name: as_options(OPTION_GROUPS[name], value) for name, value in groups.items()},
+        )
+
+    def as_hparams(self) -> dict:
+        """Plain dicts, so that checkpoints load with weights_only=True."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+OPTION_GROUPS: dict[str, type] = {
+    "lora": LoraOptions,
+    "rollout": RolloutOptions,
+    "distill": DistillOptions,
+    "estep": EStepOptions,
+    "sdpo": SdpoOptions,
+    "grpo": GrpoOptions,
+    "validation": ValidationOptions,
 }
-DEFAULT_TOPK = {"sdpo": 100}
 
 
-def resolved_topk(method: str, distill: DistillOptions) -> int | None:
-    """The top-k the M-step uses: `distill.topk`, or the method's default; None: full vocabulary."""
-    k = distill.topk if distill.topk is not None else DEFAULT_TOPK.get(method, 0)
-    return k or None
+def _plain(group: object) -> dict | None:
+    return asdict(group) if group is not None else None
 
 
 def as_options(cls: type, value: object) -> object:
@@ -273,60 +320,3 @@ def as_options(cls: type, value: object) -> object:
     if not isinstance(value, cls):
         raise UserInputError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
     return value
-
-
-def check_combinations(
-    *,
-    method: str,
-    teacher_mode: str,
-    feedback_source: str,
-    lora: LoraOptions | None,
-    rollout: RolloutOptions,
-    distill: DistillOptions,
-    estep: EStepOptions,
-    updates_per_batch: int,
-    has_teacher_optimizer: bool,
-    has_teacher_scheduler: bool,
-) -> None:
-    """Checks that involve more than one option group; the first violation is raised."""
-    vpd_only = {
-        "model.teacher_mode: adapter": teacher_mode == "adapter",
-        "model.estep.prior: initial": estep.prior != "student",
-        "model.teacher_optimizer": has_teacher_optimizer,
-        "model.teacher_scheduler": has_teacher_scheduler,
-    }
-    for setting, given in vpd_only.items():
-        if given and method != "vpd":
-            raise UserInputError(
-                f"{setting} is for model.method: vpd (the trained teacher), not {method}; remove it"
-            )
-    if teacher_mode == "adapter" and lora is None:
-        raise UserInputError(
-            "model.teacher_mode = 'adapter' needs LoRA: set model.lora (for example {r: 16})"
-        )
-    if method == "opsd" and feedback_source != "reference":
-        raise UserInputError(
-            f"model.feedback_source = {feedback_source!r}: method opsd shows the teacher the "
-            "reference solution; set model.feedback_source: reference"
-        )
-    if method == "grpo" and distill.grpo_coef:
-        raise UserInputError(
-            f"model.distill.grpo_coef = {distill.grpo_coef}: it adds GRPO to vpd/sdpo/opsd; "
-            "with method grpo leave it 0"
-        )
-    if (method == "grpo" or distill.grpo_coef) and rollout.num_generations < 2:
-        raise UserInputError(
-            f"model.rollout.num_generations = {rollout.num_generations}: GRPO's group-relative "
-            "advantage needs at least 2"
-        )
-    if feedback_source.startswith("sibling") and rollout.num_generations < 2:
-        raise UserInputError(
-            f"model.rollout.num_generations = {rollout.num_generations}: feedback_source "
-            f"{feedback_source} needs at least 2"
-        )
-    if distill.trust_region_coef and updates_per_batch == 1:
-        raise UserInputError(
-            f"model.distill.trust_region_coef = {distill.trust_region_coef} needs "
-            "model.updates_per_batch > 1: with one update per batch the student is the "
-            "rollout-time policy and the term is identically zero"
-        )

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import docstring_parser
 
+from vpd_lightning.options import OPTION_GROUPS
 from vpd_lightning.trainer.data import VPDDataModule
-from vpd_lightning.trainer.module import OPTION_GROUPS, VPDModule
+from vpd_lightning.trainer.module import VPDModule
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -152,8 +152,8 @@ def run_case(out: Path, case: str, strategy: str = "auto", devices: int = 1) -> 
     if trainer.is_global_zero:
         report = {
             "steps": capture.rows,
-            "delta": float(module.delta),
-            "beta": float(module.beta),
+            "delta": module.estep.delta if module.estep else 0.0,
+            "beta": module.estep.beta if module.estep else 0.0,
             "prompts": prompts,
             "global_step": trainer.global_step,
             "sharded": bool(module.policy.sharded_units),
@@ -171,7 +171,7 @@ def resume_case(out: Path, case: str, strategy: str, devices: int) -> None:
     checkpoint = out / f"{case}-step1.ckpt"
     trainer.save_checkpoint(checkpoint)
     ids = torch.tensor([list(range(5, 30))])
-    logits = module.policy(lambda: module.policy.model(input_ids=ids).logits.detach().clone())
+    logits = module.policy.run(lambda p: p.model(input_ids=ids).logits.detach().clone())
     module, data = build(case, devices)
     trainer, _, _ = fit(module, data, out / "second", strategy, devices, STEPS, checkpoint)
     weights = full_weights(module)

@@ -197,6 +197,6 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     module.trainer = tiny_trainer(tmp_path, 1)
     module.trainer.state.fn = TrainerFn.FITTING
     rank_state = {"estep_buffer": [], "rng": None}
-    state = {"per_rank": [rank_state, rank_state], "steps_since_estep": 0, "nonfinite": {}}
+    state = {"per_rank": [rank_state, rank_state], "estep": None, "nonfinite": {}}
     with pytest.raises(UserInputError, match=r"written by 2 process.*resumed with 1"):
         module.on_load_checkpoint({"vpd_state": state})

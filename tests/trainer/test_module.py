@@ -103,10 +103,12 @@ def test_adapter_mode_steps_touch_only_their_own_adapter(tmp_path):
     s0, t0, b0 = snapshot(student), snapshot(teacher), snapshot(base)
     fit(module, tmp_path, steps=1)  # an M-step only: F=2
     assert changed(s0, student) and not changed(t0, teacher) and not changed(b0, base)
-    assert len(module.estep_buffer) == 4
+    assert len(module.estep.buffer) == 4
 
     s1 = snapshot(student)
-    stats = module._teacher_update(module.estep_buffer)
+    stats = module.estep.update(
+        module.policy, module.batches_of(module.estep.buffer), module.stepper
+    )
     assert math.isfinite(stats["estep/loss"])
     assert changed(t0, teacher) and not changed(s1, student) and not changed(b0, base)
 
@@ -117,7 +119,7 @@ def test_fixed_prior_is_the_initial_student_and_leaves_the_live_weights(lora_opt
     reference = copy.deepcopy(module.policy)  # the initial student, kept aside
     fit(module, tmp_path, steps=1)  # one M-step, no E-step (F=2): the student has moved
     trained = snapshot(module.policy.student_parameters())
-    batch = module._pack(module.estep_buffer)
+    batch = module.batches_of(module.estep.buffer)[0].student
 
     hidden, weight = module.policy.prior_features(batch)
     with torch.no_grad():
@@ -131,13 +133,13 @@ def test_fixed_prior_is_the_initial_student_and_leaves_the_live_weights(lora_opt
 def test_estep_runs_every_F_steps_on_the_buffered_rollouts(tmp_path):
     module = tiny_module(estep=EStepOptions(every=3))
     sizes = []
-    original = module._teacher_update
+    original = module.estep.update
 
-    def spy(buffer):
-        sizes.append((module.global_step, len(buffer)))
-        return original(buffer)
+    def spy(policy, batches, runner):
+        sizes.append((module.global_step, sum(len(b.rollouts) for b in batches)))
+        return original(policy, batches, runner)
 
-    module._teacher_update = spy
+    module.estep.update = spy
     recorder = fit(module, tmp_path, steps=7)
     # the E-step ends the 3rd and 6th steps (global_step already counts their student update),
     # each time on 3 steps x 2 prompts x 2 samples
@@ -151,7 +153,7 @@ def test_estep_runs_every_F_steps_on_the_buffered_rollouts(tmp_path):
         True,
         False,
     ]
-    assert module.steps_since_estep == 1 and len(module.estep_buffer) == 4
+    assert module.estep.steps_since == 1 and len(module.estep.buffer) == 4
 
 
 def test_bco_delta_includes_the_batch_before_the_loss_uses_it(tmp_path):
@@ -165,27 +167,27 @@ def test_bco_delta_includes_the_batch_before_the_loss_uses_it(tmp_path):
     assert d1 == pytest.approx(r1, rel=1e-4, abs=1e-7)
     expected = (0.9 * 0.1 * r1 + 0.1 * r2) / (1 - 0.9**2)
     assert d2 == pytest.approx(expected, rel=1e-4, abs=1e-7)
-    assert module.delta.item() == pytest.approx(d2, rel=1e-9)
+    assert module.estep.delta == pytest.approx(d2, rel=1e-9)
 
 
 def test_adaptive_beta_moves_beta(tmp_path):
     module = tiny_module(estep=EStepOptions(every=1, target_kl=1e-9, beta_rate=0.5))
     recorder = fit(module, tmp_path, steps=1)
     assert recorder.rows[0]["estep/teacher_kl"] >= 0
-    assert module.beta.item() == pytest.approx(0.1 * math.exp(0.5))
+    assert module.estep.beta == pytest.approx(0.1 * math.exp(0.5))
 
 
 def _poison_mstep(monkeypatch) -> None:
     """Every M-step loss becomes NaN; E-step losses stay finite."""
-    import vpd_lightning.trainer.module as module_lib
+    import vpd_lightning.algorithm.mstep as mstep_lib
 
-    real = module_lib.mstep_loss
+    real = mstep_lib.mstep_loss
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(module_lib, "mstep_loss", poisoned)
+    monkeypatch.setattr(mstep_lib, "mstep_loss", poisoned)
 
 
 def test_nonfinite_student_losses_stop_the_run_even_when_the_teacher_is_finite(
@@ -304,18 +306,20 @@ def test_adapter_teacher_estep_gradient_is_the_same_with_gradient_checkpointing(
     """The backward of the E-step must see the teacher adapter, also when checkpointing
     recomputes the forward during backward (the student adapter differs from the teacher's)."""
     from vpd_lightning.policy.models import TEACHER_ADAPTER, adapter_parameters
+    from vpd_lightning.trainer.stepping import Stepper
 
     grads: dict[bool, list[torch.Tensor]] = {}
-    original = VPDModule._step
+    original = Stepper.step
 
-    def recording(self, kind, optimizer, scheduler, params, *args, **kwargs):
-        if kind == "teacher":
-            grads[self.hparams.gradient_checkpointing] = [
+    def recording(self, role, loss, counted):
+        if role == "teacher":
+            params = self.module.policy.teacher_parameters()
+            grads[self.module.hparams.gradient_checkpointing] = [
                 torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params
             ]
-        return original(self, kind, optimizer, scheduler, params, *args, **kwargs)
+        return original(self, role, loss, counted)
 
-    monkeypatch.setattr(VPDModule, "_step", recording)
+    monkeypatch.setattr(Stepper, "step", recording)
     for checkpointing in (False, True):
         torch.manual_seed(0)
         module = tiny_module(

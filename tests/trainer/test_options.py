@@ -135,7 +135,11 @@ def test_option_groups_load_from_checkpoint_dicts():
 def test_each_method_gets_its_own_defaults_when_options_are_null():
     """SDPO as its reference code runs it: sibling solution + feedback, EMA teacher, top-100 from
     the student; OPSD the reference solution; GRPO TRL's std-scaled advantages."""
-    from vpd_lightning.options import GrpoOptions, SdpoOptions, resolved_topk
+    from vpd_lightning.algorithm.methods import METHODS
+    from vpd_lightning.options import GrpoOptions, SdpoOptions
+
+    def resolved_topk(method, distill):
+        return METHODS[method].resolved_distill(distill).topk
 
     assert SdpoOptions().teacher == "ema" and SdpoOptions().ema_decay == 0.05
     assert GrpoOptions().normalize_std

@@ -39,14 +39,9 @@ def bco_loss_terms(
     return success_sum, failure_sum
 
 
-def update_running_mean(
-    ema: torch.Tensor, updates: torch.Tensor, batch_mean: float, momentum: float
-) -> float:
-    """BCO's delta as a bias-corrected EMA: ema <- m ema + (1 - m) batch_mean, in place, and
-    returns the corrected mean after this update (see `bias_corrected`)."""
-    ema.mul_(momentum).add_(batch_mean * (1.0 - momentum))
-    updates.add_(1)
-    return bias_corrected(float(ema), int(updates), momentum)
+def ema_update(ema: float, batch_mean: float, momentum: float) -> float:
+    """One step of BCO's running mean of the implicit reward: m ema + (1 - m) batch_mean."""
+    return momentum * ema + (1.0 - momentum) * batch_mean
 
 
 def bias_corrected(ema: float, updates: int, momentum: float) -> float:

@@ -161,3 +161,11 @@ def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Pa
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """The transformer backbone (hidden states) and the lm_head of a (PEFT-wrapped) causal LM."""
     return model.get_decoder(), model.get_output_embeddings()
+
+
+def generation_eos_ids(network: torch.nn.Module) -> list[int]:
+    """The end-of-sequence ids of the model's generation config (one id or several)."""
+    eos = getattr(network.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list | tuple) else [eos]

@@ -6,7 +6,7 @@ One network serves every role. What differs is which weights are live when it ru
 - the SDPO/OPSD teacher: the live weights, an EMA snapshot, the initial snapshot, or a logit
   interpolation of initial and current (computed as one wider matmul, see `teacher_features`).
 
-Every computation with the network runs as this module's `forward` (or `generate`). That is a
+Every computation with the network runs as this module's forward, through `run` (or `generate`). That is a
 plain call without sharding; under FSDP2 (`shard`) the policy is the root unit, and its hooks
 gather the weights no decoder layer owns (embeddings, final norm, lm_head, which the fused losses
 read directly rather than through the head's forward) and reduce-scatter their gradients.
@@ -84,10 +84,16 @@ class Policy(torch.nn.Module):
         return WeightSnapshot(self.model, (n for n, _ in self._student_named_parameters()))
 
     # ----------------------------------------------------------------------------- running
-    def forward(self, compute: Callable[[], T]) -> T:
-        """Run `compute`, a pass with this network (losses, features), as the module's forward:
-        under FSDP2 the root unit's hooks run around it (see the module docstring)."""
-        return compute()
+    def run(self, compute: Callable[..., T], /, *args, **kwargs) -> T:
+        """`compute(self, *args, **kwargs)`, a pass with this network (a loss, features), run as
+        this module's forward, so that under FSDP2 the root unit's hooks gather the weights no
+        decoder layer owns before it and reduce their gradients after (see the module docstring).
+        Every pass outside `generate` goes through here."""
+        return self(compute, args, kwargs)
+
+    def forward(self, compute: Callable[..., T], args: tuple, kwargs: dict) -> T:
+        """The body of `run` (called through `__call__` so that module hooks apply)."""
+        return compute(self, *args, **kwargs)
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from vpd_lightning.options import SamplingParams
+from vpd_lightning.rollout.engine import RolloutEngine
 from vpd_lightning.rollout.prompts import question_text, render_messages, with_question
 from vpd_lightning.tasks.base import TRUNCATION_MARK, Record, Task, Verdict
 
@@ -235,3 +237,19 @@ def _siblings(
         else:
             out.append((verdict.feedback, "verifier"))
     return out
+
+
+def engine_critic(
+    engine: RolloutEngine, tokenizer: Any, max_new_tokens: int
+) -> Callable[[list[str]], list[str]]:
+    """A `critique_fn` that has the live policy write each critique (greedy) with `engine`."""
+
+    def critique(critique_prompts: list[str]) -> list[str]:
+        prompts = [
+            render_messages(tokenizer, [{"role": "user", "content": text}])
+            for text in critique_prompts
+        ]
+        params = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=max_new_tokens)
+        return tokenizer.batch_decode(engine.generate(prompts, params), skip_special_tokens=True)
+
+    return critique

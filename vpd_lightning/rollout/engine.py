@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-
-@dataclass
-class SamplingParams:
-    num_samples: int = 1
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int | None = None  # sampling is a pure function of the seed, which makes resume exact
+from vpd_lightning.options import SamplingParams
 
 
 class RolloutEngine(Protocol):

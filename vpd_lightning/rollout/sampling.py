@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vpd_lightning.rollout.contexts import TeacherContext
-from vpd_lightning.rollout.engine import RolloutEngine, SamplingParams
+from vpd_lightning.options import SamplingParams
+from vpd_lightning.rollout.contexts import TeacherContext, TeacherContextBuilder
+from vpd_lightning.rollout.engine import RolloutEngine
+from vpd_lightning.rollout.prompts import render_prompt
 from vpd_lightning.tasks import Record, Task, Verdict, verify_many
 
 
@@ -34,6 +36,13 @@ class Attempts:
     def rewards(self) -> torch.Tensor:
         """Rewards as a (prompts, n) float tensor."""
         return torch.tensor([float(v.reward) for v in self.verdicts]).view(-1, self.n)
+
+    def contexts(self, builder: TeacherContextBuilder) -> list[list[TeacherContext]]:
+        """Each response's teacher context, per prompt (one batch for the whole builder call)."""
+        groups = self.groups()
+        return builder.build_batch(
+            self.records, [self.texts[g] for g in groups], [self.verdicts[g] for g in groups]
+        )
 
 
 def sample_and_verify(
@@ -87,6 +96,22 @@ def to_rollouts(
                 )
             )
     return rollouts
+
+
+def collect_rollouts(
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    records: Sequence[Record],
+    params: SamplingParams,
+    workers: int,
+    builder: TeacherContextBuilder | None,
+) -> list[Rollout]:
+    """One training step's rollouts: sample and verify the student's responses to `records`,
+    then give each its teacher context (`builder` None: no teacher, as in GRPO)."""
+    prompts = [render_prompt(tokenizer, r) for r in records]
+    attempts = sample_and_verify(engine, tokenizer, task, records, prompts, params, workers)
+    return to_rollouts(attempts, attempts.contexts(builder) if builder is not None else None)
 
 
 def rollout_stats(rollouts: Sequence[Rollout], success_threshold: float) -> dict[str, float]:

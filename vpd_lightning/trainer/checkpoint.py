@@ -10,16 +10,26 @@ validation cadence, learning rates) may change on resume.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vpd_lightning.algorithm.estep import EStep
+from vpd_lightning.algorithm.methods import METHODS
 from vpd_lightning.errors import UserInputError
+from vpd_lightning.policy.snapshots import WeightSnapshot
+from vpd_lightning.rollout.sampling import Rollout
+from vpd_lightning.trainer.distributed import gather_objects
+from vpd_lightning.trainer.seeding import get_rng_state
+from vpd_lightning.trainer.stepping import NonFiniteGuard
 
 DEFAULT_OPTIMIZER = "AdamW"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 ROLES = ("student", "teacher")
+# Settings that only some methods have (`MethodSpec.resume_keys` says which).
+METHOD_SPECIFIC = {"model.estep.prior", "model.teacher_optimizer", "model.sdpo.teacher"}
 
 
 def check_learning_rates(model_config: Any) -> None:
@@ -66,49 +76,55 @@ def load_checkpoint_file(path: str | Path) -> dict:
 def trained_as(hparams: dict, optimizers: list[str]) -> dict[str, object]:
     """What a run was trained as, from a checkpoint's hparams and optimizer classes."""
     lora = hparams.get("lora") or {}
-    method = hparams.get("method")
-    return {
-        "model.model": hparams.get("model"),
-        "model.method": method,
-        "model.teacher_mode": hparams.get("teacher_mode"),
-        "model.dtype": hparams.get("dtype"),
-        "model.lora": "null" if not lora else "set",
-        "model.lora.r": lora.get("r"),
-        "model.lora.alpha": lora.get("alpha"),
-        "model.lora.target_modules": _as_list(lora.get("target_modules")),
-        "model.estep.prior": (hparams.get("estep") or {}).get("prior") if method == "vpd" else None,
-        "model.sdpo.teacher": (hparams.get("sdpo") or {}).get("teacher")
-        if method == "sdpo"
-        else None,
-        "model.student_optimizer": optimizers[0] if optimizers else None,
-        "model.teacher_optimizer": optimizers[1] if len(optimizers) > 1 else None,
-    }
+    return _applicable(
+        hparams.get("method"),
+        {
+            "model.model": hparams.get("model"),
+            "model.method": hparams.get("method"),
+            "model.teacher_mode": hparams.get("teacher_mode"),
+            "model.dtype": hparams.get("dtype"),
+            "model.lora": "null" if not lora else "set",
+            "model.lora.r": lora.get("r"),
+            "model.lora.alpha": lora.get("alpha"),
+            "model.lora.target_modules": _as_list(lora.get("target_modules")),
+            "model.estep.prior": (hparams.get("estep") or {}).get("prior"),
+            "model.sdpo.teacher": (hparams.get("sdpo") or {}).get("teacher"),
+            "model.student_optimizer": optimizers[0] if optimizers else None,
+            "model.teacher_optimizer": optimizers[1] if len(optimizers) > 1 else None,
+        },
+    )
 
 
 def configured_as(model_config: Any) -> dict[str, object]:
     """The same keys as `trained_as`, from the (not yet instantiated) `model` config."""
     lora = _get(model_config, "lora")
-    method = _get(model_config, "method")
     student = _optimizer_class(_get(model_config, "student_optimizer"))
-    teacher = _optimizer_class(_get(model_config, "teacher_optimizer"), default=student)
-    return {
-        "model.model": _get(model_config, "model"),
-        "model.method": method,
-        "model.teacher_mode": _get(model_config, "teacher_mode"),
-        "model.dtype": _get(model_config, "dtype"),
-        "model.lora": "null" if lora is None else "set",
-        "model.lora.r": _get(lora, "r"),
-        "model.lora.alpha": _get(lora, "alpha"),
-        "model.lora.target_modules": _as_list(_get(lora, "target_modules")),
-        "model.estep.prior": _get(_get(model_config, "estep"), "prior", "student")
-        if method == "vpd"
-        else None,
-        "model.sdpo.teacher": _get(_get(model_config, "sdpo"), "teacher", "current")
-        if method == "sdpo"
-        else None,
-        "model.student_optimizer": student,
-        "model.teacher_optimizer": teacher if method == "vpd" else None,
-    }
+    return _applicable(
+        _get(model_config, "method"),
+        {
+            "model.model": _get(model_config, "model"),
+            "model.method": _get(model_config, "method"),
+            "model.teacher_mode": _get(model_config, "teacher_mode"),
+            "model.dtype": _get(model_config, "dtype"),
+            "model.lora": "null" if lora is None else "set",
+            "model.lora.r": _get(lora, "r"),
+            "model.lora.alpha": _get(lora, "alpha"),
+            "model.lora.target_modules": _as_list(_get(lora, "target_modules")),
+            "model.estep.prior": _get(_get(model_config, "estep"), "prior", "student"),
+            "model.sdpo.teacher": _get(_get(model_config, "sdpo"), "teacher", "ema"),
+            "model.student_optimizer": student,
+            "model.teacher_optimizer": _optimizer_class(
+                _get(model_config, "teacher_optimizer"), default=student
+            ),
+        },
+    )
+
+
+def _applicable(method: str | None, settings: dict[str, object]) -> dict[str, object]:
+    """`settings` with the method-specific ones that do not apply to `method` set to None."""
+    spec = METHODS.get(method)
+    applies = set(spec.resume_keys()) if spec else set()
+    return {k: v if k not in METHOD_SPECIFIC or k in applies else None for k, v in settings.items()}
 
 
 def check_checkpoint(path: str | Path, model_config: Any) -> None:
@@ -153,3 +169,58 @@ def _get(config: Any, key: str, default: object = None) -> Any:
         return config.get(key, default)
     value = getattr(config, key, default)
     return default if value is None else value
+
+
+def run_state(
+    estep: EStep | None,
+    guard: NonFiniteGuard,
+    snapshot: WeightSnapshot | None,
+    optimizers: list[str],
+) -> dict:
+    """The checkpoint's `vpd_state`. Runs on every process (process 0 writes): the E-step buffer
+    and RNG states are each process's own and are kept per rank; the snapshot's shards are
+    gathered under FSDP2."""
+    buffer = [asdict(r) for r in estep.buffer] if estep is not None else []
+    return {
+        "per_rank": gather_objects({"estep_buffer": buffer, "rng": get_rng_state()}),
+        "estep": estep.state_dict() if estep is not None else None,
+        "nonfinite": guard.state_dict(),
+        "snapshot": snapshot.state_dict() if snapshot is not None else None,
+        "optimizers": optimizers,
+    }
+
+
+def own_state(state: dict | None, world: int, rank: int, fit: bool) -> dict:
+    """This process's part of a checkpoint's `vpd_state`, after checking it can be resumed."""
+    if state is None:
+        raise UserInputError("this checkpoint was not written by VPDModule (no 'vpd_state')")
+    if "per_rank" not in state or "estep" not in state:
+        raise UserInputError(
+            "ckpt_path: written by an older vpd_lightning (no per-process or E-step state); "
+            "resume from a checkpoint of this version"
+        )
+    per_rank = state["per_rank"]
+    if fit and len(per_rank) != world:
+        raise UserInputError(
+            f"ckpt_path: written by {len(per_rank)} process(es), resumed with {world}: each "
+            "process's prompts and E-step buffer depend on the number of processes; resume "
+            f"with trainer.devices x trainer.num_nodes = {len(per_rank)}"
+        )
+    return per_rank[min(rank, len(per_rank) - 1)]
+
+
+def restore_run_state(
+    state: dict,
+    own: dict,
+    estep: EStep | None,
+    guard: NonFiniteGuard,
+    snapshot: WeightSnapshot | None,
+) -> dict:
+    """Load `vpd_state` into the run's parts; returns the RNG state to restore at train start."""
+    if estep is not None and state["estep"] is not None:
+        estep.load_state_dict(state["estep"])
+        estep.buffer = [Rollout(**r) for r in own["estep_buffer"]]
+    guard.load_state_dict(state["nonfinite"])
+    if snapshot is not None:
+        snapshot.load_state_dict(state["snapshot"])
+    return own["rng"]

@@ -1,4 +1,4 @@
-"""The LightningModule: the training loop, the optimizer steps and Lightning's hooks.
+"""The LightningModule: one training step as a page, Lightning's hooks, and the model's roles.
 
 What one training step is: one batch of `data.prompts_per_step` prompts per process, rolled out
 `rollout.num_generations` times each, then one student update (the M-step, or the GRPO update),
@@ -13,92 +13,57 @@ normalised by counts summed over processes, and delta, beta and the logged metri
 over the global batch (`distributed.py`), so 2 processes on B prompts each train as one process on
 the same 2B prompts.
 
-The jobs this module delegates: options and their checks (`options.py`), sampling and verifying
-(`rollouts.py`), the per-micro-batch losses (`losses.py`), the roles of the one network
-(`policy.py`), strategies (`strategies.py`), sums over processes (`distributed.py`), non-finite
-losses (`guard.py`) and RNG state (`seeding.py`).
+Where the work is: what each method is (`algorithm/methods.py`), the updates (`algorithm/mstep.py`,
+`algorithm/estep.py`), the step mechanics (`stepping.py`), rollouts (`rollout/`), the network in
+its roles (`policy/`), evaluation (`evaluation.py`) and checkpoint state (`checkpoint.py`).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, replace
-from functools import partial
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch.distributed.tensor import DTensor
 
-from vpd_lightning.algorithm.losses import (
-    MStepStats,
-    MStepTerms,
-    estep_loss,
-    implicit_rewards,
-    mstep_loss,
-)
-from vpd_lightning.algorithm.objectives import (
-    adapt_beta,
-    bias_corrected,
-    group_advantages,
-    update_running_mean,
-)
-from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.algorithm.batches import MicroBatch, micro_batches
+from vpd_lightning.algorithm.estep import EStep
+from vpd_lightning.algorithm.methods import check_module_options
+from vpd_lightning.algorithm.mstep import MStepTerms, rollout_time_anchors, student_update
+from vpd_lightning.errors import UserInputError
 from vpd_lightning.options import (
-    DEFAULT_FEEDBACK_SOURCE,
-    DTYPE_NAMES,
     DistillOptions,
     EStepOptions,
     GrpoOptions,
     LoraOptions,
     Method,
+    OptionGroups,
     RolloutOptions,
     SdpoOptions,
     TeacherMode,
     ValidationOptions,
-    as_options,
-    check_combinations,
-    require_choice,
-    require_finite,
-    require_positive_int,
-    resolved_topk,
 )
-from vpd_lightning.policy.models import load_causal_lm, load_tokenizer
-from vpd_lightning.policy.packing import PackedBatch, pack
+from vpd_lightning.policy.models import generation_eos_ids, load_causal_lm, load_tokenizer
 from vpd_lightning.policy.roles import Policy
-from vpd_lightning.rollout import (
-    FeedbackSource,
-    TeacherContextBuilder,
-    render_messages,
-    render_prompt,
-)
-from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
-from vpd_lightning.rollout.sampling import Rollout, rollout_stats, sample_and_verify, to_rollouts
+from vpd_lightning.rollout import FeedbackSource, TeacherContextBuilder
+from vpd_lightning.rollout.contexts import engine_critic
+from vpd_lightning.rollout.engine import HFGenerateEngine
+from vpd_lightning.rollout.sampling import Rollout, collect_rollouts, rollout_stats
 from vpd_lightning.tasks import Task
-from vpd_lightning.trainer.distributed import (
-    gather_objects,
-    mean_over_processes,
-    sum_over_processes,
+from vpd_lightning.trainer import checkpoint
+from vpd_lightning.trainer.distributed import mean_over_processes
+from vpd_lightning.trainer.evaluation import (
+    TEACHER_VALIDATION_SEED,
+    VALIDATION_SEED,
+    student_attempts,
+    teacher_answers,
 )
 from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, RepairRate
-from vpd_lightning.trainer.seeding import get_rng_state, mix_seed, set_rng_state
-from vpd_lightning.trainer.stepping import NonFiniteGuard
+from vpd_lightning.trainer.seeding import mix_seed, set_rng_state
+from vpd_lightning.trainer.stepping import NonFiniteGuard, Stepper
 from vpd_lightning.trainer.strategies import check_strategy, is_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-OPTION_GROUPS = {
-    "lora": LoraOptions,
-    "rollout": RolloutOptions,
-    "distill": DistillOptions,
-    "estep": EStepOptions,
-    "sdpo": SdpoOptions,
-    "grpo": GrpoOptions,
-    "validation": ValidationOptions,
-}
-ROLES = ("student", "teacher")
-# Seed offsets of the evaluation passes, apart from the training rollouts' (step, rank) seeds.
-VALIDATION_SEED, TEACHER_VALIDATION_SEED = 17, 29
 
 
 class VPDModule(pl.LightningModule):
@@ -174,34 +139,28 @@ class VPDModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.method = method
-        self.teacher_mode = teacher_mode
-        self.feedback_source = feedback_source
-        self.success_threshold = success_threshold
-        self.lora = as_options(LoraOptions, lora) if lora is not None else None
-        self.rollout_opts = as_options(RolloutOptions, rollout)
-        self.distill = as_options(DistillOptions, distill)
-        self.estep = as_options(EStepOptions, estep)
-        self.sdpo = as_options(SdpoOptions, sdpo)
-        self.grpo = as_options(GrpoOptions, grpo)
-        self.validation = as_options(ValidationOptions, validation)
-        self.micro_batch_size = micro_batch_size
-        self.updates_per_batch = updates_per_batch
-        self.student_grad_clip = student_grad_clip
-        self.teacher_grad_clip = teacher_grad_clip
-        self.verify_workers = verify_workers
-        self.seed = seed
+        given = locals()
+        self.opts = OptionGroups.from_given(
+            lora=lora,
+            rollout=rollout,
+            distill=distill,
+            estep=estep,
+            sdpo=sdpo,
+            grpo=grpo,
+            validation=validation,
+        )
+        self._optimizer_factories = {"student": student_optimizer, "teacher": teacher_optimizer}
+        self._scheduler_factories = {"student": student_scheduler, "teacher": teacher_scheduler}
+        self.spec, self.feedback_source = check_module_options(given, self.opts)
         self.task = task
-        self._optimizer_factories = (student_optimizer, teacher_optimizer)
-        self._scheduler_factories = (student_scheduler, teacher_scheduler)
-        self._check_options(locals())
-        ignored = [
-            "task",
-            *OPTION_GROUPS,
-            *(f"{r}_{k}" for r in ROLES for k in ("optimizer", "scheduler")),
-        ]
-        self.save_hyperparameters(ignore=ignored)
-        self._store_option_groups()
+        self.save_hyperparameters(
+            ignore=[
+                "task",
+                *self.opts.as_hparams(),
+                *(f"{r}_{k}" for r in ("student", "teacher") for k in ("optimizer", "scheduler")),
+            ]
+        )
+        self.hparams.update(self.opts.as_hparams())
 
         # Everything above is cheap and checked; loading the model is the first costly thing.
         self.tokenizer = load_tokenizer(model)
@@ -209,94 +168,35 @@ class VPDModule(pl.LightningModule):
         if gradient_checkpointing:
             network.gradient_checkpointing_enable()
             network.config.use_cache = False
-        passive = {"sdpo": self.sdpo.teacher, "opsd": "initial"}.get(method)
         self.policy = Policy(
             network,
-            self.lora,
+            self.opts.lora,
             teacher_mode == "adapter",
-            passive,
-            self.sdpo,
-            initial_prior=method == "vpd" and self.estep.prior == "initial",
+            self.spec.teacher_weights(self.opts.sdpo),
+            self.opts.sdpo,
+            initial_prior=self.spec.trains_teacher and self.opts.estep.prior == "initial",
         )
-        eos_ids = {self.tokenizer.eos_token_id, *_generation_eos_ids(network)}
+        eos_ids = {self.tokenizer.eos_token_id, *generation_eos_ids(network)}
         self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
 
-        # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
-        # BCO's running mean of the implicit reward, as an EMA and its update count (`delta`)
-        self.register_buffer("delta_ema", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("delta_updates", torch.zeros((), dtype=torch.long))
-        self.register_buffer("beta", torch.tensor(self.estep.beta, dtype=torch.float64))
-        self.estep_buffer: list[Rollout] = []
-        self.steps_since_estep = 0
+        # State that checkpoints carry (`on_save_checkpoint`).
+        self.estep = EStep(self.opts.estep, success_threshold) if self.spec.trains_teacher else None
         self.guard = NonFiniteGuard(max_nonfinite_in_a_row)
+        clips = {"student": student_grad_clip, "teacher": teacher_grad_clip}
+        self.stepper = Stepper(self, self.guard, clips)
         self._rng_to_restore: dict | None = None
         self.last_validated_step: int | None = None
 
         self.val_mean = MeanAtN()
         self.val_pass = torch.nn.ModuleDict(
-            {str(k): PassAtK(k, success_threshold) for k in self.validation.pass_k}
+            {str(k): PassAtK(k, success_threshold) for k in self.opts.validation.pass_k}
         )
         self.val_teacher_repair = RepairRate(success_threshold)
-
-    # ------------------------------------------------------------------------ options
-    def _check_options(self, given: dict) -> None:
-        """Top-level options one by one, then the combinations (`options.check_combinations`)."""
-        require_choice("model.method", self.method, Method)
-        require_choice("model.teacher_mode", self.teacher_mode, TeacherMode)
-        if self.feedback_source is None:
-            self.feedback_source = DEFAULT_FEEDBACK_SOURCE[self.method]
-        require_choice("model.feedback_source", self.feedback_source, FeedbackSource)
-        require(
-            given["dtype"] in DTYPE_NAMES,
-            "model.dtype",
-            given["dtype"],
-            f"must be one of {', '.join(DTYPE_NAMES)}",
-        )
-        for name in (
-            "max_context_tokens",
-            "micro_batch_size",
-            "updates_per_batch",
-            "max_nonfinite_in_a_row",
-            "verify_workers",
-        ):
-            require_positive_int(f"model.{name}", given[name])
-        require_finite(
-            "model.success_threshold", self.success_threshold, 1e-12, 1.0, "must be in (0, 1]"
-        )
-        for name in ("student_grad_clip", "teacher_grad_clip"):
-            if given[name] is not None:
-                require_finite(f"model.{name}", given[name], 1e-12, float("inf"), "must be > 0")
-        check_combinations(
-            method=self.method,
-            teacher_mode=self.teacher_mode,
-            feedback_source=self.feedback_source,
-            lora=self.lora,
-            rollout=self.rollout_opts,
-            distill=self.distill,
-            estep=self.estep,
-            updates_per_batch=self.updates_per_batch,
-            has_teacher_optimizer=self._optimizer_factories[1] is not None,
-            has_teacher_scheduler=self._scheduler_factories[1] is not None,
-        )
-
-    def _store_option_groups(self) -> None:
-        """Option groups go into hparams as plain dicts: checkpoints load with weights_only=True."""
-        groups = {
-            "lora": self.lora,
-            "rollout": self.rollout_opts,
-            "distill": self.distill,
-            "estep": self.estep,
-            "sdpo": self.sdpo,
-            "grpo": self.grpo,
-            "validation": self.validation,
-        }
-        self.hparams.update({k: asdict(v) if v is not None else None for k, v in groups.items()})
 
     # ------------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         if self.task is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            self.task = getattr(datamodule, "task", None)
+            self.task = getattr(getattr(self.trainer, "datamodule", None), "task", None)
         if self.task is None:
             raise UserInputError(
                 "VPDModule needs a task: pass task=... or use VPDDataModule(task=...)"
@@ -306,25 +206,22 @@ class VPDModule(pl.LightningModule):
         if kwargs is not None and self.policy.separate_teacher_adapter:
             # The M-step leaves the teacher adapter without gradients and the E-step the student's.
             kwargs["find_unused_parameters"] = True
-        if self.validation.teacher and self.task.feedback_reveals_answer:
+        if self.opts.validation.teacher and self.task.feedback_reveals_answer:
             raise UserInputError(
                 "model.validation.teacher = true: this task's feedback states the correct answer, "
                 "so the teacher's held-out repair rate would measure copying; use feedback that "
                 "does not (for example `diagnostic`) or set model.validation.teacher: false"
             )
-        self.failure_feedback = TeacherContextBuilder(
-            self.tokenizer,
-            source="verifier",
+        context = dict(
             max_context_tokens=self.hparams.max_context_tokens,
-            success_threshold=self.success_threshold,
+            success_threshold=self.hparams.success_threshold,
         )
+        self.failure_feedback = TeacherContextBuilder(self.tokenizer, source="verifier", **context)
+        critic = None
+        if self.feedback_source == "self_critique":
+            critic = engine_critic(self.engine, self.tokenizer, self.hparams.max_context_tokens)
         self.builder = TeacherContextBuilder(
-            self.tokenizer,
-            source=self.feedback_source,
-            max_context_tokens=self.hparams.max_context_tokens,
-            task=self.task,
-            critique_fn=self._critique if self.feedback_source == "self_critique" else None,
-            success_threshold=self.success_threshold,
+            self.tokenizer, self.feedback_source, task=self.task, critique_fn=critic, **context
         )
 
     def configure_model(self) -> None:
@@ -333,27 +230,20 @@ class VPDModule(pl.LightningModule):
             self.policy.shard(self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
-        student_factory, teacher_factory = self._optimizer_factories
-        student_sched, teacher_sched = self._scheduler_factories
-        optimizers = [_make_optimizer(student_factory, self.policy.student_parameters())]
-        schedulers = [student_sched(optimizers[0]) if student_sched else None]
-        if self.method == "vpd":
-            teacher_factory = teacher_factory or student_factory  # null: the student's settings
-            optimizers.append(_make_optimizer(teacher_factory, self.policy.teacher_parameters()))
-            schedulers.append(teacher_sched(optimizers[1]) if teacher_sched else None)
-        if all(s is None for s in schedulers):
+        roles = {"student": self.policy.student_parameters()}
+        if self.spec.trains_teacher:
+            roles["teacher"] = self.policy.teacher_parameters()
+        optimizers, schedulers = [], []
+        for role, params in roles.items():
+            # A null teacher optimizer takes the student's class and settings.
+            factory = self._optimizer_factories[role] or self._optimizer_factories["student"]
+            optimizers.append(factory(params) if factory else torch.optim.AdamW(params, lr=1e-5))
+            scheduler = self._scheduler_factories[role]
+            schedulers.append(scheduler(optimizers[-1]) if scheduler else None)
+        self.has_scheduler = [s is not None for s in schedulers]
+        if not any(self.has_scheduler):
             return optimizers
         return optimizers, [s for s in schedulers if s is not None]
-
-    def _optimizer_and_scheduler(self, role: int):
-        """(optimizer, scheduler or None) of role 0 (student) or 1 (teacher)."""
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
-        scheds = self.lr_schedulers()
-        scheds = [] if scheds is None else scheds if isinstance(scheds, list) else [scheds]
-        present = [i for i, f in enumerate(self._scheduler_factories[: len(opts)]) if f]
-        scheduler = scheds[present.index(role)] if role in present else None
-        return opts[role], scheduler
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
@@ -363,29 +253,26 @@ class VPDModule(pl.LightningModule):
     # ------------------------------------------------------------------------ one training step
     def training_step(self, batch: list[dict], batch_idx: int) -> None:
         step_start = time.perf_counter()
-        rollouts = self._collect_rollouts(batch)
-        strategy = self.trainer.strategy
+        rollouts = self.collect_rollouts(batch)
         stats = mean_over_processes(
-            strategy, rollout_stats(rollouts, self.success_threshold), len(rollouts)
+            self.trainer.strategy,
+            rollout_stats(rollouts, self.hparams.success_threshold),
+            len(rollouts),
         )
         rollout_time = time.perf_counter() - step_start
 
         update_start = time.perf_counter()
-        anchors = self._rollout_time_anchors(rollouts) if self.updates_per_batch > 1 else None
-        for update in range(self.updates_per_batch):  # only the first counts as a global step
-            stats.update(self._student_update(rollouts, anchors, counted=update == 0))
-        if self.method == "vpd":
-            self.estep_buffer.extend(rollouts)
-            self.steps_since_estep += 1
-            if self.steps_since_estep >= self.estep.every:
-                stats.update(self._teacher_update(self.estep_buffer))
-                self.estep_buffer = []
-                self.steps_since_estep = 0
-            stats["estep/delta"] = float(self.delta)
-            stats["estep/beta"] = float(self.beta)
+        stats.update(self.update_student(rollouts))
+        if self.estep is not None:
+            if self.estep.add(rollouts):
+                stats.update(
+                    self.estep.update(self.policy, self.batches_of(self.estep.buffer), self.stepper)
+                )
+            stats["estep/delta"] = self.estep.delta
+            stats["estep/beta"] = self.estep.beta
         update_time = time.perf_counter() - update_start
 
-        (tokens,) = sum_over_processes(strategy, [sum(len(r.completion_ids) for r in rollouts)])
+        (tokens,) = self.stepper.sum([sum(len(r.completion_ids) for r in rollouts)])
         stats["time/rollout_s"] = rollout_time
         stats["time/update_s"] = update_time
         stats["throughput/tokens_per_s"] = tokens / max(time.perf_counter() - step_start, 1e-9)
@@ -394,6 +281,45 @@ class VPDModule(pl.LightningModule):
         self.log_step_metrics(stats)
         self.log(
             "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
+        )
+
+    def collect_rollouts(self, records: list[dict]) -> list[Rollout]:
+        """This process's rollouts of `records`, seeded by (seed, step, rank), with contexts."""
+        seed = mix_seed(self.hparams.seed, self.global_step, self.global_rank)
+        return collect_rollouts(
+            self.engine,
+            self.tokenizer,
+            self.task,
+            records,
+            self.opts.rollout.sampling(seed),
+            self.hparams.verify_workers,
+            self.builder if self.spec.distils else None,
+        )
+
+    def update_student(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """`updates_per_batch` student updates on the same rollouts; the first is the step."""
+        batches = self.batches_of(rollouts, with_teacher=self.spec.distils)
+        terms = MStepTerms(
+            distill=self.spec.resolved_distill(self.opts.distill),
+            grpo_coef=self.spec.grpo_coef(self.opts.distill),
+            grpo=self.opts.grpo,
+            sampling_temperature=self.opts.rollout.temperature,
+            group_size=self.opts.rollout.num_generations,
+        )
+        repeats = self.hparams.updates_per_batch
+        anchors = rollout_time_anchors(self.policy, batches) if repeats > 1 else None
+        stats: dict[str, float] = {}
+        for update in range(repeats):
+            stats = student_update(self.policy, batches, terms, self.stepper, anchors, update == 0)
+        return stats
+
+    def batches_of(self, rollouts: list[Rollout], with_teacher: bool = True) -> list[MicroBatch]:
+        return micro_batches(
+            rollouts,
+            self.hparams.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            self.device,
+            with_teacher,
         )
 
     def log_step_metrics(self, stats: dict[str, float]) -> None:
@@ -408,347 +334,6 @@ class VPDModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(stats, step=self.global_step)
 
-    # ------------------------------------------------------------------------ rollouts
-    def _collect_rollouts(self, records: list[dict]) -> list[Rollout]:
-        o = self.rollout_opts
-        params = SamplingParams(
-            num_samples=o.num_generations,
-            temperature=o.temperature,
-            top_p=o.top_p,
-            max_new_tokens=o.max_new_tokens,
-            seed=mix_seed(self.seed, self.global_step, self.global_rank),
-        )
-        prompts = [render_prompt(self.tokenizer, r) for r in records]
-        attempts = sample_and_verify(
-            self.engine, self.tokenizer, self.task, records, prompts, params, self.verify_workers
-        )
-        contexts = None
-        if self.method != "grpo":
-            groups = attempts.groups()
-            contexts = self.builder.build_batch(
-                records,
-                [attempts.texts[g] for g in groups],
-                [attempts.verdicts[g] for g in groups],
-            )
-        return to_rollouts(attempts, contexts)
-
-    @torch.no_grad()
-    def _critique(self, critique_prompts: list[str]) -> list[str]:
-        """Self-critique: the student writes a critique of its own attempt (greedy)."""
-        prompts = [
-            render_messages(self.tokenizer, [{"role": "user", "content": text}])
-            for text in critique_prompts
-        ]
-        params = SamplingParams(
-            num_samples=1, temperature=0.0, max_new_tokens=self.hparams.max_context_tokens
-        )
-        with self.policy.student():
-            out = self.engine.generate(prompts, params)
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
-
-    def _micro_batches(self, rollouts: list[Rollout]) -> list[list[Rollout]]:
-        size = self.micro_batch_size
-        return [rollouts[start : start + size] for start in range(0, len(rollouts), size)]
-
-    def _pack(self, micro: list[Rollout], teacher: bool = False) -> PackedBatch:
-        """The student's (or the teacher's) prompts, each followed by the same completion ids."""
-        prompts = [r.teacher_prompt_ids if teacher else r.prompt_ids for r in micro]
-        completions = [r.completion_ids for r in micro]
-        return pack(prompts, completions, self.tokenizer.pad_token_id, self.device)
-
-    @torch.no_grad()
-    def _rollout_time_anchors(
-        self, rollouts: list[Rollout]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per micro-batch (hidden, head weight) of the rollout-time policy, for several updates
-        per batch: the trust-region anchor and GRPO's old log-probs."""
-
-        def anchors() -> list[tuple[torch.Tensor, torch.Tensor]]:
-            weight = self.policy.kept_head_weight()
-            with self.policy.student():
-                return [
-                    (self.policy.hidden(self._pack(micro)), weight)
-                    for micro in self._micro_batches(rollouts)
-                ]
-
-        return self.policy(anchors)
-
-    # ------------------------------------------------------------------------ M-step
-    def _student_update(
-        self,
-        rollouts: list[Rollout],
-        anchors: list[tuple[torch.Tensor, torch.Tensor]] | None,
-        counted: bool,
-    ) -> dict:
-        """One student update, accumulated over micro-batches (memory bounded by one)."""
-        optimizer, scheduler = self._optimizer_and_scheduler(0)
-        terms = MStepTerms(
-            distill=(
-                replace(self.distill, topk=resolved_topk(self.method, self.distill))
-                if self.method != "grpo"
-                else None
-            ),
-            grpo_coef=1.0 if self.method == "grpo" else self.distill.grpo_coef,
-            grpo=self.grpo,
-            sampling_temperature=self.rollout_opts.temperature,
-        )
-        strategy = self.trainer.strategy
-        distill_sum, all_sum = sum_over_processes(
-            strategy,
-            [
-                sum(len(r.completion_ids) for r in rollouts if r.has_context),
-                sum(len(r.completion_ids) for r in rollouts),
-            ],
-        )
-        distill_tokens, all_tokens = max(int(distill_sum), 1), max(int(all_sum), 1)
-        advantages = None
-        if terms.grpo_coef:
-            rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
-            advantages = group_advantages(
-                rewards, self.rollout_opts.num_generations, self.grpo.normalize_std
-            )
-
-        total_loss, totals, start = 0.0, MStepStats(), 0
-        with self.policy.student():
-            for index, micro in enumerate(self._micro_batches(rollouts)):
-                loss, stats = self.policy(
-                    partial(
-                        mstep_loss,
-                        self.policy,
-                        self._pack(micro),
-                        self._pack(micro, teacher=True),
-                        terms=terms,
-                        has_context=torch.tensor([r.has_context for r in micro]),
-                        advantages=None
-                        if advantages is None
-                        else advantages[start : start + len(micro)],
-                        anchor=anchors[index] if anchors else None,
-                        distill_tokens=distill_tokens,
-                        all_tokens=all_tokens,
-                    )
-                )
-                self._backward_share(loss)
-                total_loss += float(loss.detach())
-                for name, value in asdict(stats).items():
-                    setattr(totals, name, getattr(totals, name) + value)
-                start += len(micro)
-        finite = self._all_finite(total_loss)
-        names = list(asdict(totals))
-        summed = sum_over_processes(strategy, [total_loss, *(getattr(totals, n) for n in names)])
-        total_loss, totals = summed[0], MStepStats(**dict(zip(names, summed[1:], strict=True)))
-
-        out = {"mstep/loss": total_loss}
-        if terms.distill is not None:
-            out["mstep/teacher_student_kl"] = totals.divergence / distill_tokens
-            out["mstep/student_entropy"] = totals.entropy / distill_tokens
-            if anchors and self.distill.trust_region_coef:
-                out["mstep/trust_region_kl"] = totals.trust_region_kl / distill_tokens
-        if terms.grpo_coef:
-            out["mstep/grpo_loss"] = totals.grpo
-        grad_norm, skipped = self._step(
-            "student",
-            optimizer,
-            scheduler,
-            self.policy.student_parameters(),
-            self.student_grad_clip,
-            finite,
-            counted=counted,
-        )
-        out["mstep/grad_norm"] = grad_norm
-        out["mstep/skipped"] = float(skipped)
-        if not skipped:
-            self.policy.after_student_update()
-        return out
-
-    # ------------------------------------------------------------------------ E-step
-    def _teacher_update(self, buffer: list[Rollout]) -> dict:
-        """BCO on verifier labels: the implicit reward is measured against the prior (by default
-        the current student, detached: the dynamic prior), and `delta` is a running mean of it.
-        Label counts, delta and the KL that adapts beta are over every process's buffer."""
-        optimizer, scheduler = self._optimizer_and_scheduler(1)
-        strategy = self.trainer.strategy
-        beta = float(self.beta)
-        threshold = self.success_threshold
-        weights = torch.tensor([1.0 if r.has_context else 0.0 for r in buffer])
-        success = torch.tensor([r.reward >= threshold for r in buffer])
-        n_success, n_failure = sum_over_processes(
-            strategy, [float((weights * success).sum()), float((weights * ~success).sum())]
-        )
-        micro_batches = [self._estep_batch(micro) for micro in self._micro_batches(buffer)]
-        self._update_delta(micro_batches, weights, beta)
-        rewards, total_loss, kl_sum, kl_tokens, start = [], 0.0, 0.0, 0, 0
-        for student, teacher, lengths in micro_batches:
-            end = start + len(lengths)
-            # Forward and backward in the teacher's context: gradient checkpointing recomputes
-            # the forward during backward, and must do so with the teacher adapter active.
-            with self.policy.trainable_teacher():
-                loss, stats = self.policy(
-                    partial(
-                        estep_loss,
-                        self.policy,
-                        student,
-                        teacher,
-                        options=self.estep,
-                        beta=beta,
-                        delta=self.delta,
-                        success=success[start:end].to(self.device),
-                        weight=weights[start:end].to(self.device),
-                        lengths=lengths,
-                        n_success=n_success,
-                        n_failure=n_failure,
-                    )
-                )
-                self._backward_share(loss)
-            total_loss += float(loss.detach())
-            rewards.append(stats.rewards)
-            kl_sum, kl_tokens = kl_sum + stats.kl_sum, kl_tokens + stats.kl_tokens
-            start = end
-
-        finite = self._all_finite(total_loss)
-        reward = torch.cat(rewards).cpu().double()
-        weights, success = weights.double(), success.double()
-        (
-            total_loss,
-            reward_sum,
-            weight_sum,
-            success_reward,
-            success_weight,
-            failure_reward,
-            failure_weight,
-            kl_sum,
-            kl_tokens,
-        ) = sum_over_processes(
-            strategy,
-            [
-                total_loss,
-                float((reward * weights).sum()),
-                float(weights.sum()),
-                float((reward * weights * success).sum()),
-                float((weights * success).sum()),
-                float((reward * weights * (1 - success)).sum()),
-                float((weights * (1 - success)).sum()),
-                kl_sum,
-                kl_tokens,
-            ],
-        )
-        grad_norm, skipped = self._step(
-            "teacher",
-            optimizer,
-            scheduler,
-            self.policy.teacher_parameters(),
-            self.teacher_grad_clip,
-            finite,
-            counted=False,
-        )
-        out = {
-            "estep/loss": total_loss,
-            "estep/grad_norm": grad_norm,
-            "estep/skipped": float(skipped),
-        }
-        if weight_sum > 0:
-            batch_mean = reward_sum / weight_sum
-            out["estep/implicit_reward"] = batch_mean
-            if success_weight > 0 and failure_weight > 0:
-                out["estep/margin"] = (
-                    success_reward / success_weight - failure_reward / failure_weight
-                )
-        if kl_tokens:
-            measured = kl_sum / kl_tokens
-            out["estep/teacher_kl"] = measured
-            e = self.estep
-            self.beta.fill_(
-                adapt_beta(beta, measured, e.target_kl, e.beta_rate, e.beta_min, e.beta_max)
-            )
-        return out
-
-    @property
-    def delta(self) -> torch.Tensor:
-        """BCO's delta: the bias-corrected EMA of the E-steps' mean implicit rewards."""
-        value = bias_corrected(
-            float(self.delta_ema), int(self.delta_updates), self.estep.delta_momentum
-        )
-        return torch.tensor(value, dtype=torch.float64, device=self.delta_ema.device)
-
-    @torch.no_grad()
-    def _update_delta(
-        self,
-        micro_batches: list[tuple[PackedBatch, PackedBatch, torch.Tensor]],
-        weights: torch.Tensor,
-        beta: float,
-    ) -> None:
-        """BCO's convention: this buffer's implicit rewards (every process's) enter the running
-        mean before the loss uses it, so the first E-step's delta is its own batch mean. Costs
-        one no-grad teacher and prior forward over the buffer."""
-        total, start = 0.0, 0
-        for student, teacher, lengths in micro_batches:
-            end = start + len(lengths)
-            with self.policy.trainable_teacher():
-                reward, _, _ = self.policy(
-                    partial(
-                        implicit_rewards,
-                        self.policy,
-                        student,
-                        teacher,
-                        options=self.estep,
-                        beta=beta,
-                        lengths=lengths,
-                    )
-                )
-            total += float((reward.double().cpu() * weights[start:end].double()).sum())
-            start = end
-        total, count = sum_over_processes(self.trainer.strategy, [total, float(weights.sum())])
-        if count > 0 and math.isfinite(total):
-            update_running_mean(
-                self.delta_ema, self.delta_updates, total / count, self.estep.delta_momentum
-            )
-
-    def _estep_batch(self, micro: list[Rollout]) -> tuple[PackedBatch, PackedBatch, torch.Tensor]:
-        """(student batch, teacher batch, response lengths) of one E-step micro-batch."""
-        lengths = torch.tensor([len(r.completion_ids) for r in micro], device=self.device)
-        return self._pack(micro), self._pack(micro, teacher=True), lengths
-
-    # ------------------------------------------------------------------------ optimizer steps
-    def _backward_share(self, loss: torch.Tensor) -> None:
-        """Back-propagate this process's share of a loss normalised by global counts: DDP and
-        FSDP2 average gradients over processes, so the world size makes it the global sum."""
-        self.manual_backward(loss * self.trainer.world_size)
-
-    def _all_finite(self, loss: float) -> bool:
-        """Whether every process's loss is finite (one non-finite loss skips the update)."""
-        finite = bool(torch.isfinite(torch.tensor(loss)).item())
-        return bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-
-    def _step(
-        self,
-        kind: str,
-        optimizer,
-        scheduler,
-        params: list,
-        clip: float | None,
-        finite: bool,
-        counted: bool,
-    ) -> tuple[float, bool]:
-        """Clip, step and zero one optimizer; (grad norm, whether the update was skipped).
-
-        A non-finite loss (on any process: `finite` is already agreed) skips the update: the
-        gradients are dropped and a counted step still advances `global_step` (an optimizer
-        step without gradients changes nothing), so `max_steps` bounds a run whatever its losses.
-        """
-        grad_norm = _grad_norm(params)
-        self.guard.record(kind, finite, self.global_step)
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-        elif clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        if counted:
-            optimizer.step()
-        elif finite:  # through the strategy, so precision plugins apply, without counting a step
-            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None and (counted or finite):
-            scheduler.step()
-        return grad_norm, not finite
-
     # ------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -760,150 +345,49 @@ class VPDModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, records: list[dict], prefix: str) -> None:
-        v = self.validation
-        n = v.num_samples
-        params = SamplingParams(
-            num_samples=n,
-            temperature=v.temperature,
-            top_p=v.top_p,
-            max_new_tokens=v.max_new_tokens or self.rollout_opts.max_new_tokens,
-            seed=self.seed + VALIDATION_SEED,
-        )
-        prompts = [render_prompt(self.tokenizer, r) for r in records]
+        """mean@n and pass@k of the student; with `validation.teacher`, the teacher's repair rate."""
+        v, workers = self.opts.validation, self.hparams.verify_workers
+        params = v.sampling(self.opts.rollout, self.hparams.seed + VALIDATION_SEED)
         with self.policy.student():
-            attempts = sample_and_verify(
-                self.engine,
-                self.tokenizer,
-                self.task,
-                records,
-                prompts,
-                params,
-                self.verify_workers,
+            attempts = student_attempts(
+                self.engine, self.tokenizer, self.task, records, params, workers
             )
         rewards = attempts.rewards().to(self.device)
-        batch_size = len(records)
+        size = len(records)
         self.val_mean.update(rewards)
-        self.log(
-            f"{prefix}/mean@{n}", self.val_mean, on_epoch=True, prog_bar=True, batch_size=batch_size
-        )
+        self.log(f"{prefix}/mean@{v.num_samples}", self.val_mean, prog_bar=True, batch_size=size)
         for k, metric in self.val_pass.items():
             metric.update(rewards)
-            self.log(f"{prefix}/pass@{k}", metric, on_epoch=True, batch_size=batch_size)
-        if v.teacher and self.method != "grpo":
-            self._evaluate_teacher(attempts, params, prefix)
-
-    def _evaluate_teacher(self, attempts, params: SamplingParams, prefix: str) -> None:
-        """The teacher's repair rate: it answers each question again from the verifier's feedback
-        on the student's attempt, and only the student's wrong attempts count, whose feedback
-        never states the answer (the feedback on a right one says it is right). Every attempt is
-        answered, so that all processes generate alike (FSDP2 gathers weights in `generate`)."""
-        groups = attempts.groups()
-        contexts = self.failure_feedback.build_batch(
-            attempts.records,
-            [attempts.texts[g] for g in groups],
-            [attempts.verdicts[g] for g in groups],
-        )
-        records = [r for r in attempts.records for _ in range(attempts.n)]
-        teacher_prompts = [
-            c.prompt_ids if c.has_context else attempts.prompt_ids[i]
-            for i, group in enumerate(contexts)
-            for c in group
-        ]
-        teacher_params = SamplingParams(
-            num_samples=1,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_new_tokens=params.max_new_tokens,
-            seed=self.seed + TEACHER_VALIDATION_SEED,
-        )
+            self.log(f"{prefix}/pass@{k}", metric, on_epoch=True, batch_size=size)
+        if not (v.teacher and self.spec.distils):
+            return
         with self.policy.trainable_teacher():
-            answers = sample_and_verify(
+            answers = teacher_answers(
                 self.engine,
                 self.tokenizer,
                 self.task,
-                records,
-                teacher_prompts,
-                teacher_params,
-                self.verify_workers,
+                attempts,
+                self.failure_feedback,
+                params,
+                self.hparams.seed + TEACHER_VALIDATION_SEED,
+                workers,
             )
-        self.val_teacher_repair.update(
-            attempts.rewards().to(self.device).view(-1), answers.rewards().to(self.device).view(-1)
-        )
-        self.log(
-            f"{prefix}/teacher_repair_rate",
-            self.val_teacher_repair,
-            on_epoch=True,
-            batch_size=len(attempts.records),
-        )
+        self.val_teacher_repair.update(rewards.view(-1), answers.rewards().to(self.device).view(-1))
+        self.log(f"{prefix}/teacher_repair_rate", self.val_teacher_repair, batch_size=size)
 
     # ------------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Runs on every process (process 0 writes): the E-step buffer and RNG states are each
-        process's own and are kept per rank; the snapshot's shards are gathered under FSDP2."""
-        per_rank = gather_objects(
-            {"estep_buffer": [asdict(r) for r in self.estep_buffer], "rng": get_rng_state()}
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        ckpt["vpd_state"] = checkpoint.run_state(
+            self.estep,
+            self.guard,
+            self.policy.snapshot,
+            [type(o).__name__ for o in self.trainer.strategy.optimizers],
         )
-        checkpoint["vpd_state"] = {
-            "per_rank": per_rank,
-            "steps_since_estep": self.steps_since_estep,
-            "nonfinite": self.guard.state_dict(),
-            "snapshot": self.policy.snapshot.state_dict() if self.policy.snapshot else None,
-            "optimizers": [
-                type(o).__name__ for o in _as_list(self.optimizers(use_pl_optimizer=False))
-            ],
-        }
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("vpd_state")
-        if state is None:
-            raise UserInputError("this checkpoint was not written by VPDModule (no 'vpd_state')")
-        if "per_rank" not in state:
-            raise UserInputError(
-                "ckpt_path: written by an older vpd_lightning (no per-process state); resume "
-                "from a checkpoint of this version"
-            )
-        per_rank = state["per_rank"]
-        world = self.trainer.world_size
-        if self.trainer.state.fn == "fit" and len(per_rank) != world:
-            raise UserInputError(
-                f"ckpt_path: written by {len(per_rank)} process(es), resumed with {world}: each "
-                "process's prompts and E-step buffer depend on the number of processes; resume "
-                f"with trainer.devices x trainer.num_nodes = {len(per_rank)}"
-            )
-        own = per_rank[min(self.global_rank, len(per_rank) - 1)]
-        self.estep_buffer = [Rollout(**r) for r in own["estep_buffer"]]
-        self._rng_to_restore = own["rng"]
-        self.steps_since_estep = state["steps_since_estep"]
-        self.guard.load_state_dict(state["nonfinite"])
-        if self.policy.snapshot is not None:
-            self.policy.snapshot.load_state_dict(state["snapshot"])
-
-
-def _make_optimizer(factory: OptimizerCallable | None, params: list) -> torch.optim.Optimizer:
-    if factory is None:
-        return torch.optim.AdamW(params, lr=1e-5)
-    return factory(params)
-
-
-def _generation_eos_ids(network: torch.nn.Module) -> list[int]:
-    eos = getattr(network.generation_config, "eos_token_id", None)
-    if eos is None:
-        return []
-    return list(eos) if isinstance(eos, list | tuple) else [eos]
-
-
-def _grad_norm(params: list) -> float:
-    """The global gradient norm (under FSDP2 the gradients are shards: their norm is reduced)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
-
-
-def _no_closure() -> None:
-    return None
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        fit = self.trainer.state.fn == "fit"
+        world, rank = self.trainer.world_size, self.global_rank
+        own = checkpoint.own_state(ckpt.get("vpd_state"), world, rank, fit)
+        self._rng_to_restore = checkpoint.restore_run_state(
+            ckpt["vpd_state"], own, self.estep, self.guard, self.policy.snapshot
+        )

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpd_lightning.algorithm.losses import MStepTerms, estep_loss, mstep_loss
+from vpd_lightning.algorithm.estep import estep_loss, prior_pass
+from vpd_lightning.algorithm.mstep import MStepTerms, mstep_loss
 from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions, SdpoOptions
 from vpd_lightning.policy.packing import pack
 from vpd_lightning.policy.roles import Policy
@@ -134,12 +135,14 @@ def test_estep_is_bco_on_implicit_rewards_against_the_detached_student(policy, l
     success = torch.tensor([True, False, True])
     weight = torch.tensor([1.0, 1.0, 0.0])
     lengths = torch.tensor([len(c) for c in COMPLETIONS])
-    beta, delta = 0.3, torch.tensor(0.05)
-    loss, stats = estep_loss(
+    beta, delta = 0.3, 0.05
+    options = EStepOptions(length_normalize=length_normalize)
+    prior = prior_pass(policy, student, teacher, options=options, beta=beta, lengths=lengths)
+    loss, rewards = estep_loss(
         policy,
-        student,
         teacher,
-        options=EStepOptions(length_normalize=length_normalize),
+        prior_logp=prior.prior_logp,
+        options=options,
         beta=beta,
         delta=delta,
         success=success,
@@ -173,24 +176,22 @@ def test_estep_is_bco_on_implicit_rewards_against_the_detached_student(policy, l
     expected.backward()  # the student's log-probs are constants: only the teacher's path counts
     for g, p in zip(got, policy.model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad.to(g.dtype), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(stats.rewards.double(), reward.detach(), rtol=1e-5, atol=1e-6)
-    assert stats.kl_tokens == 0  # no target_kl: the KL is not measured
+    torch.testing.assert_close(rewards.double(), reward.detach(), rtol=1e-5, atol=1e-6)
+    # The no-grad pass that feeds delta sees the same rewards, before the update.
+    torch.testing.assert_close(prior.rewards.double(), reward.detach(), rtol=1e-5, atol=1e-6)
+    assert not prior.prior_logp.requires_grad
+    assert prior.kl_tokens == 0  # no target_kl: the KL is not measured
 
 
 def test_estep_measures_teacher_kl_when_beta_adapts(policy):
     student, teacher = batches()
-    _, stats = estep_loss(
+    stats = prior_pass(
         policy,
         student,
         teacher,
         options=EStepOptions(target_kl=0.1),
         beta=0.1,
-        delta=0.0,
-        success=torch.tensor([True, False, True]),
-        weight=torch.ones(3),
         lengths=torch.tensor([3, 1, 2]),
-        n_success=2.0,
-        n_failure=1.0,
     )
     log_s = eager_logprobs(policy.model, PROMPTS, COMPLETIONS)
     log_t = eager_logprobs(policy.model, TEACHER_PROMPTS, COMPLETIONS)

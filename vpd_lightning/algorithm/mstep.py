@@ -1,22 +1,22 @@
-"""The M-step and E-step losses of one micro-batch, testable without a Trainer.
+"""The M-step: the student update, and the loss of one micro-batch it accumulates.
 
-Each function runs the policy's forward passes for one micro-batch of packed sequences and returns
-the loss to back-propagate plus detached statistics. Losses are normalised by counts over the
-whole batch (passed in), so gradients accumulated over micro-batches equal the batch's gradient.
-The sequence-level objectives themselves are the pure functions of `objectives.py`; the
-vocabulary-wide divergences are `vpd_kernels`.
+The student is distilled toward the stop-gradient teacher that sees a context (vpd, sdpo, opsd),
+optionally with GRPO's clipped surrogate added, or trained by GRPO alone. `mstep_loss` runs the
+forward passes of one micro-batch and is tested without a Trainer against a float64 reference;
+`student_update` is the loop over micro-batches and the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 import vpd_kernels as vk
-from vpd_lightning.algorithm.objectives import bco_loss_terms, grpo_token_loss, implicit_reward
-from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions
-from vpd_lightning.policy.packing import PackedBatch, per_sequence_sum
+from vpd_lightning.algorithm.batches import MicroBatch, UpdateRunner, completion_tokens
+from vpd_lightning.algorithm.objectives import group_advantages, grpo_token_loss
+from vpd_lightning.options import DistillOptions, GrpoOptions
+from vpd_lightning.policy.packing import PackedBatch
 from vpd_lightning.policy.roles import Policy
 
 Features = tuple[torch.Tensor, torch.Tensor]  # (hidden (T, H), head weight (V, H))
@@ -32,6 +32,8 @@ class MStepTerms:
     sampling_temperature: float = 1.0
     """The temperature the rollouts were sampled at: GRPO's log-probs and ratios are those of the
     sampling distribution softmax(logits / T) (TRL's convention); 0 (greedy) counts as 1."""
+    group_size: int = 1
+    """Rollouts per prompt (consecutive in the batch): GRPO's groups."""
 
 
 @dataclass
@@ -43,11 +45,14 @@ class MStepStats:
     trust_region_kl: float = 0.0
     grpo: float = 0.0
 
+    def __add__(self, other: MStepStats) -> MStepStats:
+        return MStepStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
 
 def mstep_loss(
     policy: Policy,
     student: PackedBatch,
-    teacher: PackedBatch,
+    teacher: PackedBatch | None,
     *,
     terms: MStepTerms,
     has_context: torch.Tensor,
@@ -118,83 +123,73 @@ def mstep_loss(
     return loss, stats
 
 
-@dataclass
-class EStepStats:
-    """Per-sequence implicit rewards (detached) and the teacher-to-prior KL sum of a micro-batch."""
+@torch.no_grad()
+def rollout_time_anchors(policy: Policy, batches: list[MicroBatch]) -> list[Features]:
+    """Per micro-batch (hidden, head weight) of the policy as it sampled, kept for the updates
+    after the first on the same rollouts: the trust-region anchor and GRPO's old log-probs."""
 
-    rewards: torch.Tensor
-    kl_sum: float = 0.0
-    kl_tokens: int = 0
+    def anchors(policy: Policy) -> list[Features]:
+        weight = policy.kept_head_weight()
+        with policy.student():
+            return [(policy.hidden(b.student), weight) for b in batches]
+
+    return policy.run(anchors)
 
 
-def implicit_rewards(
+def student_update(
     policy: Policy,
-    student: PackedBatch,
-    teacher: PackedBatch,
-    *,
-    options: EStepOptions,
-    beta: float,
-    lengths: torch.Tensor,
-    measure_kl: bool = False,
-) -> tuple[torch.Tensor, float, int]:
-    """r~ = beta (log q(y|x,C) - log sg prior(y|x)) per sequence, differentiable wrt the teacher;
-    with `measure_kl`, also the token sum and count of KL(q || prior) (for the adaptive beta)."""
-    s_hidden, s_weight = policy.prior_features(student)
-    with torch.no_grad():
-        s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
-    kl_sum, kl_tokens = 0.0, 0
-    with policy.trainable_teacher():
-        t_hidden = policy.hidden(teacher)
-        t_logp = vk.fused_linear_token_logprobs(t_hidden, policy.head_weight, teacher.targets)
-        if measure_kl:
-            with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
-                kl_sum = float(
-                    vk.fused_linear_distill_loss(
-                        s_hidden,
-                        s_weight,
-                        t_hidden.detach(),
-                        policy.head_weight.detach(),
-                        divergence="forward_kl",
-                        reduction="sum",
-                    )
-                )
-                kl_tokens = len(student.targets)
-    s_seq = per_sequence_sum(s_logp, student)
-    t_seq = per_sequence_sum(t_logp, teacher)
-    if options.length_normalize:
-        lengths = lengths.to(s_seq.device).clamp(min=1)
-        s_seq, t_seq = s_seq / lengths, t_seq / lengths
-    return implicit_reward(t_seq, s_seq, beta), kl_sum, kl_tokens
-
-
-def estep_loss(
-    policy: Policy,
-    student: PackedBatch,
-    teacher: PackedBatch,
-    *,
-    options: EStepOptions,
-    beta: float,
-    delta: torch.Tensor | float,
-    success: torch.Tensor,
-    weight: torch.Tensor,
-    lengths: torch.Tensor,
-    n_success: float,
-    n_failure: float,
-) -> tuple[torch.Tensor, EStepStats]:
-    """One micro-batch of BCO on the teacher: successes up, failures down, relative to the prior.
-
-    success / weight / lengths: (B,) labels, 0/1 weights (no context: 0), response lengths.
-    n_success / n_failure: weighted label counts over the whole E-step buffer.
-    """
-    reward, kl_sum, kl_tokens = implicit_rewards(
-        policy,
-        student,
-        teacher,
-        options=options,
-        beta=beta,
-        lengths=lengths,
-        measure_kl=options.target_kl is not None,
+    batches: list[MicroBatch],
+    terms: MStepTerms,
+    runner: UpdateRunner,
+    anchors: list[Features] | None = None,
+    counted: bool = True,
+) -> dict[str, float]:
+    """One student update over a batch of rollouts: every process's micro-batches accumulate
+    gradients, then one optimizer step. Returns the step's metrics over every process."""
+    rollouts = [r for b in batches for r in b.rollouts]
+    distill_sum, all_sum = runner.sum(
+        [completion_tokens(rollouts, with_context_only=True), completion_tokens(rollouts)]
     )
-    success_sum, failure_sum = bco_loss_terms(reward, success, delta, weight)
-    loss = success_sum / max(n_success, 1.0) + failure_sum / max(n_failure, 1.0)
-    return loss, EStepStats(reward.detach(), kl_sum, kl_tokens)
+    distill_tokens, all_tokens = max(int(distill_sum), 1), max(int(all_sum), 1)
+    advantages = None
+    if terms.grpo_coef:
+        rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)
+        advantages = group_advantages(rewards, terms.group_size, terms.grpo.normalize_std)
+
+    local_loss, totals, start = 0.0, MStepStats(), 0
+    with policy.student():
+        for index, batch in enumerate(batches):
+            end = start + len(batch.rollouts)
+            loss, stats = policy.run(
+                mstep_loss,
+                batch.student,
+                batch.teacher,
+                terms=terms,
+                has_context=batch.has_context,
+                advantages=None if advantages is None else advantages[start:end],
+                anchor=anchors[index] if anchors else None,
+                distill_tokens=distill_tokens,
+                all_tokens=all_tokens,
+            )
+            runner.backward(loss)
+            local_loss += float(loss.detach())
+            totals += stats
+            start = end
+    names = list(asdict(totals))
+    summed = runner.sum([local_loss, *(getattr(totals, n) for n in names)])
+    totals = MStepStats(**dict(zip(names, summed[1:], strict=True)))
+
+    out = {"mstep/loss": summed[0]}
+    if terms.distill is not None:
+        out["mstep/teacher_student_kl"] = totals.divergence / distill_tokens
+        out["mstep/student_entropy"] = totals.entropy / distill_tokens
+        if anchors and terms.distill.trust_region_coef:
+            out["mstep/trust_region_kl"] = totals.trust_region_kl / distill_tokens
+    if terms.grpo_coef:
+        out["mstep/grpo_loss"] = totals.grpo
+    grad_norm, skipped = runner.step("student", local_loss, counted)
+    out["mstep/grad_norm"] = grad_norm
+    out["mstep/skipped"] = float(skipped)
+    if not skipped:
+        policy.after_student_update()
+    return out

@@ -8,10 +8,11 @@ import torch
 from vpd_lightning.algorithm.objectives import (
     adapt_beta,
     bco_loss_terms,
+    bias_corrected,
+    ema_update,
     group_advantages,
     grpo_token_loss,
     implicit_reward,
-    update_running_mean,
 )
 from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, unbiased_pass_at_k
 
@@ -49,11 +50,12 @@ def test_bco_pushes_successes_up_and_failures_down():
 
 
 def test_delta_is_a_bias_corrected_ema_of_batch_means():
-    ema, updates = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
-    assert update_running_mean(ema, updates, 1.0, momentum=0.9) == pytest.approx(1.0)
-    second = update_running_mean(ema, updates, 2.0, momentum=0.9)
-    assert second == pytest.approx((0.9 * 0.1 + 0.1 * 2.0) / (1 - 0.81))
-    assert int(updates) == 2 and ema.item() == pytest.approx(0.9 * 0.1 + 0.1 * 2.0)
+    first = ema_update(0.0, 1.0, momentum=0.9)
+    assert bias_corrected(first, 1, momentum=0.9) == pytest.approx(1.0)
+    second = ema_update(first, 2.0, momentum=0.9)
+    assert second == pytest.approx(0.9 * 0.1 + 0.1 * 2.0)
+    assert bias_corrected(second, 2, momentum=0.9) == pytest.approx(second / (1 - 0.81))
+    assert bias_corrected(0.0, 0, momentum=0.9) == 0.0  # before any E-step
 
 
 def test_adaptive_beta_moves_toward_the_target_and_is_clamped():
