@@ -336,3 +336,53 @@ def test_adapter_teacher_estep_gradient_is_the_same_with_gradient_checkpointing(
     assert sum(float(g.norm()) for g in plain) > 0
     for a, b in zip(plain, checkpointed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class WeightRecordingEngine(FixedEngine):
+    """Records, at each `generate`, the first student parameter the network runs with."""
+
+    def __init__(self, completion: list[int], module) -> None:
+        super().__init__(completion)
+        self.module, self.seen = module, []
+
+    def generate(self, prompts, params) -> list[list[int]]:
+        self.seen.append(self.module.policy.student_parameters()[0].detach().clone())
+        return super().generate(prompts, params)
+
+
+def test_teacher_repair_rate_samples_the_teacher_sdpo_distils_from(tmp_path):
+    """SDPO distils from its EMA weights: the repair rate must sample those, not the live ones
+    (the teacher the method uses; issue 23), and leave the live weights as they were."""
+    from vpd_lightning.options import ValidationOptions
+
+    module = tiny_module(
+        method="sdpo", validation=ValidationOptions(num_samples=1, pass_k=[1], teacher=True)
+    )
+    live = module.policy.student_parameters()[0]
+    with torch.no_grad():  # an EMA that has drifted from the live weights
+        for value in module.policy.snapshot.values.values():
+            value.add_(0.25)
+    ema = module.policy.snapshot.values[module.policy.snapshot.names[0]].clone()
+    before = live.detach().clone()
+    eos = module.tokenizer.eos_token_id
+    module.engine = WeightRecordingEngine(
+        module.tokenizer.encode("<answer>1</answer>") + [eos], module
+    )
+    data = tiny_data()
+    tiny_trainer(tmp_path, 1, limit_val_batches=1).validate(module, datamodule=data, verbose=False)
+    student_pass, teacher_pass = module.engine.seen
+    torch.testing.assert_close(student_pass, before, rtol=0, atol=0)
+    torch.testing.assert_close(teacher_pass, ema, rtol=0, atol=0)
+    torch.testing.assert_close(live.detach(), before, rtol=0, atol=0)
+
+
+def test_an_interpolated_teacher_cannot_be_sampled_for_the_repair_rate():
+    from vpd_lightning.errors import UserInputError
+    from vpd_lightning.options import SdpoOptions, ValidationOptions
+
+    with pytest.raises(UserInputError, match="interpolated teacher .* cannot be sampled"):
+        tiny_module(
+            method="sdpo",
+            sdpo=SdpoOptions(teacher="interpolate"),
+            validation=ValidationOptions(teacher=True),
+        )

@@ -117,6 +117,12 @@ def check_module_options(given: dict, opts: OptionGroups) -> tuple[MethodSpec, s
     for name in ("student_grad_clip", "teacher_grad_clip"):
         if given[name] is not None:
             require_finite(f"model.{name}", given[name], 1e-12, float("inf"), "must be > 0")
+    if opts.validation.teacher and spec.teacher_weights(opts.sdpo) == "interpolate":
+        raise UserInputError(
+            "model.validation.teacher = true with model.sdpo.teacher = interpolate: the "
+            "interpolated teacher mixes two networks' logits and cannot be sampled from; use "
+            "sdpo.teacher ema or current, or set model.validation.teacher: false"
+        )
     check_combinations(
         spec,
         teacher_mode=given["teacher_mode"],

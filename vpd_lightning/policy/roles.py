@@ -185,6 +185,25 @@ class Policy(torch.nn.Module):
     def trainable_teacher(self) -> contextmanager:
         return self.adapter(TEACHER_ADAPTER) if self.separate_teacher_adapter else nullcontext()
 
+    @contextmanager
+    def distilled_teacher(self) -> Iterator[None]:
+        """Run with the weights of the teacher the M-step distils from: the trained teacher, the
+        live weights, or the passive teacher's snapshot (EMA, initial). For sampling from it (the
+        teacher's held-out repair rate); an interpolated teacher mixes two networks' logits,
+        which `generate` cannot sample from."""
+        if self.passive_teacher == "interpolate":
+            raise UserInputError(
+                "model.validation.teacher = true with model.sdpo.teacher = interpolate: the "
+                "interpolated teacher mixes two networks' logits and cannot be sampled from; use "
+                "sdpo.teacher ema or current, or set model.validation.teacher: false"
+            )
+        if self.passive_teacher in ("ema", "initial"):
+            with self.student(), self.snapshot.swapped_in():
+                yield
+            return
+        with self.trainable_teacher():
+            yield
+
     @property
     def head_weight(self) -> torch.Tensor:
         return decoder_and_head(self.model)[1].weight

@@ -361,7 +361,7 @@ class VPDModule(pl.LightningModule):
             self.log(f"{prefix}/pass@{k}", metric, on_epoch=True, batch_size=size)
         if not (v.teacher and self.spec.distils):
             return
-        with self.policy.trainable_teacher():
+        with self.policy.distilled_teacher():
             answers = teacher_answers(
                 self.engine,
                 self.tokenizer,
