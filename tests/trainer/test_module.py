@@ -380,7 +380,7 @@ def test_an_interpolated_teacher_cannot_be_sampled_for_the_repair_rate():
     from vpd_lightning.errors import UserInputError
     from vpd_lightning.options import SdpoOptions, ValidationOptions
 
-    with pytest.raises(UserInputError, match="interpolated teacher .* cannot be sampled"):
+    with pytest.raises(UserInputError, match=r"interpolated teacher .* cannot be sampled"):
         tiny_module(
             method="sdpo",
             sdpo=SdpoOptions(teacher="interpolate"),
