@@ -7,7 +7,12 @@ import torch
 from vpd_lightning.policy.tiny import build_tiny_model
 from vpd_lightning.rollout import TeacherContextBuilder, render_prompt
 from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
-from vpd_lightning.rollout.sampling import rollout_stats, sample_and_verify, to_rollouts
+from vpd_lightning.rollout.sampling import (
+    rollout_stats,
+    sample_and_verify,
+    to_rollouts,
+    truncated_verdict,
+)
 
 from .helpers import tiny_task
 
@@ -35,8 +40,59 @@ def test_attempts_are_prompt_major_decoded_and_verified(tiny_tokenizer):
             assert attempts.texts[j] == tiny_tokenizer.decode(
                 attempts.completion_ids[j], skip_special_tokens=True
             )
-            assert attempts.verdicts[j] == task.verify(records[i], attempts.texts[j])
+            finished = attempts.completion_ids[j][-1] == tiny_tokenizer.eos_token_id
+            expected = (
+                task.verify(records[i], attempts.texts[j]) if finished else truncated_verdict(6)
+            )
+            assert attempts.verdicts[j] == expected
     assert attempts.rewards().shape == (2, 3)
+
+
+class ScriptedEngine:
+    """Returns the given completions in order (one per prompt and sample)."""
+
+    def __init__(self, completions: list[list[int]]) -> None:
+        self.completions = completions
+
+    def generate(self, prompts, params) -> list[list[int]]:
+        return [list(c) for c in self.completions]
+
+
+def test_a_response_cut_off_at_the_token_cap_gets_no_reward_and_says_so(tiny_tokenizer):
+    """Issue 23: a truncated response's number mid-reasoning is not its answer. The same correct
+    text is rewarded when the response ended, and not when the cap stopped it."""
+    task = tiny_task()
+    record = task.records("train")[0]
+    correct = tiny_tokenizer.encode(f"<answer>{record['answer']}</answer>")
+    eos = tiny_tokenizer.eos_token_id
+    engine = ScriptedEngine([correct + [eos], correct])
+    prompts = [render_prompt(tiny_tokenizer, record)]
+    params = SamplingParams(num_samples=2, max_new_tokens=len(correct))
+    attempts = sample_and_verify(engine, tiny_tokenizer, task, [record], prompts, params, 1)
+    ended, cut = attempts.verdicts
+    assert ended.reward == 1.0 and not ended.info.get("truncated")
+    assert cut.reward == 0.0 and cut.info["truncated"]
+    assert f"cut off at the limit of {len(correct)} tokens" in cut.feedback
+    assert "Your answer" not in cut.feedback
+    rollouts = to_rollouts(attempts, None)
+    assert [r.finished for r in rollouts] == [True, False]
+    assert rollout_stats(rollouts, 1.0)["train/truncated_fraction"] == 0.5
+
+
+def test_an_engines_extra_stop_ids_end_a_response(tiny_tokenizer):
+    """A generation config's extra end-of-turn id counts as finished, when the engine says so."""
+    task = tiny_task()
+    record = task.records("train")[0]
+    correct = tiny_tokenizer.encode(f"<answer>{record['answer']}</answer>")
+    end_of_turn = 7
+    engine = ScriptedEngine([correct + [end_of_turn]])
+    engine.eos_ids = {end_of_turn}
+    prompts = [render_prompt(tiny_tokenizer, record)]
+    params = SamplingParams(num_samples=1, max_new_tokens=64)
+    (verdict,) = sample_and_verify(
+        engine, tiny_tokenizer, task, [record], prompts, params, 1
+    ).verdicts
+    assert verdict.reward == 1.0
 
 
 def test_sampling_is_a_pure_function_of_the_seed(tiny_tokenizer):

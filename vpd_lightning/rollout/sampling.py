@@ -55,13 +55,38 @@ def sample_and_verify(
     workers: int,
 ) -> Attempts:
     """Sample `params.num_samples` responses to each prompt, decode them and verify each against
-    its record (the prompt may be a teacher's: the record is what the response is judged by)."""
+    its record (the prompt may be a teacher's: the record is what the response is judged by).
+    Only finished responses are verified; one stopped by the token cap gets `truncated_verdict`."""
     completions = engine.generate(prompt_ids, params)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     n = params.num_samples
     expanded = [r for r in records for _ in range(n)]
-    verdicts = verify_many(task, expanded, texts, workers=workers)
+    stops = stop_ids(engine, tokenizer)
+    finished = [i for i, c in enumerate(completions) if c and c[-1] in stops]
+    judged = verify_many(
+        task, [expanded[i] for i in finished], [texts[i] for i in finished], workers=workers
+    )
+    verdicts = [truncated_verdict(params.max_new_tokens)] * len(completions)
+    for i, verdict in zip(finished, judged, strict=True):
+        verdicts[i] = verdict
     return Attempts(list(records), [list(p) for p in prompt_ids], completions, texts, verdicts, n)
+
+
+def stop_ids(engine: RolloutEngine, tokenizer) -> set[int]:
+    """The ids a finished response ends with: the tokenizer's eos, and the extra stop ids an
+    engine declares as `eos_ids` (a generation config's)."""
+    return {tokenizer.eos_token_id, *getattr(engine, "eos_ids", ())}
+
+
+def truncated_verdict(max_new_tokens: int) -> Verdict:
+    """A response cut off at the token cap never gave its final answer: reward 0, whatever a
+    number in the middle of its reasoning says, and feedback that says so (not "your answer X")."""
+    return Verdict(
+        0.0,
+        f"Your response was cut off at the limit of {max_new_tokens} tokens before it finished, "
+        "so it gave no final answer. Reason more briefly and end with the final answer.",
+        {"truncated": True},
+    )
 
 
 @dataclass
@@ -73,6 +98,8 @@ class Rollout:
     teacher_prompt_ids: list[int]
     reward: float
     has_context: bool
+    finished: bool = True
+    """Whether the response ended by itself (not at the token cap)."""
 
 
 def to_rollouts(
@@ -93,6 +120,7 @@ def to_rollouts(
                     else attempts.prompt_ids[i],
                     reward=float(attempts.verdicts[j].reward),
                     has_context=has_context,
+                    finished=not attempts.verdicts[j].info.get("truncated", False),
                 )
             )
     return rollouts
@@ -115,11 +143,13 @@ def collect_rollouts(
 
 
 def rollout_stats(rollouts: Sequence[Rollout], success_threshold: float) -> dict[str, float]:
-    """Reward, success fraction, context coverage and mean response length of a batch."""
+    """Reward, success fraction, context coverage, mean response length and the fraction of
+    responses cut off at the token cap, of a batch."""
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     return {
         "train/reward_mean": float(rewards.mean()),
         "train/success_fraction": float((rewards >= success_threshold).double().mean()),
         "train/context_coverage": sum(r.has_context for r in rollouts) / len(rollouts),
         "train/response_length": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+        "train/truncated_fraction": sum(not r.finished for r in rollouts) / len(rollouts),
     }
