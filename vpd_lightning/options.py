@@ -151,7 +151,8 @@ class EStepOptions:
     """The E-step (VPD only): BCO on verifier labels, anchored to a prior policy."""
 
     every: int = 5
-    """F: one E-step every F training steps, on the rollouts gathered since the last one."""
+    """F: one E-step every F training steps, on the rollouts gathered since the last one; 0: never
+    (VPD without its E-step: the same contexts, divergence and teacher, a passive teacher)."""
     prior: EStepPrior = "student"
     """The prior of the implicit reward: the current `student` (the dynamic prior) or the frozen
     `initial` student (the paper's ablation)."""
@@ -173,7 +174,12 @@ class EStepOptions:
 
     def __post_init__(self) -> None:
         key = "model.estep"
-        require_positive_int(f"{key}.every", self.every)
+        require(
+            isinstance(self.every, int) and not isinstance(self.every, bool) and self.every >= 0,
+            f"{key}.every",
+            self.every,
+            "must be an integer >= 0 (0: no E-step)",
+        )
         require_choice(f"{key}.prior", self.prior, EStepPrior)
         require_finite(f"{key}.beta", self.beta, 1e-12, math.inf, "must be > 0")
         require_finite(

@@ -65,6 +65,12 @@ def test_cadence_and_buffer():
     assert len(estep.buffer) == 6 and estep.steps_since == 3
 
 
+def test_every_zero_switches_the_e_step_off_and_buffers_nothing():
+    estep = EStep(EStepOptions(every=0), success_threshold=1.0)
+    assert not any(estep.add(rollouts([1.0, 0.0])) for _ in range(5))
+    assert estep.buffer == [] and estep.steps_since == 0
+
+
 def test_an_update_feeds_delta_first_trains_the_teacher_and_empties_the_buffer(policy):
     options = EStepOptions(every=1, beta=0.5, delta_momentum=0.9)
     estep = EStep(options, success_threshold=1.0)

@@ -52,7 +52,7 @@ BAD_OPTIONS = [
     ("--model.rollout.top_p", "1.5"),
     ("--model.micro_batch_size", "0"),
     ("--model.verify_workers", "-1"),
-    ("--model.estep.every", "0"),
+    ("--model.estep.every", "-1"),
     ("--model.validation.num_samples", "0"),
     ("--model.validation.max_new_tokens", "0"),
     ("--data.prompts_per_step", "0"),

@@ -386,3 +386,12 @@ def test_an_interpolated_teacher_cannot_be_sampled_for_the_repair_rate():
             sdpo=SdpoOptions(teacher="interpolate"),
             validation=ValidationOptions(teacher=True),
         )
+
+
+def test_vpd_without_its_e_step_trains_only_the_student(tmp_path):
+    """`estep.every: 0` is the thesis's control: VPD's contexts and divergence, no teacher update."""
+    module = tiny_module(estep=EStepOptions(every=0))
+    recorder = fit(module, tmp_path, steps=3)
+    assert not any("estep/loss" in row for row in recorder.rows)
+    assert all("mstep/teacher_student_kl" in row for row in recorder.rows)
+    assert module.estep.buffer == [] and module.estep.delta == 0.0

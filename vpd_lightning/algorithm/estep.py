@@ -134,7 +134,10 @@ class EStep:
         return bias_corrected(self.delta_ema, self.delta_updates, self.options.delta_momentum)
 
     def add(self, rollouts: list[Rollout]) -> bool:
-        """Buffer one training step's rollouts; whether an E-step is due now."""
+        """Buffer one training step's rollouts; whether an E-step is due now (never with
+        `every` 0, which buffers nothing)."""
+        if not self.options.every:
+            return False
         self.buffer.extend(rollouts)
         self.steps_since += 1
         return self.steps_since >= self.options.every
