@@ -117,6 +117,14 @@ def test_the_value_count_is_an_upper_bound_that_ignores_strings(text):
         assert counted == 1  # brackets, commas and escaped quotes inside a string are not values
 
 
+def test_counting_values_is_linear_even_for_strings_that_never_close():
+    body = b'{"v":["' + b'\\"' * 2_000_000 + b"]}"  # 4 MB: each quote starts a string to the end
+    start = time.monotonic()
+    with pytest.raises(wire.WireError):
+        wire.unpack(body)
+    assert time.monotonic() - start < 1.0
+
+
 SURROGATE = "def f(x):\n    raise ValueError('bad \\ud800 text')\n"
 
 
