@@ -171,6 +171,22 @@ def test_other_control_flow_exceptions_end_the_run_uncaught(name):
 
 
 @pytest.mark.parametrize(
+    "code",
+    [
+        "def f():\n    return object()\n",  # not plain data
+        "def f():\n    import os\n    os._exit(0)\n",  # the sandbox dies
+        "def f():\n    while True:\n        pass\n",  # the sandbox's deadline
+    ],
+    ids=["bad_return", "died", "timeout"],
+)
+def test_a_bare_except_in_the_tests_cannot_swallow_the_end_of_the_run(code):
+    # Before: the tests caught the judge's stop and went on to pass (reward 1).
+    tests = "try:\n    f()\nexcept BaseException:\n    pass\nassert True\n"
+    outcome, _ = judged(code, tests, limits=SandboxLimits.for_tests(1.0, 1024, True))
+    assert not outcome.passed, outcome.feedback
+
+
+@pytest.mark.parametrize(
     ("code", "expected"),
     [("return 7 ** 20000", "7 ** 20000"), ("import math\n    return math.factorial(3000)", "")],
 )

@@ -22,6 +22,7 @@ checks running in parallel threads neither disturb each other nor the trainer's 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import importlib.util
 import marshal
@@ -113,6 +114,18 @@ class _Clock:
     def __exit__(self, *exc_info) -> None:
         sys.settrace(self._previous)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def paused():
+        """No tracing while a call goes to the sandbox and its value is decoded: both are bounded
+        already (the sandbox's deadline, the wire's budgets), and tracing made decoding 2x slower."""
+        tracer = sys.gettrace()
+        sys.settrace(None)
+        try:
+            yield
+        finally:
+            sys.settrace(tracer)
+
 
 class CandidateRaised(Exception):
     """Base of the exceptions a candidate's call raises in the judge: a builtin exception type of
@@ -156,6 +169,7 @@ class Candidate:
         self._process = process
         self._clock = clock
         self.calls = 0
+        self.aborted: dict | None = None
         self.last_call: str | None = None
         self.last_result: str | None = None
 
@@ -195,6 +209,14 @@ class Candidate:
     def __call__(self, *args, **kwargs):
         if self._clock is not None and self._clock.expired:  # a test swallowed _OutOfTime
             raise _Abort(self._report("timeout", phase="tests", judge_clock=True))
+        with _Clock.paused():
+            try:
+                return self._call(args, kwargs)
+            except _Abort as abort:  # kept: the clock may stop the tests while this unwinds
+                self.aborted = abort.report
+                raise
+
+    def _call(self, args: tuple, kwargs: dict):
         shown = [_short.repr(a) for a in args] + [
             f"{k}={_short.repr(v)}" for k, v in kwargs.items()
         ]
@@ -311,7 +333,9 @@ def run_judged(
                 report = _judge(candidate, trusted_chunks, entry_point, check)
         except _OutOfTime:  # at the edges of _judge, outside its own handler
             pass
-        if clock.expired:
+        if candidate.aborted is not None:  # even if a bare `except:` in a test went on
+            report = candidate.aborted
+        elif clock.expired:
             report = candidate._report("timeout", phase="tests", judge_clock=True)
         result = process.finish(wait=report["status"] == "died")
     outcome = outcome_from_report(report, result, entry_point, limits)
@@ -352,7 +376,7 @@ def _judge(
     except _Abort as abort:
         return abort.report
     except _OutOfTime:
-        return candidate._report("timeout", phase="tests", judge_clock=True)
+        return candidate.aborted or candidate._report("timeout", phase="tests", judge_clock=True)
     except BaseException as exc:
         return _test_failure(candidate, exc, sources)
     return candidate._report("passed")

@@ -124,6 +124,7 @@ def size_of(header: bytes) -> int:
 
 # -- the judge's side ---------------------------------------------------------------------------
 
+_SCALARS = frozenset({bool, int, float, str})
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -148,20 +149,20 @@ def _decode(data: object, depth: int) -> tuple[object, int]:
     if depth > MAX_DEPTH:
         raise WireError("nested too deeply")
     kind = type(data)
-    if data is None or kind in (bool, int, float, str):
+    if data is None or kind in _SCALARS:
         return data, 1
     if kind is list:
-        items, sizes = _decode_items(data, depth)
-        return items, 1 + sum(sizes)
+        return _decode_items(data, depth)
     if kind is not dict or len(data) != 1:
         raise WireError("bad value")
     ((tag, body),) = data.items()
     try:
         if tag in ("tuple", "set", "frozenset") and type(body) is list:
-            items, sizes = _decode_items(body, depth)
-            if tag != "tuple":
+            sizes: list[int] | None = None if tag == "tuple" else []
+            items, size = _decode_items(body, depth, sizes)
+            if sizes is not None:
                 _check_hashes(items, sizes)
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), 1 + sum(sizes)
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), size
         if tag == "dict" and type(body) is list:
             pairs, key_sizes, size = [], [], 1
             for pair in body:
@@ -188,23 +189,35 @@ def _decode(data: object, depth: int) -> tuple[object, int]:
     raise WireError(f"bad value tagged {tag!r}")
 
 
-def _decode_items(data: list, depth: int) -> tuple[list, list[int]]:
-    """The decoded items and their sizes."""
-    decoded = [_decode(item, depth + 1) for item in data]
-    return [value for value, _ in decoded], [size for _, size in decoded]
+def _decode_items(data: list, depth: int, sizes: list[int] | None = None) -> tuple[list, int]:
+    """The decoded items and their total size; each item's size is appended to ``sizes``."""
+    items: list = []
+    total = 1
+    for item in data:
+        if item is None or type(item) in _SCALARS:  # most items: no call
+            items.append(item)
+            size = 1
+        else:
+            value, size = _decode(item, depth + 1)
+            items.append(value)
+        total += size
+        if sizes is not None:
+            sizes.append(size)
+    return items, total
 
 
 def _check_hashes(members: list, sizes: list[int]) -> None:
     """Refuse, before a set or dict is built, members whose hashes collide so much that building
     it would cost more than MAX_COLLISION_WORK: each member is compared with every earlier one of
     the same hash, at up to its size in values per comparison. Counting hashes is linear."""
+    hashes = list(map(hash, members))  # TypeError for an unhashable member
+    if len(set(hashes)) == len(hashes):  # distinct hashes (ints hash to themselves): no work
+        return
     groups: dict[int, list[int]] = {}
-    for member, size in zip(members, sizes, strict=True):
-        group = groups.setdefault(hash(member), [0, 0])  # TypeError for an unhashable member
+    for key, size in zip(hashes, sizes, strict=True):
+        group = groups.setdefault(key, [0, 0])
         group[0] += 1
         group[1] = max(group[1], size)
-    if len(groups) == len(members):
-        return
     work = sum(n * (n - 1) // 2 * size for n, size in groups.values())
     if work > MAX_COLLISION_WORK:
         raise WireTooLarge(
