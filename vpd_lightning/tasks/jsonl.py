@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.tasks.base import SPLITS, Record, Task, Verdict, register_task
+from vpd_lightning.tasks.base import (
+    SPLITS,
+    Record,
+    Task,
+    Verdict,
+    check_choice,
+    check_int,
+    check_number,
+    register_task,
+)
 from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
 from vpd_lightning.tasks.records import check_fraction, load_split, read_jsonl
 from vpd_lightning.tasks.sandbox.harness import RESPONSE, TESTS, run_tests, truncate
@@ -42,7 +51,7 @@ class JsonlTask(Task):
     def __init__(
         self,
         path: str,
-        match: Literal["auto", "exact", "numeric"] = "auto",
+        match: str = "auto",
         feedback: Literal["outcome", "solution"] = "outcome",
         rel_tol: float = 1e-6,
         test_fraction: float = 0.1,
@@ -52,14 +61,12 @@ class JsonlTask(Task):
         feedback_chars: int = 600,
         isolate_network: bool = True,
     ) -> None:
-        if match not in MATCH_MODES:
-            raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}")
-        if feedback not in FEEDBACK_LEVELS:
-            raise ValueError(f"feedback must be one of {FEEDBACK_LEVELS}, got {feedback!r}")
-        if rel_tol < 0:
-            raise ValueError(f"rel_tol must be >= 0, got {rel_tol}")
-        if feedback_chars < 20:
-            raise ValueError(f"feedback_chars must be >= 20, got {feedback_chars}")
+        """``match`` (auto, exact or numeric) is a plain string, checked here, so a wrong one is
+        refused with its key named."""
+        check_choice("match", match, MATCH_MODES)
+        check_choice("feedback", feedback, FEEDBACK_LEVELS)
+        check_number("rel_tol", rel_tol, 0, "must be a number >= 0")
+        check_int("feedback_chars", feedback_chars, 20)
         check_fraction(test_fraction)
         self.path, self.match, self.feedback, self.rel_tol = path, match, feedback, rel_tol
         self.test_fraction, self.seed, self.feedback_chars = test_fraction, seed, feedback_chars

@@ -8,35 +8,64 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from vpd_lightning.errors import UserInputError
-from vpd_lightning.tasks.base import Record, Task
+from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.tasks.base import Record, Task, option
 
 T = TypeVar("T")
 
 
 def read_jsonl(path: Path, check: Callable[[Record], str | None] | None = None) -> list[Record]:
-    """One JSON object per non-blank line. Errors name the file and the line number in it;
-    `check(record)` returns what is wrong with a record, or None."""
+    """One JSON object per non-blank line of UTF-8 text. Errors name the file and the line number
+    in it; `check(record)` returns what is wrong with a record, or None."""
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserInputError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise UserInputError(f"{path}:{lineno}: not valid JSON ({why})") from None
             if not isinstance(record, dict):
                 raise UserInputError(
                     f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
                 )
-            problem = check(record) if check is not None else None
+            problem = _not_text(record) or (check(record) if check is not None else None)
             if problem:
                 raise UserInputError(f"{path}:{lineno}: {problem}")
             records.append(record)
     if not records:
         raise UserInputError(f"{path}: the file has no records (one JSON object per line)")
     return records
+
+
+def _not_text(record: Record) -> str | None:
+    """What in a record is not valid Unicode text: a JSON escape such as ``"\\ud800"`` decodes to
+    a lone surrogate, which no tokenizer or UTF-8 writer accepts."""
+    stack: list[tuple[str, object]] = [(key, value) for key, value in record.items()]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return (
+                    f"`{key}` holds a lone surrogate ({value[exc.start]!r} at character "
+                    f"{exc.start + 1}), which is not text; write the character itself or drop it"
+                )
+        elif isinstance(value, dict):
+            stack += [(key, k) for k in value] + [(key, v) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(key, item) for item in value]
+    return None
 
 
 def seeded_split(items: Sequence[T], split: str, test_fraction: float, seed: int) -> list[T]:
@@ -50,8 +79,8 @@ def seeded_split(items: Sequence[T], split: str, test_fraction: float, seed: int
 
 
 def check_fraction(test_fraction: float) -> None:
-    if not 0.0 < test_fraction < 1.0:
-        raise UserInputError(f"test_fraction = {test_fraction}: must be in (0, 1)")
+    ok = isinstance(test_fraction, int | float) and 0.0 < test_fraction < 1.0
+    require(ok, option("test_fraction"), test_fraction, "must be a number in (0, 1)")
 
 
 def load_split(

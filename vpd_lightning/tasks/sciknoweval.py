@@ -12,8 +12,16 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from vpd_lightning.errors import UserInputError
-from vpd_lightning.tasks.base import Record, Task, Verdict, register_task
+from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.tasks.base import (
+    SPLITS,
+    Record,
+    Task,
+    Verdict,
+    check_choice,
+    option,
+    register_task,
+)
 from vpd_lightning.tasks.parsing import extract_tagged_answer
 from vpd_lightning.tasks.records import check_fraction, load_split
 
@@ -53,37 +61,28 @@ class SciKnowEvalTask(Task):
         test_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
-        if feedback not in FEEDBACK_LEVELS:
-            raise ValueError(f"feedback must be one of {FEEDBACK_LEVELS}, got {feedback!r}")
+        check_choice("feedback", feedback, FEEDBACK_LEVELS)
         check_fraction(test_fraction)
         root = Path(path).expanduser()
         if not root.exists():
             raise UserInputError(f"data.task.path = {path!r}: SciKnowEval data path does not exist")
-        if domains is not None and not domains:
-            raise ValueError("domains, when given, must list at least one domain")
+        require(domains is None or domains, option("domains"), domains, "must list a domain")
         self.paths = [root / d for d in domains] if domains else [root]
         for p in self.paths:
             if not p.exists():
-                raise FileNotFoundError(f"SciKnowEval data path {p} does not exist")
+                raise UserInputError(f"{option('domains')} = {domains!r}: {p} does not exist")
         self.feedback, self.test_fraction, self.seed = feedback, test_fraction, seed
+        for (
+            split
+        ) in SPLITS:  # read every file now, so a bad line stops the run before the model loads
+            self.records(split)
 
     def records(self, split: str) -> list[Record]:
-        records = []
-        for path in self.paths:
-            for i, raw in enumerate(load_split(path, split, self.test_fraction, self.seed)):
-                records.append(self._check(raw, f"{path}[{split}][{i}]"))
-        return records
-
-    @staticmethod
-    def _check(record: Record, where: str) -> Record:
-        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
-            raise ValueError(f"{where}: needs a non-empty string `prompt`")
-        letter = parse_letter(str(record.get("answer", "")))
-        if letter is None:
-            raise ValueError(
-                f"{where}: `answer` must be an option letter, got {record.get('answer')!r}"
-            )
-        return {**record, "answer": letter}
+        return [
+            {**record, "answer": parse_letter(str(record["answer"]))}
+            for path in self.paths
+            for record in load_split(path, split, self.test_fraction, self.seed, check_question)
+        ]
 
     def reference_solution(self, record: Record) -> str:
         return record["answer"]
@@ -105,3 +104,12 @@ class SciKnowEvalTask(Task):
         if self.feedback == "eliminate":
             return Verdict(0.0, f"{letter} is not the answer.", info)
         return Verdict(0.0, f"Your answer {letter} is incorrect.", info)
+
+
+def check_question(record: Record) -> str | None:
+    """What is wrong with one multiple-choice record, or None."""
+    if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+        return "needs a non-empty string `prompt`"
+    if parse_letter(str(record.get("answer", ""))) is None:
+        return f"`answer` must be an option letter, got {record.get('answer')!r}"
+    return None

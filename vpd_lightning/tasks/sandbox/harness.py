@@ -45,6 +45,16 @@ class TestOutcome:
     info: dict[str, object] = field(default_factory=dict)
 
 
+def valid_text(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate (``raise ValueError('\\ud800')``), which no
+    tokenizer or UTF-8 writer accepts, becomes U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
 def truncate(text: str, limit: int) -> str:
     """Cut ``text`` to ``limit`` characters, marking the cut."""
     if len(text) <= limit:
@@ -113,7 +123,9 @@ def sandbox_error(exc: OSError, mode: str) -> TestOutcome:
 def outcome_from_report(
     report: dict, result: SandboxResult, entry_point: str | None, limits: SandboxLimits
 ) -> TestOutcome:
-    """Passed only if the trusted side's report says so; otherwise feedback from the report."""
+    """Passed only if the trusted side's report says so; otherwise feedback from the report.
+    Every text in the report came from the sandbox in part: it is made valid Unicode here."""
+    report = {k: valid_text(v) if isinstance(v, str) else v for k, v in report.items()}
     status = str(report.get("status", "no_report"))
     if result.setup_failed and status != "passed":
         status = "sandbox_error"
@@ -143,6 +155,9 @@ def _failure_text(
     status = report.get("status", "no_report")
     call, returned = report.get("last_call"), report.get("last_result")
     error = f"{report.get('error_type')}: {report.get('message', '')}".rstrip(": ")
+    if status == "timeout" and report.get("judge_clock"):
+        after = f" after {call} returned {returned}" if call and returned is not None else ""
+        return f"Timed out after {limits.timeout_s:g} s: the tests were still checking{after}."
     if result.timed_out or status == "timeout":
         where = f" while running {call}" if call and report.get("phase") == "tests" else ""
         return f"Timed out after {limits.timeout_s:g} s{where} (an infinite loop, or too slow)."
@@ -173,6 +188,8 @@ def _failure_text(
         return f"The code tampered with the test harness ({report.get('problem')})."
     if status == "garbled":
         return "The code interfered with the test harness (it sent an invalid reply)."
+    if status == "bad_return" and report.get("too_costly"):
+        return f"{call} returned a value too costly to check: {report['too_costly']}."
     if status == "bad_return" and report.get("too_large"):
         return f"{call} returned a value too large to check (over 16 MB as data)."
     if status == "bad_return":

@@ -9,6 +9,12 @@ from trusted code (HumanEval's prompt), the expected values and the verdict neve
 so nothing the response does there can decide or forge the verdict, and redefining a helper or a
 builtin there changes only its own answers.
 
+The judge bounds its own work on what the response sends: decoding has budgets (``wire.py``), the
+tests run under the run's wall-clock deadline (:class:`_Clock`), text from the sandbox is made
+valid Unicode before it reaches feedback, and a candidate's exception never takes a form that
+steers the tests' control flow (``StopIteration`` would end ``all(map(candidate, ...))`` as
+if every item passed).
+
 Test code gets a private ``random`` module (some HumanEval checks seed or draw from ``random``), so
 checks running in parallel threads neither disturb each other nor the trainer's random state.
 """
@@ -16,16 +22,25 @@ checks running in parallel threads neither disturb each other nor the trainer's 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import importlib.util
 import marshal
+import math
 import reprlib
+import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from vpd_lightning.tasks.sandbox import wire
-from vpd_lightning.tasks.sandbox.harness import TestOutcome, outcome_from_report, sandbox_error
+from vpd_lightning.tasks.sandbox.harness import (
+    TestOutcome,
+    outcome_from_report,
+    sandbox_error,
+    valid_text,
+)
 from vpd_lightning.tasks.sandbox.runner import (
     SandboxClosed,
     SandboxLimits,
@@ -35,8 +50,23 @@ from vpd_lightning.tasks.sandbox.runner import (
 SERVER_SOURCE = Path(__file__).with_name("server.py").read_text(encoding="utf-8")
 WIRE_SOURCE = Path(wire.__file__).read_text(encoding="utf-8")
 _FATAL = ("SystemExit", "KeyboardInterrupt", "GeneratorExit")
+# Raised as these, a candidate's exception would end the loop of the trusted code that called it
+# (`all(map(candidate, xs))` is True): they arrive as a plain CandidateRaised of that name.
+_ITERATION_ENDS = ("StopIteration", "StopAsyncIteration")
+_LONG_INT_BITS = 4000  # str() of a larger int may be refused (Python's int-to-str digit limit)
 
-_short = reprlib.Repr()
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's short repr, which also shows ints too long for ``str`` (``7 ** 20000``)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > _LONG_INT_BITS:
+            sign = "-" if x < 0 else ""
+            return f"<{sign}int of {int(math.log10(abs(x))) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+_short = _ShortRepr()
 _short.maxstring = _short.maxother = 80
 _short.maxlist = _short.maxtuple = _short.maxset = _short.maxdict = 10
 _short.maxlong = 80
@@ -50,6 +80,53 @@ class _Abort(BaseException):
         self.report = report
 
 
+class _OutOfTime(BaseException):
+    """The trusted tests ran past the run's deadline (a BaseException: tests catch Exception)."""
+
+
+class _Clock:
+    """The trusted tests' own wall-clock budget, in the thread that runs them: a trace function
+    checks the deadline at every Python call and at every line of the trusted code, and raises
+    :class:`_OutOfTime` past it (CPython then stops tracing; ``expired`` decides the verdict, so a
+    bare ``except:`` in a test that swallows it cannot turn the timeout into a pass)."""
+
+    def __init__(self, deadline: float, trusted_files: set[str]) -> None:
+        self.deadline, self.files, self.expired = deadline, trusted_files, False
+
+    def _check(self) -> None:
+        if time.monotonic() > self.deadline:
+            self.expired = True
+            raise _OutOfTime
+
+    def _on_call(self, frame, event, arg):
+        self._check()
+        return self._on_line if frame.f_code.co_filename in self.files else None
+
+    def _on_line(self, frame, event, arg):
+        self._check()
+        return self._on_line
+
+    def __enter__(self) -> _Clock:
+        self._previous = sys.gettrace()
+        sys.settrace(self._on_call)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        sys.settrace(self._previous)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def paused():
+        """No tracing while a call goes to the sandbox and its value is decoded: both are bounded
+        already (the sandbox's deadline, the wire's budgets), and tracing made decoding 2x slower."""
+        tracer = sys.gettrace()
+        sys.settrace(None)
+        try:
+            yield
+        finally:
+            sys.settrace(tracer)
+
+
 class CandidateRaised(Exception):
     """Base of the exceptions a candidate's call raises in the judge: a builtin exception type of
     the same name where there is one (so ``except ValueError`` in a test works), else this."""
@@ -58,10 +135,15 @@ class CandidateRaised(Exception):
     lineno: int | None = None
 
 
-@functools.cache
+@functools.lru_cache(maxsize=256)  # the names come from the response: bounded
 def _raised_class(name: str) -> type[CandidateRaised]:
     base = getattr(builtins, name, None)
-    if isinstance(base, type) and issubclass(base, Exception) and not issubclass(base, Warning):
+    if (
+        isinstance(base, type)
+        and issubclass(base, Exception)
+        and not issubclass(base, Warning)
+        and name not in _ITERATION_ENDS
+    ):
         try:
             return type(name, (base, CandidateRaised), {"error_type": name})
         except TypeError:  # layout conflict
@@ -82,10 +164,12 @@ def _raised(name: str, message: str, lineno: int | None) -> CandidateRaised:
 class Candidate:
     """The response's function as the judge's tests see it; calls go to the sandbox as data."""
 
-    def __init__(self, process: SandboxProcess, name: str) -> None:
+    def __init__(self, process: SandboxProcess, name: str, clock: _Clock | None = None) -> None:
         self.__name__ = self.__qualname__ = name
         self._process = process
+        self._clock = clock
         self.calls = 0
+        self.aborted: dict | None = None
         self.last_call: str | None = None
         self.last_result: str | None = None
 
@@ -108,6 +192,8 @@ class Candidate:
             if size > wire.MAX_MESSAGE:  # the program half never sends these: garbage
                 raise _Abort(self._report("garbled", phase=phase))
             return wire.unpack(self._process.receive(size))
+        except wire.WireTooLarge as exc:
+            raise _Abort(self._too_costly(exc, phase)) from None
         except TimeoutError:
             raise _Abort(self._report("timeout", phase=phase)) from None
         except SandboxClosed:
@@ -115,7 +201,22 @@ class Candidate:
         except wire.WireError:
             raise _Abort(self._report("garbled", phase=phase)) from None
 
+    def _too_costly(self, exc: wire.WireTooLarge, phase: str) -> dict:
+        if phase != "tests":  # the program half's own messages are small: garbage
+            return self._report("garbled", phase=phase)
+        return self._report("bad_return", phase=phase, too_costly=str(exc))
+
     def __call__(self, *args, **kwargs):
+        if self._clock is not None and self._clock.expired:  # a test swallowed _OutOfTime
+            raise _Abort(self._report("timeout", phase="tests", judge_clock=True))
+        with _Clock.paused():
+            try:
+                return self._call(args, kwargs)
+            except _Abort as abort:  # kept: the clock may stop the tests while this unwinds
+                self.aborted = abort.report
+                raise
+
+    def _call(self, args: tuple, kwargs: dict):
         shown = [_short.repr(a) for a in args] + [
             f"{k}={_short.repr(v)}" for k, v in kwargs.items()
         ]
@@ -137,13 +238,15 @@ class Candidate:
         if kind == "returned":
             try:
                 value = wire.decode(reply.get("value"))
+            except wire.WireTooLarge as exc:
+                raise _Abort(self._too_costly(exc, "tests")) from None
             except (wire.WireError, RecursionError):
                 raise _Abort(self._report("garbled", phase="tests")) from None
             self.last_result = _short.repr(value)
             return value
         if kind == "raised":
-            name = str(reply.get("error_type"))[:100]
-            message = str(reply.get("message", ""))[:2000]
+            name = valid_text(str(reply.get("error_type"))[:100])
+            message = valid_text(str(reply.get("message", ""))[:2000])
             lineno = reply.get("lineno") if type(reply.get("lineno")) is int else None
             if name in _FATAL:
                 raise _Abort(
@@ -223,8 +326,17 @@ def run_judged(
     except OSError as exc:
         return sandbox_error(exc, "judge")
     with process:
-        candidate = Candidate(process, entry_point)
-        report = _judge(candidate, trusted_chunks, entry_point, check)
+        clock = _Clock(process.deadline, {name for name, _ in trusted_chunks})
+        candidate = Candidate(process, entry_point, clock)
+        try:
+            with clock:
+                report = _judge(candidate, trusted_chunks, entry_point, check)
+        except _OutOfTime:  # at the edges of _judge, outside its own handler
+            pass
+        if candidate.aborted is not None:  # even if a bare `except:` in a test went on
+            report = candidate.aborted
+        elif clock.expired:
+            report = candidate._report("timeout", phase="tests", judge_clock=True)
         result = process.finish(wait=report["status"] == "died")
     outcome = outcome_from_report(report, result, entry_point, limits)
     outcome.info["mode"] = "judge"
@@ -263,6 +375,8 @@ def _judge(
             test(candidate)
     except _Abort as abort:
         return abort.report
+    except _OutOfTime:
+        return candidate.aborted or candidate._report("timeout", phase="tests", judge_clock=True)
     except BaseException as exc:
         return _test_failure(candidate, exc, sources)
     return candidate._report("passed")

@@ -43,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpd_lightning.tasks.base import check_int, check_number
+
 NOBODY = 65534
 BOOT_SOURCE = Path(__file__).with_name("boot.py").read_text(encoding="utf-8")
 SETUP_FAILED = 125  # exit status of the boot code when the sandbox could not be built
@@ -85,7 +87,10 @@ class SandboxLimits:
     @classmethod
     def for_tests(cls, timeout_s: float, memory_mb: int, isolate_network: bool) -> SandboxLimits:
         """Limits for running a response against unit tests: CPU time just above the timeout,
-        so a busy loop is stopped by the clock rather than counted against the CPU limit first."""
+        so a busy loop is stopped by the clock rather than counted against the CPU limit first.
+        The values are the code task's own options (``data.task.init_args.*``), checked here."""
+        check_number("timeout_s", timeout_s, 0.1, "must be a number of seconds >= 0.1")
+        check_int("memory_mb", memory_mb, 16)
         return cls(
             timeout_s=timeout_s,
             cpu_s=max(1, int(timeout_s) + 1),

@@ -8,6 +8,12 @@ the judge gets data, not objects with behaviour (no pickle, no ``__eq__`` that a
 subclasses). JSON arrays are lists; every other container or special value is a one-key object
 (``{"tuple": [...]}``, ``{"dict": [[k, v], ...]}``, ``{"float": "nan"}``).
 
+The judge bounds its work on whatever arrives, before doing it: a message holds at most
+``MAX_VALUES`` JSON values (counted on the text before it is parsed), and a set or dict whose
+members hash alike (``hash(i * (2**61 - 1)) == 0`` for every int ``i``; building it compares each
+pair) is refused before it is built when those comparisons would exceed ``MAX_COLLISION_WORK``.
+Both raise :class:`WireTooLarge`.
+
 Messages are length-prefixed (4 bytes, big-endian). The judge's messages to the sandbox (call
 arguments from the trusted tests) are ``marshal`` data, which only the sandbox reads; the sandbox's
 messages to the judge are JSON objects (:func:`message`, read with :func:`unpack`).
@@ -23,6 +29,8 @@ import math
 
 MAX_DEPTH = 100
 MAX_MESSAGE = 16 * 1024 * 1024
+MAX_VALUES = 1_000_000  # JSON values in one message: bounds the judge's memory and decoding time
+MAX_COLLISION_WORK = 1_000_000  # element comparisons among set members or dict keys hashing alike
 HEADER_SIZE = 4
 _INT_BITS = 4000  # larger ints travel as hex: int(str) is capped at 4300 digits
 
@@ -34,6 +42,10 @@ except ImportError:  # an interpreter without the C accelerator
 
 class WireError(ValueError):
     """A value that cannot be sent, or a message that is not valid plain data."""
+
+
+class WireTooLarge(WireError):
+    """A message or value that would cost the judge more than its budget to decode."""
 
 
 def _float(value: float) -> str:
@@ -112,6 +124,7 @@ def size_of(header: bytes) -> int:
 
 # -- the judge's side ---------------------------------------------------------------------------
 
+_SCALARS = frozenset({bool, int, float, str})
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -125,42 +138,103 @@ def _decode_float(data: object) -> float:
     raise WireError("bad float")
 
 
-def decode(data: object, depth: int = 0) -> object:
-    """The plain value that ``data`` (parsed JSON) encodes; WireError if it is not valid."""
+def decode(data: object) -> object:
+    """The plain value that ``data`` (parsed JSON) encodes; WireError if it is not valid,
+    WireTooLarge if building a set or dict of it would cost more than ``MAX_COLLISION_WORK``."""
+    return _decode(data, 0)[0]
+
+
+def _decode(data: object, depth: int) -> tuple[object, int]:
+    """The value and its size in values (what comparing it with another may cost)."""
     if depth > MAX_DEPTH:
         raise WireError("nested too deeply")
     kind = type(data)
-    if data is None or kind in (bool, int, float, str):
-        return data
+    if data is None or kind in _SCALARS:
+        return data, 1
     if kind is list:
-        return [decode(item, depth + 1) for item in data]
+        return _decode_items(data, depth)
     if kind is not dict or len(data) != 1:
         raise WireError("bad value")
     ((tag, body),) = data.items()
     try:
         if tag in ("tuple", "set", "frozenset") and type(body) is list:
-            items = [decode(item, depth + 1) for item in body]
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items)
+            sizes: list[int] | None = None if tag == "tuple" else []
+            items, size = _decode_items(body, depth, sizes)
+            if sizes is not None:
+                _check_hashes(items, sizes)
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), size
         if tag == "dict" and type(body) is list:
-            pairs = []
+            pairs, key_sizes, size = [], [], 1
             for pair in body:
                 if type(pair) is not list or len(pair) != 2:
                     raise WireError("bad dict item")
-                pairs.append((decode(pair[0], depth + 1), decode(pair[1], depth + 1)))
-            return dict(pairs)
+                (key, key_size), (item, item_size) = (_decode(p, depth + 1) for p in pair)
+                pairs.append((key, item))
+                key_sizes.append(key_size)
+                size += key_size + item_size
+            _check_hashes([key for key, _ in pairs], key_sizes)
+            return dict(pairs), size
         if tag == "float":
-            return _decode_float(data)
+            return _decode_float(data), 1
         if tag == "int" and type(body) is str:
-            return int(body, 16)
+            return int(body, 16), 1
         if tag == "bytes" and type(body) is str:
-            return bytes.fromhex(body)
+            return bytes.fromhex(body), 1
         if tag == "complex" and type(body) is list and len(body) == 2:
-            return complex(_decode_float(body[0]), _decode_float(body[1]))
+            return complex(_decode_float(body[0]), _decode_float(body[1])), 1
     except WireError:
         raise
     except (TypeError, ValueError) as exc:  # unhashable set member or dict key, bad hex
         raise WireError(f"bad {tag}: {exc}") from None
     raise WireError(f"bad value tagged {tag!r}")
+
+
+def _decode_items(data: list, depth: int, sizes: list[int] | None = None) -> tuple[list, int]:
+    """The decoded items and their total size; each item's size is appended to ``sizes``."""
+    items: list = []
+    total = 1
+    for item in data:
+        if item is None or type(item) in _SCALARS:  # most items: no call
+            items.append(item)
+            size = 1
+        else:
+            value, size = _decode(item, depth + 1)
+            items.append(value)
+        total += size
+        if sizes is not None:
+            sizes.append(size)
+    return items, total
+
+
+def _check_hashes(members: list, sizes: list[int]) -> None:
+    """Refuse, before a set or dict is built, members whose hashes collide so much that building
+    it would cost more than MAX_COLLISION_WORK: each member is compared with every earlier one of
+    the same hash, at up to its size in values per comparison. Counting hashes is linear."""
+    hashes = list(map(hash, members))  # TypeError for an unhashable member
+    if len(set(hashes)) == len(hashes):  # distinct hashes (ints hash to themselves): no work
+        return
+    groups: dict[int, list[int]] = {}
+    for key, size in zip(hashes, sizes, strict=True):
+        group = groups.setdefault(key, [0, 0])
+        group[0] += 1
+        group[1] = max(group[1], size)
+    work = sum(n * (n - 1) // 2 * size for n, size in groups.values())
+    if work > MAX_COLLISION_WORK:
+        raise WireTooLarge(
+            f"a set or dict of {len(members)} members whose hashes collide "
+            f"(about {work} comparisons to build it, more than {MAX_COLLISION_WORK})"
+        )
+
+
+def count_values(body: bytes) -> int:
+    """An upper bound on the JSON values in ``body``, without parsing it: every value but the
+    first follows a ``[``, ``{``, ``,`` or ``:`` outside a string. Linear: a string's closing
+    quote is optional, so no match fails after a long scan (``"\\"\\"\\"...`` never closes); JSON
+    parsing stops at an unclosed string, so what follows one is never parsed."""
+    import re  # the judge's side only
+
+    bare = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', b'""', body, flags=re.DOTALL)
+    return 1 + sum(bare.count(mark) for mark in (b"[", b"{", b",", b":"))
 
 
 def _no_constants(name: str) -> object:
@@ -171,6 +245,9 @@ def unpack(body: bytes) -> dict:
     """The JSON object of one message body; WireError if it is not one."""
     import json  # the judge's side only
 
+    values = count_values(body)
+    if values > MAX_VALUES:
+        raise WireTooLarge(f"a message of more than {MAX_VALUES} values ({values})")
     try:
         parsed = json.loads(body.decode("utf-8", "surrogatepass"), parse_constant=_no_constants)
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:

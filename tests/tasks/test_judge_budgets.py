@@ -1,0 +1,253 @@
+"""The trusted judge bounds its own work on whatever the sandbox sends (issue 21, the judge side).
+
+Each test is an attack that got the judge stuck, crashed a run or earned a wrong reward before:
+values that are quadratic or huge to decode, text that is not valid Unicode, a candidate's
+exception that steers the tests' loops, answers too long for ``str``, names that grow a cache, and
+trusted test code kept busy past the run's deadline by what the candidate returned.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from vpd_lightning.tasks.sandbox import judge, wire
+from vpd_lightning.tasks.sandbox.judge import run_judged
+from vpd_lightning.tasks.sandbox.runner import SandboxLimits
+
+P = 2**61 - 1  # hash(i * P) == 0 for every int i
+LIMITS = SandboxLimits.for_tests(3.0, 1024, True)
+
+
+def judged(code: str, tests: str, entry_point: str = "f", limits: SandboxLimits = LIMITS):
+    start = time.monotonic()
+    outcome = run_judged(
+        [("<response>", code)], [("<tests>", tests)], entry_point=entry_point, limits=limits
+    )
+    return outcome, time.monotonic() - start
+
+
+# The response writes the judge's messages itself (a "ready", then the reply to the first call):
+# whatever the program half would do, these bytes are what the judge has to decode.
+FORGED_REPLY = """
+import os, struct, sys
+def frame(text):
+    return struct.pack('>I', len(text)) + text.encode()
+out = int(sys.argv[-1])
+os.write(out, frame('{{"kind": "ready", "callable": true}}'))
+os.write(out, frame('{{"kind": "returned", "value": ' + {value} + '}}'))
+def f():
+    return 0
+"""
+
+COLLIDING = {
+    "set": f"'{{\"set\":[' + ','.join(str(i * {P}) for i in range(40000)) + ']}}'",
+    "dict": f"'{{\"dict\":[' + ','.join('[%d,0]' % (i * {P}) for i in range(40000)) + ']}}'",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COLLIDING))
+def test_a_set_or_dict_of_colliding_hashes_is_refused_before_it_is_built(kind):
+    # Before: 14 s (set) or 21 s (dict) in wire.decode holding the GIL, past the 3 s timeout.
+    outcome, elapsed = judged(FORGED_REPLY.format(value=COLLIDING[kind]), "assert f() == 0")
+    assert not outcome.passed
+    assert "too costly to check" in outcome.feedback and "hashes collide" in outcome.feedback
+    assert elapsed < 2.5, f"{elapsed:.1f} s"
+
+
+def test_collision_budget_is_checked_before_the_set_is_built():
+    data = {"set": [i * P for i in range(40000)]}
+    start = time.monotonic()
+    with pytest.raises(wire.WireTooLarge, match="hashes collide"):
+        wire.decode(data)
+    assert time.monotonic() - start < 0.5
+    # a few colliding members (hash(-1) == hash(-2)) and large plain sets decode as before
+    assert wire.decode({"set": [-1, -2, 3 * P, 4 * P]}) == {-1, -2, 3 * P, 4 * P}
+    assert len(wire.decode({"set": list(range(200_000))})) == 200_000
+    pairs = [[{"tuple": [1, 2]}, "a"], [-1, 0], [-2, 1]]
+    assert wire.decode({"dict": pairs}) == {(1, 2): "a", -1: 0, -2: 1}
+    # big members that collide: the work counts their size, not just their number
+    big = [{"tuple": [i * P, *range(5000)]} for i in range(30)]
+    with pytest.raises(wire.WireTooLarge):
+        wire.decode({"frozenset": big})
+
+
+def test_a_16_mb_message_of_nested_lists_is_refused_before_it_is_parsed():
+    # Before: 11 s of judge CPU and about 800 MB of memory for each concurrent check.
+    body = b'{"kind":"returned","value":[' + b",".join([b"[]"] * 5_500_000) + b"]}"
+    assert len(body) <= wire.MAX_MESSAGE
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(wire.WireTooLarge, match="more than 1000000 values"):
+            wire.unpack(body)
+        elapsed, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 3 * len(body), (elapsed, peak)
+
+
+def test_a_value_of_too_many_items_gets_a_reward_of_0_and_says_why():
+    outcome, elapsed = judged("def f():\n    return [[]] * 1_200_000\n", "assert f() == []")
+    assert not outcome.passed and elapsed < 3.0
+    assert outcome.feedback.startswith("f() returned a value too costly to check: a message of")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['"[[[,,,:::{{{"', '"a\\\\"', '"\\"[,"', '"\\u005b"', "[1, [2, 3], {}]", '{"a": [1, 2]}'],
+)
+def test_the_value_count_is_an_upper_bound_that_ignores_strings(text):
+    import json
+
+    def values(node) -> int:
+        if isinstance(node, list):
+            return 1 + sum(map(values, node))
+        if isinstance(node, dict):
+            return 1 + sum(1 + values(v) for v in node.values())
+        return 1
+
+    counted = wire.count_values(text.encode())
+    assert values(json.loads(text)) <= counted
+    if text.startswith('"'):
+        assert counted == 1  # brackets, commas and escaped quotes inside a string are not values
+
+
+def test_counting_values_is_linear_even_for_strings_that_never_close():
+    body = b'{"v":["' + b'\\"' * 2_000_000 + b"]}"  # 4 MB: each quote starts a string to the end
+    start = time.monotonic()
+    with pytest.raises(wire.WireError):
+        wire.unpack(body)
+    assert time.monotonic() - start < 1.0
+
+
+SURROGATE = "def f(x):\n    raise ValueError('bad \\ud800 text')\n"
+
+
+def test_a_lone_surrogate_from_the_sandbox_reaches_the_feedback_as_valid_text():
+    # Before: the raw '\ud800' reached the feedback; the teacher's tokenizer raised TypeError.
+    outcome, _ = judged(SURROGATE, "assert f(1) == 1")
+    assert not outcome.passed
+    outcome.feedback.encode("utf-8")  # no UnicodeEncodeError
+    assert "bad \ufffd" in outcome.feedback
+    for value in outcome.info.values():
+        if isinstance(value, str):
+            value.encode("utf-8")
+
+
+def test_a_lone_surrogate_in_the_script_mode_report_is_made_valid_too():
+    from vpd_lightning.tasks.sandbox.harness import run_tests
+
+    outcome = run_tests([("<response>", SURROGATE)], [("<tests>", "assert f(1) == 1")])
+    assert not outcome.passed
+    outcome.feedback.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "assert all(map(f, [1, 2, 3]))",
+        "assert list(map(f, [1, 2])) == []",
+        "assert sum(map(f, [1, 2, 3])) == 0",
+    ],
+)
+def test_stop_iteration_from_the_candidate_cannot_end_a_trusted_loop(tests):
+    # Before: `all(map(f, ...))` saw the StopIteration as the end of the items: reward 1.
+    outcome, _ = judged("def f(x):\n    raise StopIteration\n", tests)
+    assert not outcome.passed, outcome.feedback
+    assert "StopIteration" in outcome.feedback
+
+
+@pytest.mark.parametrize("name", ["GeneratorExit", "KeyboardInterrupt", "SystemExit"])
+def test_other_control_flow_exceptions_end_the_run_uncaught(name):
+    # These held already: they end the tests (an `except Exception` in a test cannot catch them).
+    code = f"def f(x):\n    raise {name}\n"
+    outcome, _ = judged(code, "try:\n    assert all(map(f, [1]))\nexcept Exception:\n    pass\n")
+    assert not outcome.passed, outcome.feedback
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "def f():\n    return object()\n",  # not plain data
+        "def f():\n    import os\n    os._exit(0)\n",  # the sandbox dies
+        "def f():\n    while True:\n        pass\n",  # the sandbox's deadline
+    ],
+    ids=["bad_return", "died", "timeout"],
+)
+def test_a_bare_except_in_the_tests_cannot_swallow_the_end_of_the_run(code):
+    # Before: the tests caught the judge's stop and went on to pass (reward 1).
+    tests = "try:\n    f()\nexcept BaseException:\n    pass\nassert True\n"
+    outcome, _ = judged(code, tests, limits=SandboxLimits.for_tests(1.0, 1024, True))
+    assert not outcome.passed, outcome.feedback
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [("return 7 ** 20000", "7 ** 20000"), ("import math\n    return math.factorial(3000)", "")],
+)
+def test_correct_answers_too_long_for_str_still_pass(code, expected):
+    # Before: reward 0 (the judge's repr of the value hit Python's 4300-digit int-to-str limit).
+    tests = f"import math\nassert f() == {expected or 'math.factorial(3000)'}\n"
+    outcome, _ = judged(f"def f():\n    {code}\n", tests)
+    assert outcome.passed, outcome.feedback
+    wrong, _ = judged("def f():\n    return 7 ** 20000 + 1\n", "assert f() == 7 ** 20000")
+    assert not wrong.passed
+    assert "f() returned <int of 16902 digits>" in wrong.feedback
+
+
+def test_the_cache_of_exception_class_names_is_bounded():
+    # Before: one class cached per name for ever (+73 MB for 50k names).
+    judge._raised_class.cache_clear()
+    for i in range(5000):
+        exc = judge._raised(f"Error{i}", "m", None)
+        assert exc.error_type == f"Error{i}" and isinstance(exc, judge.CandidateRaised)
+    assert judge._raised_class.cache_info().currsize <= 256
+    assert isinstance(judge._raised("ValueError", "m", None), ValueError)
+
+
+def run_in_thread(function, wait_s: float):
+    """``function()``'s value, or None if it is still running after ``wait_s`` (it is left running
+    as a daemon thread: before the clock, trusted test code kept running for ever)."""
+    box: list = []
+    worker = threading.Thread(target=lambda: box.append(function()), daemon=True)
+    worker.start()
+    worker.join(wait_s)
+    return box[0] if box else None
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "for _ in range(f()):\n    pass\n",
+        "try:\n    for _ in range(f()):\n        pass\nexcept BaseException:\n    pass\n",
+        "def check(n):\n    return [i for i in range(n)]\nassert len(check(f())) > 0\n",
+    ],
+    ids=["loop", "bare_except", "helper"],
+)
+def test_the_trusted_tests_run_under_the_runs_wall_clock_budget(tests):
+    limits = SandboxLimits.for_tests(1.0, 1024, True)
+    code = "def f():\n    return 10 ** 10\n"
+    result = run_in_thread(lambda: judged(code, tests, limits=limits), wait_s=8.0)
+    assert result is not None, "the trusted tests were still running after 8 s"
+    outcome, elapsed = result
+    assert not outcome.passed and elapsed < 2.5
+    assert outcome.feedback.startswith("Timed out after 1 s: the tests were still checking")
+    assert outcome.info["status"] == "timeout"
+
+
+def test_the_clock_leaves_the_threads_tracing_as_it_was():
+    def tracer(frame, event, arg):
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        outcome, _ = judged("def f():\n    return 1\n", "assert f() == 1")
+        assert outcome.passed and sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
