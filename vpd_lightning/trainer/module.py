@@ -361,7 +361,7 @@ class VPDModule(pl.LightningModule):
             self._rng_to_restore = None
 
     # ------------------------------------------------------------------------ one training step
-    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+    def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, float]:
         step_start = time.perf_counter()
         rollouts = self._collect_rollouts(batch)
         strategy = self.trainer.strategy
@@ -395,6 +395,7 @@ class VPDModule(pl.LightningModule):
         self.log(
             "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
         )
+        return stats  # the step's metrics, for callbacks (trainer/progress.py)
 
     def log_step_metrics(self, stats: dict[str, float]) -> None:
         """Send one step's metrics straight to the loggers (over every process's rollouts; times
