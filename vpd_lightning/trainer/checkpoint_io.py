@@ -53,10 +53,10 @@ def temp_path(target: Path) -> Path:
 
 
 def remove_stale_temps(target: Path) -> None:
-    """Delete temporaries of `target` left by killed writers on this host (not a live one's)."""
-    prefix = f".{target.name}{TEMP_MARK}{socket.gethostname()}-"
-    for leftover in target.parent.glob(f"{prefix}*"):
-        pid = leftover.name[len(prefix) :]
+    """Delete temporaries in `target`'s folder left by killed writers on this host."""
+    mark = f"{TEMP_MARK}{socket.gethostname()}-"
+    for leftover in target.parent.glob(f".*{mark}*"):
+        pid = leftover.name.rsplit(mark, 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             _remove(leftover)
 
@@ -73,10 +73,12 @@ def write_file_atomically(target: Path, write: Callable[[Any], None], content: o
             os.fsync(file.fileno())
         os.replace(temp, target)
         fsync_folder(target.parent)
-    except OSError as error:
+    except Exception as error:
         _remove(temp)
-        if error.errno in NO_SPACE:
-            raise disk_full(target.parent, serialized_size(content)) from None
+        # torch.save's zip writer reports a full disk as a RuntimeError about file positions
+        needed = serialized_size(content) if isinstance(error, OSError | RuntimeError) else None
+        if no_space(error) or (needed is not None and needed > _free(target.parent)):
+            raise disk_full(target.parent, needed) from None
         raise
     except BaseException:
         _remove(temp)
@@ -105,8 +107,25 @@ def replace_folder_atomically(temp: Path, target: Path) -> None:
     fsync_folder(target.parent)
 
 
+def no_space(error: BaseException) -> bool:
+    """Whether an error, or one it wraps (torch.distributed.checkpoint does), is a full disk."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
 def disk_full(folder: Path, needed: int | None) -> CheckpointDiskFullError:
-    free = shutil.disk_usage(folder).free
+    free = _free(folder)
     need = f"needs {_mib(needed)} and" if needed is not None else "does not fit:"
     return CheckpointDiskFullError(
         f"checkpoint folder {folder}: disk full, the checkpoint {need} {_mib(free)} is free; "
@@ -160,6 +179,10 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     result = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
     return result == 0
+
+
+def _free(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
 
 
 def _alive(pid: int) -> bool:

@@ -22,8 +22,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.trainer.checkpoint_io import (
-    NO_SPACE,
     disk_full,
+    no_space,
     remove_stale_temps,
     replace_folder_atomically,
     temp_path,
@@ -83,7 +83,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         except Exception as error:
             if self.global_rank == 0:
                 shutil.rmtree(temp, ignore_errors=True)
-            if _no_space(error):
+            if no_space(error):
                 raise disk_full(path.parent, needed) from None
             raise
         self.barrier("vpd_ckpt_written")
@@ -101,23 +101,6 @@ def _tensor_bytes(state: object) -> int:
     if isinstance(state, list | tuple):
         return sum(_tensor_bytes(v) for v in state)
     return 0
-
-
-def _no_space(error: BaseException) -> bool:
-    """Whether a (possibly wrapped, as torch.distributed.checkpoint does) error is a full disk."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in NO_SPACE:
-            return True
-        if "No space left on device" in str(current):
-            return True
-        stack += [current.__cause__, current.__context__]
-    return False
 
 
 def is_sharded(strategy: object) -> bool:
