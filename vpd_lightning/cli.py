@@ -198,16 +198,15 @@ class VPDCLI(LightningCLI):
         check_lengths_fit(positions, model.hparams)
         if self.subcommand == "predict":
             options = self.config_init[self.subcommand]["sample"]
-            records = data.task.records(options.split)[: options.limit]
-            splits = {options.split: lambda: records}
+            splits = {options.split: data.task.records(options.split)[: options.limit]}
         else:
-            splits = {data.train_split: data.train_records, data.val_split: data.val_records}
-            if self.subcommand != "fit":
-                splits.pop(data.train_split, None)
-        lengths = {}
-        for split, records in splits.items():
-            records = records()
-            lengths[split] = [len(render_prompt(model.tokenizer, r)) for r in records]
+            splits = {data.val_split: data.val_records()}
+            if self.subcommand == "fit":
+                splits[data.train_split] = data.train_records()
+        lengths = {
+            split: [len(render_prompt(model.tokenizer, r)) for r in records]
+            for split, records in splits.items()
+        }
         longest_new = max(model.rollout_opts.max_new_tokens, model.validation.max_new_tokens or 0)
         check_prompts_fit(positions, lengths, longest_new, model.hparams.max_context_tokens)
 
