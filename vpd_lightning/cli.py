@@ -179,7 +179,8 @@ class VPDCLI(LightningCLI):
             config["ckpt_path"] = str(resolve_last_checkpoint(config["trainer"]))
         if config.get("ckpt_path"):
             check_checkpoint(config["ckpt_path"], config["model"])
-            check_checkpoint_strategy(config["ckpt_path"], config["trainer"]["strategy"])
+            if subcommand != "predict":  # predict assembles a sharded folder in one process
+                check_checkpoint_strategy(config["ckpt_path"], config["trainer"]["strategy"])
 
     def before_instantiate_classes(self) -> None:
         """Checks that need no model and that no constructor runs before the model loads."""

@@ -40,8 +40,10 @@ def write_config(folder: Path, save_dir: Path, ckpt_dir: Path | None = None, **c
     return path
 
 
-def start(config: Path, cwd: Path, *args: str, tmpdir: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start(
+    config: Path, cwd: Path, *args: str, tmpdir: Path | None = None, env: dict | None = None
+) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     if tmpdir is not None:
         env["TMPDIR"] = str(tmpdir)
     command = [sys.executable, "-m", "vpd_lightning", "fit", "--config", str(config)]
@@ -215,3 +217,35 @@ def test_a_full_disk_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path, 
     assert re.search(r"needs 2\.\d MiB and [01]\.\d MiB is free", lines[0]), lines[0]
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["last.ckpt"]  # no partial file
     assert whole(tiny_tmpfs / "last.ckpt") == 1  # the previous checkpoint, whole
+
+
+def test_slurm_requeue_signal_saves_at_the_end_of_the_step_and_requeues(tmp_path):
+    """Lightning saves and requeues from inside its SIGUSR1 handler (mid-step): deferred here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # stands in for SLURM's: records the requeue request
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.txt\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    config = write_config(tmp_path, tmp_path / "runs", every_n_train_steps=100)
+    run = start(config, tmp_path, "--trainer.max_steps", "8", env=slurm)
+    while "step 1/8" not in (tmp_path / "stdout.txt").read_text():
+        assert run.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGUSR1)
+    code, _, err = finish(run, tmp_path)
+
+    assert code == 128 + signal.SIGUSR1, err[-2000:]
+    line = next(line for line in err.splitlines() if "stopped by SIGUSR1" in line)
+    step = int(re.search(r"after step (\d+) of 8", line).group(1))
+    assert whole(tmp_path / "hpc_ckpt_1.ckpt") == step >= 2
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]

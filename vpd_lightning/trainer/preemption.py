@@ -6,6 +6,10 @@ flag (a second Ctrl-C quits at once, unsaved), the callback saves `last.ckpt` in
 folder when the exception passes (the end of a step is a safe point: rollouts, updates and
 counters all done), and the CLI exits with 128 + the signal's number (143 for SIGTERM, 130 for
 SIGINT) after one line naming the checkpoint. `--ckpt_path last` resumes from it.
+
+Under SLURM with Lightning's auto-requeue, Lightning saves `hpc_ckpt_N.ckpt` and requeues the job
+from inside its SIGUSR1 handler, that is in the middle of whatever the step was doing; here that
+handler is deferred to the same safe point, and the requeued job resumes from it on its own.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -38,6 +43,7 @@ class PreemptionCheckpoint(Callback):
         self.signum: int | None = None
         self.checkpoint: Path | None = None
         self.step: int | None = None
+        self._requeue: tuple[int, object] | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.signum, self.checkpoint, self.step = None, None, None
@@ -45,6 +51,11 @@ class PreemptionCheckpoint(Callback):
             return
         for signum in SIGNALS:  # Lightning's own handlers are restored when fit ends
             signal.signal(signum, self._handler(trainer, signum, signal.getsignal(signum)))
+        self._requeue = None
+        requeue = _requeue_signal(trainer)
+        if requeue is not None and callable(signal.getsignal(requeue)):
+            self._requeue = (requeue, signal.getsignal(requeue))
+            signal.signal(requeue, self._handler(trainer, requeue, None))
 
     def _handler(self, trainer: pl.Trainer, signum: int, previous: object):
         def handle(received: int, frame) -> None:
@@ -72,8 +83,14 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        self.checkpoint = last_checkpoint_path(trainer)
         self.step = trainer.global_step
+        if self._requeue is not None and self.signum == self._requeue[0]:
+            requeue, lightning_handler = self._requeue
+            connector = trainer._checkpoint_connector
+            self.checkpoint = Path(connector.hpc_save_path(trainer.default_root_dir))
+            lightning_handler(requeue, None)  # saves there and requeues the job
+            return
+        self.checkpoint = last_checkpoint_path(trainer)
         trainer.save_checkpoint(self.checkpoint)  # every process: a sharded save is collective
 
     def stopped(self, trainer: pl.Trainer) -> Preempted:
@@ -87,6 +104,14 @@ class PreemptionCheckpoint(Callback):
             f"checkpoint {self.checkpoint}; resume with --ckpt_path {self.checkpoint}",
             signum,
         )
+
+
+def _requeue_signal(trainer: pl.Trainer) -> int | None:
+    """SLURM's requeue signal when Lightning auto-requeues this job, else None."""
+    environment = trainer._accelerator_connector.cluster_environment
+    if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+        return environment.requeue_signal
+    return None
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:
