@@ -5,7 +5,11 @@ config saved next to the logs), `fit` evaluates before and after training, draws
 curves and ends by printing where the logs, curves, checkpoints and config went (process 0 only;
 every process takes part in the collectives that find them). `--trainer.strategy` takes `ddp` and
 `fsdp2` (`strategies.py`). `python -m vpd_lightning export CKPT OUT_DIR` writes a Hugging Face
-model folder from a checkpoint (`export.py`).
+model folder from a checkpoint (`export.py`); `predict` samples a task split to JSONL (`predict.py`).
+
+Every run writes its checkpoints atomically (`trainer/checkpoint_io.py`), saves and exits non-zero
+on SIGTERM or SIGINT (`trainer/preemption.py`), and prints one line per logged step when no
+terminal is attached (`trainer/progress.py`).
 
 Bad input (options, config files, data files, model ids, checkpoints) is refused before the model
 loads, with one line on stderr and exit status 2; `VPD_TRACEBACK=1` shows the traceback instead.
@@ -22,14 +26,30 @@ from typing import NoReturn
 
 import yaml
 from jsonargparse import lazy_instance, set_parsing_settings
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vpd_lightning.errors import UserInputError
+from vpd_lightning.predict import PredictOptions, predict
+from vpd_lightning.rollout.prompts import render_prompt
 from vpd_lightning.trainer.checkpoint import check_checkpoint, check_learning_rates
+from vpd_lightning.trainer.checkpoint_io import AtomicCheckpointIO
 from vpd_lightning.trainer.data import VPDDataModule
 from vpd_lightning.trainer.module import VPDModule
 from vpd_lightning.trainer.plot import plot_run
+from vpd_lightning.trainer.preemption import Preempted, PreemptionCheckpoint
+from vpd_lightning.trainer.progress import BatchLog
+from vpd_lightning.trainer.run_checks import (
+    check_lengths_fit,
+    check_prompts_fit,
+    check_trainer_flags,
+    model_positions,
+    positions_of,
+    resolve_last_checkpoint,
+)
 from vpd_lightning.trainer.stepping import NonFiniteLossError
 from vpd_lightning.trainer.strategies import check_checkpoint_strategy
 
@@ -42,6 +62,11 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 1,
 }
 TRACEBACK_VARIABLE = "VPD_TRACEBACK"
+EPILOG = (
+    "other commands: `export CKPT OUT_DIR [--adapter-only]` writes a checkpoint as a Hugging "
+    "Face model folder; `predict --config X [--ckpt_path CKPT] [--sample.out F.jsonl] "
+    "[--sample.split test]` samples a task split, one JSONL line per attempt"
+)
 
 # `fit --help` shows each option group's attribute docstrings (vpd_lightning/options.py).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -100,7 +125,40 @@ def summarize_parser_error(message: str) -> str:
 class VPDCLI(LightningCLI):
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         self.parser_class = OneLineErrorParser
+        kwargs.setdefault("epilog", EPILOG)
         return super().init_parser(**kwargs)
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_class_arguments(PredictOptions, "sample")
+        return parser
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, with atomic checkpoint writes, the preemption save and the batch log."""
+        trainer = super().instantiate_trainer(**kwargs)
+        self.preemption = PreemptionCheckpoint()
+        trainer.callbacks.extend([self.preemption, BatchLog()])
+        strategy = trainer.strategy
+        if strategy._checkpoint_io is None or type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "predict":
+            config = self.config_init[subcommand]
+            summary = predict(self.model, config["sample"], config.get("ckpt_path"))
+            print(
+                f"vpd_lightning: predicted {summary['attempts']} attempts on "
+                f"{summary['prompts']} {summary['split']} prompts from {summary['checkpoint']}: "
+                f"accuracy {summary['accuracy']:.3f}, mean reward {summary['mean_reward']:.3f}; "
+                f"written to {summary['out']}"
+            )
+            return
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise self.preemption.stopped(self.trainer) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
@@ -117,9 +175,12 @@ class VPDCLI(LightningCLI):
         (a resume with `--model.method grpo` kept training VPD)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        if config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(resolve_last_checkpoint(config["trainer"]))
         if config.get("ckpt_path"):
             check_checkpoint(config["ckpt_path"], config["model"])
-            check_checkpoint_strategy(config["ckpt_path"], config["trainer"]["strategy"])
+            if subcommand != "predict":  # predict assembles a sharded folder in one process
+                check_checkpoint_strategy(config["ckpt_path"], config["trainer"]["strategy"])
 
     def before_instantiate_classes(self) -> None:
         """Checks that need no model and that no constructor runs before the model loads."""
@@ -127,6 +188,28 @@ class VPDCLI(LightningCLI):
         data = config["data"]  # the task is instantiated before the model, the data module after
         VPDDataModule.check_options(data.prompts_per_step, data.val_size, data.val_batch_size)
         check_learning_rates(config["model"])
+        check_trainer_flags(config["trainer"])
+        check_lengths_fit(model_positions(config["model"]["model"]), config["model"])
+
+    def after_instantiate_classes(self) -> None:
+        """Prompts need the tokenizer, so their lengths are checked once it is loaded, before
+        anything runs: every prompt of the splits this run reads must fit the model."""
+        model, data = self.model, self.datamodule
+        positions = positions_of(model.policy.model.config)
+        check_lengths_fit(positions, model.hparams)
+        if self.subcommand == "predict":
+            options = self.config_init[self.subcommand]["sample"]
+            splits = {options.split: data.task.records(options.split)[: options.limit]}
+        else:
+            splits = {data.val_split: data.val_records()}
+            if self.subcommand == "fit":
+                splits[data.train_split] = data.train_records()
+        lengths = {
+            split: [len(render_prompt(model.tokenizer, r)) for r in records]
+            for split, records in splits.items()
+        }
+        longest_new = max(model.rollout_opts.max_new_tokens, model.validation.max_new_tokens or 0)
+        check_prompts_fit(positions, lengths, longest_new, model.hparams.max_context_tokens)
 
     def before_fit(self) -> None:
         self._before = None
@@ -201,7 +284,9 @@ def check_config_files(args: list[str]) -> None:
         if not file.is_file():
             raise UserInputError(f"--config {path}: no such file")
         try:
-            content = yaml.safe_load(file.read_text())
+            content = yaml.load(file.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
+        except DuplicateKeyError as error:
+            raise UserInputError(f"--config {path}: {error}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             line = getattr(getattr(error, "problem_mark", None), "line", None)
             where = f" at line {line + 1}" if line is not None else ""
@@ -216,6 +301,27 @@ def check_config_files(args: list[str]) -> None:
                 f"--config {path}: expected a mapping of option groups (trainer:, model:, data:), "
                 f"got a {type(content).__name__}"
             )
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (plain YAML keeps the last and drops the rest)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping, at any depth."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key != "<<" and key in seen:
+                raise DuplicateKeyError(
+                    f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would keep "
+                    "only the second block and drop the first silently: merge them into one"
+                )
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 def find_user_error(error: BaseException) -> BaseException | None:
@@ -253,6 +359,9 @@ def main(args: list[str] | None = None) -> VPDCLI | None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
+    except Preempted as stop:
+        print(f"vpd_lightning: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_status) from None
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None or os.environ.get(TRACEBACK_VARIABLE):

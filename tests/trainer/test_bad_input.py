@@ -223,3 +223,71 @@ def test_resuming_with_safe_changes_trains_on(lora_checkpoint, tmp_path, monkeyp
         + ["--trainer.val_check_interval", "1", "--trainer.enable_progress_bar", "false"]
     )
     assert cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "instead"),
+    [
+        ("accumulate_grad_batches", "2", "model.micro_batch_size"),
+        ("gradient_clip_val", "1", "model.student_grad_clip and model.teacher_grad_clip"),
+    ],
+)
+def test_trainer_flags_manual_optimization_cannot_honour_name_our_option(
+    flag, value, instead, capsys, no_model_loading
+):
+    line = refused(["fit", "--config", TINY, f"--trainer.{flag}", value], capsys)
+    assert f"trainer.{flag} = " in line and "manual optimization" in line and instead in line
+
+
+def test_a_config_that_gives_a_top_level_key_twice_is_refused(tmp_path, capsys, no_model_loading):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(
+        "trainer:\n  accelerator: cpu\nmodel:\n  method: vpd\ntrainer:\n  max_steps: 2\n"
+    )
+    line = refused(["fit", "--config", TINY, "--config", str(twice)], capsys)
+    assert f"--config {twice}: key 'trainer' is given twice (lines 1 and 5)" in line
+
+
+def test_max_new_tokens_beyond_the_model_context_is_refused(capsys, no_model_loading):
+    line = refused(["fit", "--config", TINY, "--model.rollout.max_new_tokens", "1000"], capsys)
+    assert "model.rollout.max_new_tokens = 1000" in line and "1024 positions" in line
+
+
+def test_ckpt_path_last_without_a_run_explains(tmp_path, monkeypatch, capsys, no_model_loading):
+    monkeypatch.chdir(tmp_path)
+    line = refused(["fit", "--config", TINY, "--ckpt_path", "last"], capsys)
+    assert "ckpt_path last: no runs/tiny/version_*/checkpoints/last.ckpt" in line
+
+
+def test_a_prompt_longer_than_the_model_context_is_refused_before_training(tmp_path, capsys):
+    records = [{"prompt": f"q{i}", "answer": str(i)} for i in range(6)]
+    records[2]["prompt"] = "x" * 3000  # the tiny tokenizer: one token per byte
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    start = time.perf_counter()
+    line = refused(jsonl_args(path), capsys)
+    assert "split 'train': 1 of " in line and "do not fit the model's 1024 positions" in line
+    assert time.perf_counter() - start < 30
+
+
+def test_predict_writes_one_line_per_attempt_and_the_accuracy(tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
+    args = ["predict", "--config", TINY, "--sample.out", str(out), "--sample.limit", "3"]
+    main(args)
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 3 * 2  # tiny.yaml: validation.num_samples 2
+    assert [(r["index"], r["sample"]) for r in lines] == [(i, s) for i in range(3) for s in (0, 1)]
+    for line in lines:
+        assert set(line) == {"index", "sample", "prompt", "completion", "reward", "feedback"}
+        assert isinstance(line["reward"], float) and line["feedback"]
+        assert "<|im_start|>user" in line["prompt"]
+    printed = capsys.readouterr().out
+    assert "predicted 6 attempts on 3 test prompts from (base model): accuracy " in printed
+
+
+def test_help_lists_export_and_predict(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "export CKPT OUT_DIR" in out and "predict --config" in out

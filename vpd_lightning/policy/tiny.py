@@ -21,6 +21,9 @@ CHAT_TEMPLATE = (
 )
 
 
+MAX_POSITIONS = 1024  # the tiny model's context, in tokens
+
+
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE with no merges: every UTF-8 byte is a token, so any text round-trips."""
     byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -63,7 +66,7 @@ def build_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

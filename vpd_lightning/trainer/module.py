@@ -251,7 +251,7 @@ class VPDModule(pl.LightningModule):
             self._rng_to_restore = None
 
     # ------------------------------------------------------------------------ one training step
-    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+    def training_step(self, batch: list[dict], batch_idx: int) -> dict[str, float]:
         step_start = time.perf_counter()
         rollouts = self.collect_rollouts(batch)
         stats = mean_over_processes(
@@ -282,6 +282,7 @@ class VPDModule(pl.LightningModule):
         self.log(
             "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
         )
+        return stats  # the step's metrics, for callbacks (trainer/progress.py)
 
     def collect_rollouts(self, records: list[dict]) -> list[Rollout]:
         """This process's rollouts of `records`, seeded by (seed, step, rank), with contexts."""

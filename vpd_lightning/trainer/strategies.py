@@ -13,11 +13,21 @@ applies `fully_shard` itself in `configure_model` (see `Policy.shard`).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from vpd_lightning.errors import UserInputError
+from vpd_lightning.trainer.checkpoint_io import (
+    disk_full,
+    no_space,
+    remove_stale_temps,
+    replace_folder_atomically,
+    temp_path,
+)
 
 FSDP2 = "fsdp2"
 REFUSED = {
@@ -52,6 +62,45 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
+    ) -> None:
+        """The sharded folder is written whole under a temporary name next to it and then swapped
+        into place (`checkpoint_io.replace_folder_atomically`), never overwritten shard by shard."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        temp = Path(self.broadcast(str(temp_path(path))))
+        needed = _tensor_bytes(checkpoint)
+        if self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path)
+            shutil.rmtree(temp, ignore_errors=True)
+        self.barrier("vpd_ckpt_begin")
+        try:
+            super().save_checkpoint(checkpoint, temp, storage_options)
+        except Exception as error:
+            if self.global_rank == 0:
+                shutil.rmtree(temp, ignore_errors=True)
+            if no_space(error):
+                raise disk_full(path.parent, needed) from None
+            raise
+        self.barrier("vpd_ckpt_written")
+        if self.global_rank == 0:
+            replace_folder_atomically(temp, path)
+        self.barrier("vpd_ckpt_done")
+
+
+def _tensor_bytes(state: object) -> int:
+    """Bytes of every tensor in a checkpoint (a DTensor counted whole): the space it needs."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 def is_sharded(strategy: object) -> bool:
