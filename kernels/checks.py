@@ -67,6 +67,19 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
 
 
+def check_head_transform(prefix: str, scale: float, softcap: float | None) -> None:
+    """A head's logit transform: `logit_scale` finite and > 0, softcapping None or finite > 0."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"{prefix}logit_scale must be a finite number > 0 (1.0: no scaling), got {scale}"
+        )
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(
+            f"{prefix}final_logit_softcapping must be None (no cap) or a finite number > 0, "
+            f"got {softcap}"
+        )
+
+
 def check_tuning(block_v: int | None, chunk_size: int | None) -> None:
     """The optional tuning knobs: Triton vocabulary tile and rows per chunk."""
     if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):

@@ -77,6 +77,8 @@ class FusedLinearJSDLoss(torch.nn.Module):
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             ref_bias=None,
+            transforms=(1.0, None),
+            teacher_transforms=(1.0, None),
             mask=None,
             labels=true_labels,
             ignore_index=self.ignore_index,
