@@ -14,10 +14,10 @@ from vpd_kernels.ops import HAVE_TRITON
 from vpd_kernels.ops.distill import distill_rows_triton
 from vpd_kernels.ops.logprobs import token_logprobs_backward_triton, token_logprobs_triton
 from vpd_kernels.ops.topk import topk_rows_triton
-from vpd_kernels.rows import RowOutputs, logprobs_at, rows_per_chunk, top_ids
+from vpd_kernels.rows import RowOutputs, rows_per_chunk, top_ids
 
 BACKENDS = ("auto", "triton", "torch")
-TOPK_CHUNK_ELEMENTS = 1 << 24  # teacher logits per torch.topk call (`teacher_topk`)
+TOPK_CHUNK_ELEMENTS = 1 << 24  # logits per sort that picks the top-k ids (`teacher_topk`)
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -79,14 +79,9 @@ class Backend:
         the student, with `settings.topk_from`; ids carry no gradient either way)."""
         if settings.teacher_topk is not None:
             chunk = rows_per_chunk(teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
-            if settings.topk_from == "teacher":
-                ids = top_ids(teacher, settings.teacher_topk, chunk)
-                return self.topk_rows(
-                    student, ids, None, teacher, ref, labels, coef, grad, settings
-                )
-            ids = top_ids(student.detach(), settings.teacher_topk, chunk)
-            at_ids = logprobs_at(teacher, ids, settings.temperature, chunk)
-            return self.topk_rows(student, ids, at_ids, None, ref, labels, coef, grad, settings)
+            ranked = teacher if settings.topk_from == "teacher" else student.detach()
+            ids = top_ids(ranked, settings.teacher_topk, chunk)
+            return self.topk_rows(student, ids, None, teacher, ref, labels, coef, grad, settings)
         if self.name == "triton":
             return distill_rows_triton(
                 student, teacher, ref, labels, coef, grad, settings, self.block_v
