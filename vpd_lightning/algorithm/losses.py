@@ -89,6 +89,7 @@ def mstep_loss(
             mask=token_mask,
             reduction="sum",
             return_stats=True,
+            **policy.distill_head_kwargs,
         )
         loss = loss + distill_sum / distill_tokens
         weights = token_mask.float()
@@ -102,13 +103,21 @@ def mstep_loss(
         hidden = policy.hidden(student) if hidden is None else hidden
         temperature = terms.sampling_temperature or 1.0
         logp = vk.fused_linear_token_logprobs(
-            hidden, policy.head_weight, student.targets, temperature=temperature
+            hidden,
+            policy.head_weight,
+            student.targets,
+            temperature=temperature,
+            **policy.head_kwargs,
         )
         old_logp = logp.detach()
         if anchor is not None:
             with torch.no_grad():
                 old_logp = vk.fused_linear_token_logprobs(
-                    anchor[0], anchor[1], student.targets, temperature=temperature
+                    anchor[0],
+                    anchor[1],
+                    student.targets,
+                    temperature=temperature,
+                    **policy.head_kwargs,
                 )
         token_advantages = advantages.to(logp.device)[student.seq_index]
         g = terms.grpo
@@ -141,11 +150,15 @@ def implicit_rewards(
     with `measure_kl`, also the token sum and count of KL(q || prior) (for the adaptive beta)."""
     s_hidden, s_weight = policy.prior_features(student)
     with torch.no_grad():
-        s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
+        s_logp = vk.fused_linear_token_logprobs(
+            s_hidden, s_weight, student.targets, **policy.head_kwargs
+        )
     kl_sum, kl_tokens = 0.0, 0
     with policy.trainable_teacher():
         t_hidden = policy.hidden(teacher)
-        t_logp = vk.fused_linear_token_logprobs(t_hidden, policy.head_weight, teacher.targets)
+        t_logp = vk.fused_linear_token_logprobs(
+            t_hidden, policy.head_weight, teacher.targets, **policy.head_kwargs
+        )
         if measure_kl:
             with torch.no_grad():  # KL(q || prior): forward KL seen from the prior
                 kl_sum = float(
@@ -156,6 +169,7 @@ def implicit_rewards(
                         policy.head_weight.detach(),
                         divergence="forward_kl",
                         reduction="sum",
+                        **policy.distill_head_kwargs,
                     )
                 )
                 kl_tokens = len(student.targets)
