@@ -10,7 +10,6 @@ import torch
 
 from vpd_kernels.backend import Backend
 from vpd_kernels.checks import (
-    LossSettings,
     check_bias,
     check_floating,
     check_head_transform,
@@ -34,6 +33,7 @@ from vpd_kernels.ops.fused_linear import (
 )
 from vpd_kernels.ops.logprobs import TokenLogprobsFunction
 from vpd_kernels.rows import as_rows, rows_per_chunk
+from vpd_kernels.settings import LossSettings
 
 
 class DistillStats(NamedTuple):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.compat import divergence_of_beta
 from vpd_kernels.functional import fused_linear_distill
+from vpd_kernels.settings import LossSettings
 
 
 class FusedLinearJSDLoss(torch.nn.Module):

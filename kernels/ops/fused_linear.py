@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_chunk, row_coefficients
+from vpd_kernels.settings import LossSettings
 
 # Float32 logits per chunk: 256 MiB per stream (student, teacher, ref), as 2**27 bf16 logits cost
 # before the logits became float32 (about 440 rows at V=152k).

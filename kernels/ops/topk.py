@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.ops import tl, triton
 from vpd_kernels.ops.distill import DIVERGENCE_IDS
 from vpd_kernels.ops.tiles import (
@@ -44,6 +43,7 @@ from vpd_kernels.ops.tiles import (
     weighted_sum,
 )
 from vpd_kernels.rows import RowOutputs, flat_rows, n_rows
+from vpd_kernels.settings import LossSettings
 
 TILE_ELEMENTS = 2048  # half of ops/tiles.py's: this kernel holds more per element (no spills)
 
@@ -312,7 +312,7 @@ def topk_rows_triton(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    block_v: int | None = None,
+    tile: int | None = None,
 ) -> RowOutputs:
     """Per-row outputs of (outer, inner, V) student rows against the teacher's top-k: `ids`
     (N, k) int64 with either `teacher_logprobs` (N, k) float32 or the teacher's logits `teacher`
@@ -322,7 +322,7 @@ def topk_rows_triton(
     if total == 0:
         return outputs
     n_k = ids.shape[1]
-    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v, TILE_ELEMENTS)
+    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], tile, TILE_ELEMENTS)
     grad_k = torch.empty(ids.shape, device=student.device) if grad is not None else None
     teacher_arg = teacher if teacher is not None else student  # absent inputs are never read
     ref_arg = ref if ref is not None else student
