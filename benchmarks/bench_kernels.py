@@ -1,4 +1,5 @@
-"""Benchmark vpd_kernels against eager PyTorch, torch.compile and Liger-Kernel.
+"""Benchmark vpd_kernels against eager PyTorch, torch.compile, Liger-Kernel and TRL: time and
+memory of one step, and the precision of bf16 self-distillation.
 
 Workload: reverse KL + trust-region KL to a reference (ref_coef=0.1), forward + backward.
 - logits-in: student/teacher/ref logits (N, V) -> loss, grad wrt student logits.
@@ -13,7 +14,17 @@ Every method runs in its own subprocess so that peak memory is its own:
 - CPU: the process's resident-set high-water mark (getrusage ru_maxrss) minus its RSS after the
   inputs exist. Tensors this large are mmap'd by the allocator and returned on free, so RSS
   follows tensor allocations; the step is run once for this measurement before any timing.
-Times are the median of --repeats steps after one warm-up (CUDA events on GPU).
+Times are the median of --repeats steps after one warm-up (CUDA events on GPU); each row also
+gives its time as a multiple of vpd_kernels' (x vpd). TRL's row is its ChunkedDivergenceFunction
+(DistillationTrainer's loss: hidden states in, fused mode only); it and Liger's (JSD at beta = 1,
+Liger's chunked torch loss on CPU, its fused-linear Triton kernel on CUDA) have no trust-region
+term.
+
+Precision (bf16, a teacher that is the student plus a relative perturbation of 1e-3, 1e-2, 1e-1,
+reverse KL, no ref): each method's loss and grad_hidden against float64 computed from the same
+bf16 inputs, beside the output floor (the exact gradient rounded once to bf16). It runs in a
+child with TRITON_INTERPRET=1 on CPU, so that the Triton rows (vpd_kernels', Liger's fused-linear
+JSD) run too, at a small shape. The results go into the same JSON ("precision").
 Hardware floors (GPU only): logits-in = bytes read and written once (3 inputs + 1 gradient) /
 measured device copy bandwidth; fused-linear = matmul FLOPs (3 forward + 2 backward GEMMs of
 2*N*V*H) / measured bf16 GEMM rate.
@@ -40,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 REF_COEF = 0.1
-METHODS = ("eager", "torch.compile", "liger", "vpd_kernels")
+METHODS = ("eager", "torch.compile", "liger", "trl", "vpd_kernels")
 QUICK = {"n": 256, "v": 8192, "h": 256, "repeats": 2}  # --quick: a smoke run, not a measurement
 
 
@@ -78,10 +89,32 @@ def build_step(method: str, mode: str):
         return eager
     if method == "torch.compile":
         return torch.compile(eager)
+    if method == "trl":
+        if mode != "fused":
+            raise RuntimeError("TRL's chunked divergence takes hidden states (fused mode only)")
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        def trl_loss(h, w, th, rh):
+            per_token, _ = ChunkedDivergenceFunction.apply(
+                h, w, None, th, w, None, 1.0, 1.0, 1.0, None, 1.0, None
+            )
+            return per_token.mean()
+
+        return trl_loss
     if method == "liger" and mode == "topk":
         raise RuntimeError("no top-k distillation loss in Liger")
+    if method == "liger" and mode == "logits" and not torch.cuda.is_available():
+        raise RuntimeError("Liger's logits-in JSD is a Triton kernel: it needs a CUDA device")
     if method == "liger" and not torch.cuda.is_available():
-        raise RuntimeError("Liger's kernels need a CUDA device")
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        chunked = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False
+        )
+        labels = {}
+        return lambda h, w, th, rh: chunked(
+            h, w, th, w, labels.setdefault(0, torch.zeros(len(h), dtype=torch.long))
+        )
     if method == "liger":
         try:
             from liger_kernel.transformers import LigerFusedLinearJSD, LigerJSD
@@ -182,6 +215,117 @@ def time_steps(step, repeats: int, device: str) -> list[float]:
     return times
 
 
+# ---------------------------------------------------------------- precision (bf16, near-identical)
+PRECISION = {"n": 64, "h": 256, "v": 8192}
+PERTURBATIONS = (1e-3, 1e-2, 1e-1)
+
+
+def precision_methods() -> dict:
+    """name -> loss(h, w, th) of a reverse KL (mean over tokens) from bf16 hidden states."""
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    from liger_kernel.transformers import LigerFusedLinearJSD
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    import vpd_kernels as vk
+
+    chunked = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=False
+    )
+    fused_jsd = LigerFusedLinearJSD(jsd_beta=1.0)
+    return {
+        "vpd_kernels fused (torch)": lambda h, w, th: vk.fused_linear_distill_loss(
+            h, w, th, backend="torch"
+        ),
+        "vpd_kernels fused (triton)": lambda h, w, th: vk.fused_linear_distill_loss(
+            h, w, th, backend="triton"
+        ),
+        "vpd_kernels distill_loss on bf16 logits": lambda h, w, th: vk.distill_loss(
+            h @ w.T, th @ w.T, backend="torch"
+        ),
+        "trl ChunkedDivergenceFunction": lambda h, w, th: ChunkedDivergenceFunction.apply(
+            h, w, None, th, w, None, 1.0, 1.0, 1.0, None, 1.0, None
+        )[0].mean(),
+        "liger chunked JSD (beta=1)": lambda h, w, th: chunked(
+            h, w, th, w, torch.zeros(len(h), dtype=torch.long, device=h.device)
+        ),
+        "liger fused-linear JSD (beta=1)": lambda h, w, th: fused_jsd(h, w, th, w, None),
+    }
+
+
+def precision_rows(device: str) -> list[dict]:
+    """Every method at every perturbation, against float64 from the same bf16 inputs."""
+    n, h, v = PRECISION["n"], PRECISION["h"], PRECISION["v"]
+    rows = []
+    for eps in PERTURBATIONS:
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(n, h, generator=g)
+        weight = (torch.randn(v, h, generator=g) * 3 * h**-0.5).to(torch.bfloat16).to(device)
+        teacher = hidden + eps * hidden.std() * torch.randn(n, h, generator=g)
+        hidden, teacher = (x.to(torch.bfloat16).to(device) for x in (hidden, teacher))
+        h64 = hidden.double().requires_grad_(True)
+        log_s = torch.log_softmax(h64 @ weight.double().T, -1)
+        log_t = torch.log_softmax(teacher.double() @ weight.double().T, -1)
+        exact = (log_s.exp() * (log_s - log_t)).sum(-1).mean()
+        (exact_grad,) = torch.autograd.grad(exact, h64)
+        norm = exact_grad.norm()
+        floor = float((exact_grad.to(torch.bfloat16).double() - exact_grad).norm() / norm)
+        for name, loss_fn in precision_methods().items():
+            x = hidden.clone().requires_grad_(True)
+            try:
+                loss = loss_fn(x, weight, teacher)
+                (grad,) = torch.autograd.grad(loss, x)
+            except Exception as err:  # a backend this machine lacks: say so in the table
+                rows.append({"perturbation": eps, "method": name, "status": f"failed: {err}"[:120]})
+                continue
+            grad = grad.double()
+            rows.append(
+                {
+                    "perturbation": eps,
+                    "method": name,
+                    "status": "ok",
+                    "loss_rel_err": float(abs(loss.double() - exact) / exact),
+                    "grad_rel_err": float((grad - exact_grad).norm() / norm),
+                    "grad_floor": floor,
+                    "cosine": float(F.cosine_similarity(grad.flatten(), exact_grad.flatten(), 0)),
+                }
+            )
+    return rows
+
+
+def precision_markdown(payload: dict) -> str:
+    """The precision table as kernels/README.md shows it (a test compares the two)."""
+    p = payload["precision"]
+    lines = [
+        f"bf16, reverse KL, N={p['n']} H={p['h']} V={p['v']} ({payload['device']}); errors "
+        "against float64 from the same bf16 inputs; floor = the exact gradient rounded once to bf16.",
+        "",
+        "| perturbation | method | loss rel. error | grad_hidden rel. error | floor | cosine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in p["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['perturbation']:g} | {row['method']} | {row['status']} | | | |")
+            continue
+        lines.append(
+            f"| {row['perturbation']:g} | {row['method']} | {row['loss_rel_err']:.1e} "
+            f"| {row['grad_rel_err']:.1e} | {row['grad_floor']:.1e} | {row['cosine']:.6f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_precision_subprocess(args) -> dict:
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # the Triton rows run in the interpreter on CPU
+    cmd = [sys.executable, __file__, "--precision-child"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"precision child failed: exit {proc.returncode}: {tail[:300]}")
+    return {**PRECISION, "perturbations": list(PERTURBATIONS), **json.loads(lines[-1])}
+
+
 # ---------------------------------------------------------------- hardware floors (GPU)
 def cuda_median_ms(fn, repeats: int = 20) -> float:
     fn()
@@ -245,7 +389,8 @@ def format_row(row: dict) -> str:
 
     return (
         f"{row['mode']:<8} {row['method']:<14} {cell('time_ms', '.1f'):>10} "
-        f"{cell('peak_extra_mb', '.0f'):>10} {cell('ratio_to_floor', '.2f'):>8}  {row['status']}"
+        f"{cell('peak_extra_mb', '.0f'):>10} {cell('ratio_to_vpd', '.2f'):>7} "
+        f"{cell('ratio_to_floor', '.2f'):>8}  {row['status']}"
     )
 
 
@@ -275,7 +420,9 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default results/kernels-<device>.json)"
     )
+    parser.add_argument("--no-precision", action="store_true", help="skip the bf16 precision table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precision-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="logits", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -284,6 +431,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args)))
         return
+    if args.precision_child:
+        print(json.dumps({"rows": precision_rows("cuda" if on_gpu else "cpu")}))
+        return
 
     slug = device_slug()
     floors = measure_floors() if on_gpu else {}
@@ -291,14 +441,24 @@ def main() -> None:
     print(
         f"device={slug} N={args.n} V={args.v} H={args.h} dtype={args.dtype} repeats={args.repeats}"
     )
-    print(f"{'mode':<8} {'method':<14} {'time ms':>10} {'peak MB':>10} {'x floor':>8}  status")
+    print(
+        f"{'mode':<8} {'method':<14} {'time ms':>10} {'peak MB':>10} {'x vpd':>7} {'x floor':>8}"
+        "  status"
+    )
     for mode in args.modes.split(","):
+        rows = []
         for method in args.methods.split(","):
             row = {"mode": mode, "method": method, **run_method_subprocess(method, mode, args)}
             if floors and row.get("time_ms") is not None:
                 row["ratio_to_floor"] = row["time_ms"] / floor_ms(mode, args, floors)
-            results.append(row)
+            rows.append(row)
+        ours = next((r for r in rows if r["method"] == "vpd_kernels" and "time_ms" in r), None)
+        for row in rows:
+            if ours is not None and "time_ms" in row:
+                row["ratio_to_vpd"] = row["time_ms"] / ours["time_ms"]
             print(format_row(row), flush=True)
+        results += rows
+    precision = None if args.no_precision else run_precision_subprocess(args)
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +469,8 @@ def main() -> None:
         "config": {
             **config,
             "ref_coef": REF_COEF,
-            "workload": "reverse KL + ref KL (topk: top-k + tail reverse KL), forward+backward",
+            "workload": "reverse KL + ref KL (topk: top-k + tail reverse KL; liger and trl: "
+            "reverse KL alone), forward+backward",
         },
         "memory_method": "cuda max_memory_allocated delta"
         if on_gpu
@@ -317,6 +478,9 @@ def main() -> None:
         "floors": floors,
         "results": results,
     }
+    if precision is not None:
+        payload["precision"] = precision
+        print(precision_markdown(payload), end="")
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench_kernels import precision_markdown
 from compare_methods import late_reward
 from compare_methods import markdown_table as compare_table
 from train_step import markdown_table as train_step_table
@@ -125,18 +126,21 @@ def kernels_section(kernels: dict) -> list[str]:
         f"`benchmarks/bench_kernels.py`: {c['workload']}, N={c['n']} tokens, V={c['v']}, "
         f"{c['dtype']}, median of {c['repeats']}; peak memory above the inputs.",
         "",
-        "| inputs | method | time (ms) | peak extra (MB) | x hardware floor |",
-        "|---|---|---|---|---|",
+        "| inputs | method | time (ms) | x vpd_kernels | peak extra (MB) | x hardware floor |",
+        "|---|---|---|---|---|---|",
     ]
     for row in kernels["results"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['mode']} | {row['method']} | {row['status']} | | |")
+            lines.append(f"| {row['mode']} | {row['method']} | {row['status']} | | | |")
             continue
         floor = f"{row['ratio_to_floor']:.2f}" if "ratio_to_floor" in row else "-"
+        ratio = f"{row['ratio_to_vpd']:.2f}" if "ratio_to_vpd" in row else "-"
         lines.append(
-            f"| {row['mode']} | {row['method']} | {row['time_ms']:.0f} "
+            f"| {row['mode']} | {row['method']} | {row['time_ms']:.0f} | {ratio} "
             f"| {row['peak_extra_mb']:.0f} | {floor} |"
         )
+    if "precision" in kernels:
+        lines += ["", "Precision: " + precision_markdown(kernels)]
     return lines
 
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from vpd_kernels import torch_rows
-from vpd_kernels.checks import LossSettings
-from vpd_kernels.ops import HAVE_TRITON
-from vpd_kernels.ops.distill import distill_rows_triton
-from vpd_kernels.ops.logprobs import token_logprobs_backward_triton, token_logprobs_triton
-from vpd_kernels.ops.topk import topk_rows_triton
-from vpd_kernels.rows import RowOutputs, logprobs_at, rows_per_chunk, top_ids
+from vpd_kernels.ops import HAVE_TRITON, triton_rows
+from vpd_kernels.rows import RowOutputs, rows_per_chunk, top_ids
+from vpd_kernels.settings import LossSettings
 
 BACKENDS = ("auto", "triton", "torch")
-TOPK_CHUNK_ELEMENTS = 1 << 24  # teacher logits per torch.topk call (`teacher_topk`)
+TOPK_CHUNK_ELEMENTS = 1 << 24  # logits per sort that picks the top-k ids (`teacher_topk`)
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -44,15 +42,12 @@ def resolve(backend: str, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Backend:
-    """Runs the per-row computations on (N, V) logits with `name` ("triton" or "torch").
+    """The module that computes the rows, torch_rows or ops.triton_rows (the same functions with
+    the same signatures), and its tuning knob `tile`: rows per chunk for torch, the vocabulary
+    tile (a power of two) for Triton; None picks a default from the vocabulary size."""
 
-    `block_v` (Triton vocabulary tile, a power of two) and `chunk_size` (torch rows per chunk) are
-    tuning knobs; None picks a default from the vocabulary size.
-    """
-
-    name: str
-    block_v: int | None = None
-    chunk_size: int | None = None
+    rows: ModuleType
+    tile: int | None = None
 
     @classmethod
     def choose(
@@ -62,7 +57,9 @@ class Backend:
         block_v: int | None = None,
         chunk_size: int | None = None,
     ) -> Backend:
-        return cls(resolve(backend, device), block_v, chunk_size)
+        if resolve(backend, device) == "triton":
+            return cls(triton_rows, block_v)
+        return cls(torch_rows, chunk_size)
 
     def distill_rows(
         self,
@@ -75,25 +72,17 @@ class Backend:
         settings: LossSettings,
     ) -> RowOutputs:
         """Rows of (outer, inner, V) student logits against the teacher's logits (same layout):
-        its full distribution, or the top `settings.teacher_topk` tokens of the teacher (or of
-        the student, with `settings.topk_from`; ids carry no gradient either way)."""
-        if settings.teacher_topk is not None:
-            chunk = rows_per_chunk(teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
-            if settings.topk_from == "teacher":
-                ids = top_ids(teacher, settings.teacher_topk, chunk)
-                return self.topk_rows(
-                    student, ids, None, teacher, ref, labels, coef, grad, settings
-                )
-            ids = top_ids(student.detach(), settings.teacher_topk, chunk)
-            at_ids = logprobs_at(teacher, ids, settings.temperature, chunk)
-            return self.topk_rows(student, ids, at_ids, None, ref, labels, coef, grad, settings)
-        if self.name == "triton":
-            return distill_rows_triton(
-                student, teacher, ref, labels, coef, grad, settings, self.block_v
+        the route is the full vocabulary, or with `settings.teacher_topk` the top k of the
+        teacher (or of the student, `settings.topk_from`), whose ids are chosen here (no
+        gradient) and whose tails both distributions' logits give."""
+        if settings.teacher_topk is None:
+            return self.rows.distill_rows(
+                student, teacher, ref, labels, coef, grad, settings, self.tile
             )
-        return torch_rows.distill_rows(
-            student, teacher, ref, labels, coef, grad, settings, self.chunk_size
-        )
+        chunk = rows_per_chunk(teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
+        ranked = teacher if settings.topk_from == "teacher" else student.detach()
+        ids = top_ids(ranked, settings.teacher_topk, chunk)
+        return self.topk_rows(student, ids, None, teacher, ref, labels, coef, grad, settings)
 
     def topk_rows(
         self,
@@ -107,18 +96,24 @@ class Backend:
         grad: torch.Tensor | None,
         settings: LossSettings,
     ) -> RowOutputs:
-        """Rows against the teacher's top-k ids (N, k), with their log-probs or its logits."""
-        args = (student, ids, teacher_logprobs, teacher, ref, labels, coef, grad, settings)
-        if self.name == "triton":
-            return topk_rows_triton(*args, self.block_v)
-        return torch_rows.topk_rows(*args, self.chunk_size)
+        """Rows against top-k ids (N, k), with the teacher's log-probs there or its logits."""
+        args = (
+            student,
+            ids,
+            teacher_logprobs,
+            teacher,
+            ref,
+            labels,
+            coef,
+            grad,
+            settings,
+        )
+        return self.rows.topk_rows(*args, self.tile)
 
     def logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.name == "triton":
-            return token_logprobs_triton(logits, tokens, temperature, self.block_v)
-        return torch_rows.token_logprobs(logits, tokens, temperature, self.chunk_size)
+        return self.rows.token_logprobs(logits, tokens, temperature, self.tile)
 
     def logprobs_backward(
         self,
@@ -129,11 +124,6 @@ class Backend:
         temperature: float,
         grad: torch.Tensor,
     ) -> None:
-        if self.name == "triton":
-            token_logprobs_backward_triton(
-                logits, tokens, norm, grad_out, temperature, grad, self.block_v
-            )
-        else:
-            torch_rows.token_logprobs_backward(
-                logits, tokens, norm, grad_out, temperature, grad, self.chunk_size
-            )
+        self.rows.token_logprobs_backward(
+            logits, tokens, norm, grad_out, temperature, grad, self.tile
+        )

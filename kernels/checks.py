@@ -4,7 +4,6 @@ and every error is a ValueError that names the value, the rule and the fix."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -14,57 +13,22 @@ TOPK_SOURCES = ("teacher", "student")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The scalar settings of a distillation loss, validated once so that kernels can trust them.
-
-    Per token: loss = div_coef * D + ref_coef * KL(student || ref) + ce_coef * CE(labels), where
-    D is the divergence at `temperature`, over the full vocabulary or, with `teacher_topk` (the k
-    most likely tokens of the teacher, or of the student with `topk_from="student"`, as SDPO's
-    reference does) or given top-k teacher log-probs, over k buckets plus, with `tail`, one for
-    the rest. `div_coef` is not a public keyword: the Liger compatibility layer sets it.
-    """
-
-    divergence: str = "reverse_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    ref_coef: float = 0.0
-    reduction: str = "mean"
-    ce_coef: float = 0.0
-    div_coef: float = 1.0
-    teacher_topk: int | None = None
-    tail: bool = True
-    topk_from: str = "teacher"
-
-    def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.divergence == "jsd" and not 0.0 < float(self.beta) < 1.0:
-            raise ValueError(
-                f"beta must lie strictly inside (0, 1) for divergence='jsd', got {self.beta}; "
-                "use divergence='forward_kl' or 'reverse_kl' for the end points (TRL's and "
-                "Liger's beta=0 is forward_kl, beta=1 reverse_kl; vpd_kernels.compat maps them)"
-            )
-        check_temperature(self.temperature)
-        for name in ("ref_coef", "ce_coef", "div_coef"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        k = self.teacher_topk
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"teacher_topk must be None or an integer >= 1, got {k!r}")
-        if self.topk_from not in TOPK_SOURCES:
-            raise ValueError(
-                f"topk_from must be one of {TOPK_SOURCES} (whose k most likely tokens the "
-                f"top-k divergence is taken over), got {self.topk_from!r}"
-            )
-
-
 def check_temperature(temperature: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def check_head_transform(prefix: str, scale: float, softcap: float | None) -> None:
+    """A head's logit transform: `logit_scale` finite and > 0, softcapping None or finite > 0."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(
+            f"{prefix}logit_scale must be a finite number > 0 (1.0: no scaling), got {scale}"
+        )
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(
+            f"{prefix}final_logit_softcapping must be None (no cap) or a finite number > 0, "
+            f"got {softcap}"
+        )
 
 
 def check_tuning(block_v: int | None, chunk_size: int | None) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from vpd_kernels.backend import Backend
 from vpd_kernels.checks import (
-    LossSettings,
     check_bias,
     check_floating,
+    check_head_transform,
     check_labels,
     check_like,
     check_linear,
@@ -29,9 +29,11 @@ from vpd_kernels.ops.fused_linear import (
     Constants,
     FusedLinearDistillFunction,
     FusedLinearLogprobsFunction,
+    Head,
 )
 from vpd_kernels.ops.logprobs import TokenLogprobsFunction
 from vpd_kernels.rows import as_rows, rows_per_chunk
+from vpd_kernels.settings import LossSettings
 
 
 class DistillStats(NamedTuple):
@@ -281,6 +283,10 @@ def fused_linear_distill_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_final_logit_softcapping: float | None = None,
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
@@ -302,8 +308,12 @@ def fused_linear_distill_loss(
 
     `teacher_weight` / `ref_weight` default to `student_weight` (a shared, or frozen, LM head);
     biases default to none. Gradients flow to `student_hidden`, `student_weight` and
-    `student_bias` only. `chunk_size` is the number of rows per chunk (None: about 2**27 logits
-    per chunk); `teacher_topk` takes the teacher's top-k chunk by chunk.
+    `student_bias` only. `logit_scale` and `final_logit_softcapping` transform the student's (and
+    the ref's) logits as Cohere and Gemma 2/3 do, softcap * tanh(scale * logits / softcap),
+    `teacher_logit_scale` / `teacher_final_logit_softcapping` the teacher's (each model's own
+    config: pass both for self-distillation). Logits are float32 whatever the inputs' dtype.
+    `chunk_size` is the number of rows per chunk (None: about 2**26 logits per chunk);
+    `teacher_topk` takes the top-k chunk by chunk.
     """
     settings = LossSettings(
         divergence=divergence,
@@ -327,6 +337,8 @@ def fused_linear_distill_loss(
         student_bias=student_bias,
         teacher_bias=teacher_bias,
         ref_bias=ref_bias,
+        transforms=(logit_scale, final_logit_softcapping),
+        teacher_transforms=(teacher_logit_scale, teacher_final_logit_softcapping),
         mask=mask,
         labels=labels,
         ignore_index=ignore_index,
@@ -349,6 +361,8 @@ def fused_linear_distill(
     student_bias: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
+    transforms: tuple[float, float | None],
+    teacher_transforms: tuple[float, float | None],
     mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     ignore_index: int | None,
@@ -359,6 +373,8 @@ def fused_linear_distill(
 ) -> torch.Tensor | tuple[torch.Tensor, DistillStats]:
     """`fused_linear_distill_loss` with validated settings (compat.liger sets div_coef too)."""
     check_tuning(block_v, chunk_size)
+    check_head_transform("", *transforms)
+    check_head_transform("teacher_", *teacher_transforms)
     teacher_weight = student_weight if teacher_weight is None else teacher_weight
     ref_weight = student_weight if ref_weight is None else ref_weight
     check_linear("student_hidden", student_hidden, "student_weight", student_weight)
@@ -384,15 +400,14 @@ def fused_linear_distill(
     )
     constants = Constants(
         as_rows(teacher_hidden.detach()),
-        teacher_weight.detach(),
-        teacher_bias.detach() if teacher_bias is not None else None,
+        Head(teacher_weight.detach(), _detached(teacher_bias), *teacher_transforms),
         as_rows(ref_hidden.detach()) if ref_hidden is not None else None,
-        ref_weight.detach(),
-        ref_bias.detach() if ref_bias is not None else None,
+        Head(ref_weight.detach(), _detached(ref_bias), *transforms),
         label_ids,
         settings,
         chosen,
         rows_per_chunk(n_cols, chunk_size, fused_linear.CHUNK_LOGITS),
+        *transforms,
     )
     rows = FusedLinearDistillFunction.apply(
         as_rows(student_hidden), student_weight, student_bias, weights, constants
@@ -402,29 +417,41 @@ def fused_linear_distill(
     )
 
 
+def _detached(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x.detach() if x is not None else None
+
+
 def fused_linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
     backend: str = "auto",
     chunk_size: int | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """log softmax(hidden @ weight.T / T)[token], float32 (...), without the (N, V) logits.
+    """log softmax(z / T)[token] with z = hidden @ weight.T (+ bias), transformed by
+    `logit_scale` / `final_logit_softcapping` as in `fused_linear_distill_loss`; float32 (...),
+    without the (N, V) logits (float32 chunk by chunk whatever the inputs' dtype).
 
-    Differentiable wrt `hidden` and `weight`; the backward recomputes the logits chunk by chunk
-    (one more matmul) instead of keeping them. Tokens must lie in [0, V).
+    Differentiable wrt `hidden`, `weight` and `bias`; the backward recomputes the logits chunk by
+    chunk (one more matmul) instead of keeping them. Tokens must lie in [0, V).
     """
     check_linear("hidden", hidden, "weight", weight)
+    check_bias("bias", bias, "weight", weight)
+    check_head_transform("", logit_scale, final_logit_softcapping)
     check_temperature(temperature)
     check_tuning(block_v, chunk_size)
     token_shape = hidden.shape[:-1]
     flat_tokens = check_tokens(tokens, token_shape, hidden.device, weight.shape[0])
     chosen = Backend.choose(backend, hidden.device, block_v)
     chunk = rows_per_chunk(weight.shape[0], chunk_size, fused_linear.CHUNK_LOGITS)
+    transform = (float(logit_scale), final_logit_softcapping)
     logp = FusedLinearLogprobsFunction.apply(
-        as_rows(hidden), weight, flat_tokens, float(temperature), chosen, chunk
+        as_rows(hidden), weight, bias, flat_tokens, transform, float(temperature), chosen, chunk
     )
     return logp.view(token_shape)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.functional import distill_loss, fused_linear_distill_loss
+from vpd_kernels.settings import LossSettings
 
 _SETTINGS = {f: f for f in ("divergence", "beta", "temperature", "ref_coef", "reduction")}
 _SETTINGS.update(

@@ -74,29 +74,21 @@ def rows_per_chunk(n_cols: int, chunk_size: int | None, target_elements: int) ->
     return chunk_size if chunk_size is not None else max(1, target_elements // n_cols)
 
 
-def top_ids(teacher: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """(N, k) int64 ids of the k largest entries of each row of `teacher` (outer, inner, V),
-    `chunk` rows at a time so that torch.topk's temporaries stay bounded."""
-    total = n_rows(teacher)
-    ids = torch.empty(total, k, device=teacher.device, dtype=torch.int64)
-    for lo in range(0, total, chunk):
-        hi = min(lo + chunk, total)
-        ids[lo:hi] = torch.topk(row_chunk(teacher, lo, hi), k, dim=-1, sorted=False).indices
-    return ids
+def top_ids(logits: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """(N, k) int64 ids of the k largest entries of each row of `logits` (outer, inner, V), ties
+    broken by the lowest column, `chunk` rows at a time so that the temporaries stay bounded.
 
-
-def logprobs_at(
-    logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int
-) -> torch.Tensor:
-    """(N, k) float32 log softmax(logits / T) of (outer, inner, V) rows read at `ids` (N, k),
-    `chunk` rows at a time (a top-k ranked by another distribution: SDPO's student top-k)."""
+    The tie rule makes the rest of the vocabulary a threshold test, which the top-k kernel sums
+    directly: an entry is outside when it is below the k-th largest value tau, or equal to tau
+    at a column after the last id at tau. (torch.topk picks among ties arbitrarily.)
+    """
     total = n_rows(logits)
-    out = torch.empty(ids.shape, device=logits.device, dtype=torch.float32)
+    ids = torch.empty(total, k, device=logits.device, dtype=torch.int64)
     for lo in range(0, total, chunk):
         hi = min(lo + chunk, total)
-        rows = torch.log_softmax(row_chunk(logits, lo, hi).float() / temperature, dim=-1)
-        out[lo:hi] = rows.gather(-1, ids[lo:hi])
-    return out
+        order = torch.sort(row_chunk(logits, lo, hi), dim=-1, descending=True, stable=True)
+        ids[lo:hi] = order.indices[:, :k]
+    return ids
 
 
 def _safe_total(weights: torch.Tensor) -> torch.Tensor:

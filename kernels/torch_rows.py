@@ -1,7 +1,9 @@
 """The torch rows: the backend's plain log-softmax math, chunked over rows so that memory stays
 O(chunk x V).
 
-It keeps the Triton ops' contract (per-row outputs plus a gradient written during the forward)
+It keeps the Triton ops' contract and signatures (ops/triton_rows.py: the same functions, the last
+argument `tile` a backend's tuning knob, here rows per chunk; per-row outputs plus a gradient
+written during the forward)
 but takes the gradient of each chunk from autograd, so it doubles as a readable statement of the
 math beside each kernel. Everything is computed in float32, and logits are shifted by their row
 max before the temperature divides them, so the result does not depend on their offset.
@@ -14,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.rows import RowOutputs, flat_rows, n_rows, row_chunk, rows_per_chunk
+from vpd_kernels.settings import LossSettings
 
 CHUNK_ELEMENTS = 1 << 20  # logits per chunk (4 MiB per float32 temporary)
 
@@ -95,13 +97,13 @@ def _rows(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    chunk_size: int | None,
+    tile: int | None,
 ) -> RowOutputs:
     """The rows of any distillation loss, chunk by chunk; `divergence_of(lo, hi, log_s)` gives the
     divergence of rows lo..hi from the student's log-probabilities at T."""
     total = n_rows(student)
     out = RowOutputs.empty(total, student.device)
-    step = rows_per_chunk(student.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    step = rows_per_chunk(student.shape[-1], tile, CHUNK_ELEMENTS)
     for lo in range(0, total, step):
         hi = min(lo + step, total)
         x = row_chunk(student, lo, hi).detach().float().requires_grad_(grad is not None)
@@ -142,7 +144,7 @@ def distill_rows(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    chunk_size: int | None = None,
+    tile: int | None = None,
 ) -> RowOutputs:
     """Rows of (outer, inner, V) logits against the teacher's full distribution; writes
     coef-scaled gradients into `grad` (same layout) when given; the cross-entropy with `labels`."""
@@ -151,7 +153,7 @@ def distill_rows(
         log_t = log_softmax_at(row_chunk(teacher, lo, hi).float(), settings.temperature)
         return divergence_rows(log_s, log_t, settings.divergence, settings.beta)
 
-    return _rows(student, divergence_of, ref, labels, coef, grad, settings, chunk_size)
+    return _rows(student, divergence_of, ref, labels, coef, grad, settings, tile)
 
 
 def topk_rows(
@@ -164,7 +166,7 @@ def topk_rows(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    chunk_size: int | None = None,
+    tile: int | None = None,
 ) -> RowOutputs:
     """Rows against the teacher's top-k: ids (N, k) with their log-probs (N, k), or with the
     teacher's logits (outer, inner, V) normalised here; see ops/topk.py for the buckets."""
@@ -185,18 +187,18 @@ def topk_rows(
             log_p, log_q = log_sk.log_softmax(-1), log_tk.log_softmax(-1)
         return divergence_rows(log_p, log_q, settings.divergence, settings.beta)
 
-    return _rows(student, divergence_of, ref, labels, coef, grad, settings, chunk_size)
+    return _rows(student, divergence_of, ref, labels, coef, grad, settings, tile)
 
 
 def token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, chunk_size: int | None = None
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(token), normaliser) per row of (outer, inner, V) logits at `temperature`, float32;
     the normaliser (N, 2) is the row's max of the raw logits and log sum exp((x - max) / T)."""
     total = n_rows(logits)
     logp = torch.empty(total, device=logits.device, dtype=torch.float32)
     norm = torch.empty(total, 2, device=logits.device, dtype=torch.float32)
-    step = rows_per_chunk(logits.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    step = rows_per_chunk(logits.shape[-1], tile, CHUNK_ELEMENTS)
     for lo in range(0, total, step):
         hi = min(lo + step, total)
         x = row_chunk(logits, lo, hi).float()
@@ -215,11 +217,11 @@ def token_logprobs_backward(
     grad_out: torch.Tensor,
     temperature: float,
     grad: torch.Tensor,
-    chunk_size: int | None = None,
+    tile: int | None = None,
 ) -> None:
     """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (like `logits`)."""
     total = n_rows(logits)
-    step = rows_per_chunk(logits.shape[-1], chunk_size, CHUNK_ELEMENTS)
+    step = rows_per_chunk(logits.shape[-1], tile, CHUNK_ELEMENTS)
     for lo in range(0, total, step):
         hi = min(lo + step, total)
         x = row_chunk(logits, lo, hi).float()

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.compat import divergence_of_beta
 from vpd_kernels.functional import fused_linear_distill
+from vpd_kernels.settings import LossSettings
 
 
 class FusedLinearJSDLoss(torch.nn.Module):
@@ -77,6 +77,8 @@ class FusedLinearJSDLoss(torch.nn.Module):
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             ref_bias=None,
+            transforms=(1.0, None),
+            teacher_transforms=(1.0, None),
             mask=None,
             labels=true_labels,
             ignore_index=self.ignore_index,

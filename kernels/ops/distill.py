@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.ops import tl, triton
 from vpd_kernels.ops.tiles import (
     NEG_BIG,
@@ -36,6 +35,7 @@ from vpd_kernels.ops.tiles import (
     weighted_sum,
 )
 from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_coefficients, scale_grad
+from vpd_kernels.settings import LossSettings
 
 DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 
@@ -233,7 +233,7 @@ def distill_rows_triton(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    block_v: int | None = None,
+    tile: int | None = None,
 ) -> RowOutputs:
     """Per-row outputs of (outer, inner, V) row views in one launch; writes coef-scaled gradients
     into `grad` (same layout; it may be `student` itself). The cross-entropy is computed when
@@ -242,7 +242,7 @@ def distill_rows_triton(
     outputs = RowOutputs.empty(total, student.device)
     if total == 0:
         return outputs
-    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v)
+    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], tile)
     ref_arg = ref if ref is not None else student  # absent inputs are never read
     grad_arg = grad if grad is not None else student
     _distill_kernel[(triton.cdiv(total, block_rows),)](

@@ -1,11 +1,19 @@
 """Fused-linear losses: the autograd Functions that make logits = hidden @ weight.T (+ bias)
-chunk by chunk.
+chunk by chunk, exactly in bf16 and fp16.
 
-There is no kernel of its own here: each chunk's logits come from a torch matmul in the input
-dtype, the distillation (or log-prob) rows of the chosen backend turn them into per-row values and
-overwrite the student chunk with its gradient, and more matmuls fold that into grad_hidden,
-grad_weight (and grad_bias). Peak memory is a few chunks of logits plus the gradients
-themselves, never (N, V). With `teacher_topk` the teacher's top-k is taken chunk by chunk too.
+There is no kernel of its own here: each chunk's logits come from a torch matmul with a float32
+result, the distillation (or log-prob) rows of the chosen backend turn them into per-row values
+and overwrite the chunk with its (float32) gradient, and more matmuls fold that into grad_hidden,
+grad_weight (and grad_bias), all accumulated in float32 and cast once, at the end, after the
+scaling by the incoming gradient. Low-precision rounding therefore happens only where the
+inputs already are low precision and in the final outputs: self-distillation, where teacher and
+student differ by ~1e-3, needs it (bf16 logits would round away the very difference the loss
+measures). Peak memory is a few float32 chunks of logits plus the float32 gradients, never
+(N, V). With `teacher_topk` the top-k is taken chunk by chunk too.
+
+Heads may transform their logits, as Cohere (`logit_scale`) and Gemma 2/3
+(`final_logit_softcapping`) do: z = cap * tanh(scale * logits / cap) (just scale * logits
+without a cap). The rows see z; the gradient is chained back through dz/dlogits here.
 """
 
 from __future__ import annotations
@@ -14,55 +22,119 @@ from dataclasses import dataclass
 
 import torch
 
-from vpd_kernels.checks import LossSettings
-from vpd_kernels.rows import (
-    RowOutputs,
-    flat_rows,
-    n_rows,
-    reduce_rows,
-    row_chunk,
-    row_coefficients,
-    scale_grad,
-)
+from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_chunk, row_coefficients
+from vpd_kernels.settings import LossSettings
 
-CHUNK_LOGITS = 1 << 27  # logits per chunk: 256 MiB per bf16 stream (about 880 rows at V=152k)
+# Float32 logits per chunk: 256 MiB per stream (student, teacher, ref), as 2**27 bf16 logits cost
+# before the logits became float32 (about 440 rows at V=152k).
+CHUNK_LOGITS = 1 << 26
+# Head rows upcast at a time where no matmul with a float32 result exists for low-precision
+# inputs (CPU, torch < 2.8): 8192 x H floats (128 MiB at H = 4096).
+VOCAB_TILE = 8192
+_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
-def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+def _fp32_out(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch.mm(a, b, out_dtype=float32) runs here (CUDA, same low-precision dtypes)."""
+    return _MM_OUT_DTYPE and a.is_cuda and a.dtype == b.dtype != torch.float32
+
+
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as float32, never rounded to the inputs' dtype: a float32-output matmul where the
+    device has one, else on float32 copies (callers keep one operand small: a vocabulary tile)."""
+    if _fp32_out(a, b):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _vocab_tiles(a: torch.Tensor, weight: torch.Tensor):
+    """Slices of the vocabulary to multiply `a` with `weight`'s rows by: one slice when no
+    operand needs a float32 copy, else VOCAB_TILE rows so that the copy stays small."""
+    step = (
+        weight.shape[0]
+        if _fp32_out(a, weight) or weight.dtype == a.dtype == torch.float32
+        else VOCAB_TILE
+    )
+    return [slice(v, v + step) for v in range(0, weight.shape[0], step)]
+
+
+@dataclass(frozen=True)
+class Head:
+    """An LM head and its logit transform: z = softcap * tanh(scale * (h @ weight.T + bias) /
+    softcap), or scale * (h @ weight.T + bias) when `softcap` is None."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, dz/dlogits / scale) for rows of `hidden`, float32: the slope is None without a cap
+        (the scale alone is applied to the gradient), else 1 - tanh^2, an extra float32 chunk."""
+        z = torch.empty(hidden.shape[0], self.weight.shape[0], device=hidden.device)
+        for cols in _vocab_tiles(hidden, self.weight):
+            z[:, cols] = mm32(hidden, self.weight[cols].T)
+        if self.bias is not None:
+            z += self.bias.float()
+        if self.scale != 1.0:
+            z *= self.scale
+        if self.softcap is None:
+            return z, None
+        z.div_(self.softcap).tanh_()
+        slope = 1.0 - z.square()
+        return z.mul_(self.softcap), slope
+
+    def chain(self, grad_z: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
+        """d loss / d logits from d loss / d z (in place on `grad_z`)."""
+        if slope is not None:
+            grad_z *= slope
+        return grad_z.mul_(self.scale) if self.scale != 1.0 else grad_z
+
+    def backprop(self, grad_logits, hidden, grad_h, grad_w, grad_b, lo: int, hi: int) -> None:
+        """Fold float32 d loss / d logits of rows lo..hi into the float32 gradient buffers."""
+        if grad_h is not None:
+            acc = grad_h[lo:hi]
+            for cols in _vocab_tiles(grad_logits, self.weight):
+                acc += mm32(grad_logits[:, cols], self.weight[cols])
+        if grad_w is not None:
+            grad_w.addmm_(grad_logits.T, hidden.float())
+        if grad_b is not None:
+            grad_b += grad_logits.sum(0)
 
 
 @dataclass(frozen=True)
 class Constants:
     """What the student's gradient does not flow into: teacher and ref (hidden rows as
-    (outer, inner, H) views, heads, biases), labels (N,) for the cross-entropy, and the settings."""
+    (outer, inner, H) views, heads), labels (N,) for the cross-entropy, and the settings. The
+    student's transform (scale, softcap) rides here too; its weight and bias are inputs."""
 
     teacher_hidden: torch.Tensor
-    teacher_weight: torch.Tensor
-    teacher_bias: torch.Tensor | None
+    teacher: Head
     ref_hidden: torch.Tensor | None
-    ref_weight: torch.Tensor
-    ref_bias: torch.Tensor | None
+    ref: Head
     labels: torch.Tensor | None
     settings: LossSettings
     backend: object  # backend.Backend
     chunk: int
+    student_scale: float = 1.0
+    student_softcap: float | None = None
 
 
 def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> RowOutputs:
-    """Per-row outputs for all rows; accumulates coef-scaled gradients into grad_h / grad_w /
-    grad_b (those that are not None)."""
+    """Per-row outputs for all rows; accumulates coef-scaled float32 gradients into grad_h /
+    grad_w / grad_b (those that are not None)."""
     total = n_rows(sh)
     out = RowOutputs.empty(total, sh.device)
+    student = Head(sw, sb, c.student_scale, c.student_softcap)
     write_grad = grad_h is not None or grad_w is not None or grad_b is not None
     for lo in range(0, total, c.chunk):
         hi = min(lo + c.chunk, total)
         hidden = row_chunk(sh, lo, hi)
-        logits = linear(hidden, sw, sb)
-        teacher = linear(row_chunk(c.teacher_hidden, lo, hi), c.teacher_weight, c.teacher_bias)
+        logits, slope = student.logits(hidden)
+        teacher, _ = c.teacher.logits(row_chunk(c.teacher_hidden, lo, hi))
         ref = None
         if c.ref_hidden is not None:
-            ref = linear(row_chunk(c.ref_hidden, lo, hi), c.ref_weight, c.ref_bias)[:, None]
+            ref = c.ref.logits(row_chunk(c.ref_hidden, lo, hi))[0][:, None]
         rows = c.backend.distill_rows(
             logits[:, None],
             teacher[:, None],
@@ -75,13 +147,32 @@ def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> R
         del teacher, ref
         for dst, src in zip(out, rows, strict=True):
             dst[lo:hi] = src
-        if grad_h is not None:
-            flat_rows(grad_h)[lo:hi] = logits @ sw
-        if grad_w is not None:
-            grad_w.addmm_(logits.T, hidden)
-        if grad_b is not None:
-            grad_b += logits.sum(0)
+        if write_grad:
+            student.backprop(student.chain(logits, slope), hidden, grad_h, grad_w, grad_b, lo, hi)
     return out
+
+
+def _new_grads(sh, sw, sb, need) -> tuple[torch.Tensor | None, ...]:
+    """Float32 buffers for grad_hidden (N, H), grad_weight and grad_bias (summed over chunks)."""
+    device = sh.device
+    return (
+        torch.zeros(n_rows(sh), sh.shape[-1], device=device) if need[0] else None,
+        torch.zeros(sw.shape, device=device) if need[1] else None,
+        torch.zeros(sb.shape, device=device) if sb is not None and need[2] else None,
+    )
+
+
+def _finish(grads, like, grad_loss: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Scale the float32 gradients by the incoming scalar gradient and cast each once to the
+    dtype (and, for grad_hidden, the shape) of its input."""
+    out = []
+    for g, x in zip(grads, like, strict=True):
+        if g is not None:
+            if grad_loss is not None:
+                g = g.mul_(grad_loss.float())
+            g = g.view(x.shape).to(x.dtype)
+        out.append(g)
+    return tuple(out)
 
 
 class FusedLinearDistillFunction(torch.autograd.Function):
@@ -95,6 +186,7 @@ class FusedLinearDistillFunction(torch.autograd.Function):
         coef = row_coefficients(weights, c.settings.reduction)
         rows = _distill_chunks(sh, sw, sb, coef, c, *grads)
         ctx.grads_ready = early
+        ctx.like = (sh, sw, sb)
         if early:
             ctx.save_for_backward(*grads)
         else:
@@ -107,59 +199,55 @@ class FusedLinearDistillFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_stats_grads):
         if ctx.grads_ready:
-            grads = tuple(scale_grad(g, grad_loss) for g in ctx.saved_tensors)
+            grads = _finish(ctx.saved_tensors, ctx.like, grad_loss)
         else:
             sh, sw, sb, weights = ctx.saved_tensors
             grads = _new_grads(sh, sw, sb, ctx.needs_input_grad[:3])
             _distill_chunks(sh, sw, sb, weights * grad_loss.float(), ctx.constants, *grads)
+            grads = _finish(grads, (sh, sw, sb), None)
         return *grads, None, None
-
-
-def _new_grads(sh, sw, sb, need) -> tuple[torch.Tensor | None, ...]:
-    """Buffers for grad_hidden (written chunk by chunk), grad_weight and grad_bias (summed)."""
-    return (
-        torch.empty(sh.shape, device=sh.device, dtype=sh.dtype) if need[0] else None,
-        torch.zeros_like(sw) if need[1] else None,
-        torch.zeros_like(sb) if sb is not None and need[2] else None,
-    )
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Forward keeps only the per-row normaliser; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature: float, backend, chunk: int):
+    def forward(ctx, hidden, weight, bias, tokens, transform, temperature: float, backend, chunk):
         total = n_rows(hidden)
         logp = torch.empty(total, device=hidden.device, dtype=torch.float32)
         norm = torch.empty(total, 2, device=hidden.device, dtype=torch.float32)
+        head = Head(weight, bias, *transform)
         for lo in range(0, total, chunk):
             hi = min(lo + chunk, total)
-            logits = row_chunk(hidden, lo, hi) @ weight.T
-            logp[lo:hi], norm[lo:hi] = backend.logprobs(logits[:, None], tokens[lo:hi], temperature)
-        ctx.save_for_backward(hidden, weight, tokens, norm)
-        ctx.temperature, ctx.backend, ctx.chunk = temperature, backend, chunk
+            z, _ = head.logits(row_chunk(hidden, lo, hi))
+            logp[lo:hi], norm[lo:hi] = backend.logprobs(z[:, None], tokens[lo:hi], temperature)
+        ctx.save_for_backward(hidden, weight, bias, tokens, norm)
+        ctx.transform, ctx.temperature, ctx.backend, ctx.chunk = (
+            transform,
+            temperature,
+            backend,
+            chunk,
+        )
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        hidden, weight, tokens, norm = ctx.saved_tensors
-        grad_h, grad_w, _ = _new_grads(hidden, weight, None, ctx.needs_input_grad[:2] + (False,))
+        hidden, weight, bias, tokens, norm = ctx.saved_tensors
+        head = Head(weight, bias, *ctx.transform)
+        grads = _new_grads(hidden, weight, bias, ctx.needs_input_grad[:3])
         grad_logp = grad_logp.contiguous()
         total = n_rows(hidden)
         for lo in range(0, total, ctx.chunk):
             hi = min(lo + ctx.chunk, total)
             chunk_hidden = row_chunk(hidden, lo, hi)
-            logits = chunk_hidden @ weight.T
+            z, slope = head.logits(chunk_hidden)
             ctx.backend.logprobs_backward(
-                logits[:, None],
+                z[:, None],
                 tokens[lo:hi],
                 norm[lo:hi],
                 grad_logp[lo:hi],
                 ctx.temperature,
-                logits[:, None],
-            )  # the gradient overwrites the logits chunk in place
-            if grad_h is not None:
-                flat_rows(grad_h)[lo:hi] = logits @ weight
-            if grad_w is not None:
-                grad_w.addmm_(logits.T, chunk_hidden)
-        return grad_h, grad_w, None, None, None, None
+                z[:, None],
+            )  # the float32 gradient overwrites the logits chunk in place
+            head.backprop(head.chain(z, slope), chunk_hidden, *grads, lo, hi)
+        return *_finish(grads, (hidden, weight, bias), None), None, None, None, None, None

@@ -94,7 +94,7 @@ def _logprobs_bwd_kernel(
 
 
 def token_logprobs_triton(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, block_v: int | None = None
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, tile: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(token), normaliser (N, 2): max and log-sum) per row of (outer, inner, V) logits."""
     total = n_rows(logits)
@@ -102,7 +102,7 @@ def token_logprobs_triton(
     norm = torch.empty(total, 2, device=logits.device, dtype=torch.float32)
     if total == 0:
         return logp, norm
-    block_rows, block_v, num_warps = pick_tiles(logits.shape[-1], block_v)
+    block_rows, block_v, num_warps = pick_tiles(logits.shape[-1], tile)
     _logprobs_fwd_kernel[(triton.cdiv(total, block_rows),)](
         logits,
         tokens,
@@ -127,13 +127,13 @@ def token_logprobs_backward_triton(
     grad_out: torch.Tensor,
     temperature: float,
     grad: torch.Tensor,
-    block_v: int | None = None,
+    tile: int | None = None,
 ) -> None:
     """Write grad_out * (onehot(token) - softmax(logits / T)) / T into `grad` (like `logits`)."""
     total = n_rows(logits)
     if total == 0:
         return
-    block_rows, block_v, num_warps = pick_tiles(logits.shape[-1], block_v)
+    block_rows, block_v, num_warps = pick_tiles(logits.shape[-1], tile)
     _logprobs_bwd_kernel[(triton.cdiv(total, block_rows),)](
         logits,
         tokens,

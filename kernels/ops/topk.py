@@ -9,9 +9,11 @@ distribution: 1 - the sum of its top-k probabilities) or, without the tail, over
 renormalised. One program owns a block of rows:
 - pass 1 over the vocabulary: running max and log-sum of the student (at T and at T = 1), of the
   teacher's logits when given, and the ref KL (as in ops/distill.py). Tails are kept accurate
-  when tiny (a peaked teacher at low temperature): with the teacher's logits they are summed
-  directly over the entries below its k-th largest logit; with given log-probs the student's sum
-  leaves its max out (1 + rest), and the teacher's rest is 1 - its top-k mass in float64;
+  when tiny (a confident student, a peaked teacher): with the teacher's logits both are summed
+  directly over the entries outside the ids (a threshold test on the ranking logits, the
+  teacher's or the student's, see rows.top_ids); with given log-probs the student's sum leaves
+  its max out (1 + rest), and the teacher's rest is 1 - its top-k mass in float64 (all that
+  given log-probs say about it);
 - the k buckets: gather the student's (and teacher's) logits at the ids, the divergence D and
   u_b = P_b dD/dP_b per bucket;
 - last pass (gradient): with the tail, every entry j outside the ids gets
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from vpd_kernels.checks import LossSettings
 from vpd_kernels.ops import tl, triton
 from vpd_kernels.ops.distill import DIVERGENCE_IDS
 from vpd_kernels.ops.tiles import (
@@ -42,6 +43,7 @@ from vpd_kernels.ops.tiles import (
     weighted_sum,
 )
 from vpd_kernels.rows import RowOutputs, flat_rows, n_rows
+from vpd_kernels.settings import LossSettings
 
 TILE_ELEMENTS = 2048  # half of ops/tiles.py's: this kernel holds more per element (no spills)
 
@@ -100,6 +102,7 @@ def _topk_kernel(
     DIVERGENCE: tl.constexpr,
     TAIL: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,
+    RANK_STUDENT: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_CE: tl.constexpr,
     NEED_P: tl.constexpr,
@@ -117,21 +120,28 @@ def _topk_kernel(
     lanes = tl.arange(0, BLOCK_V)
     zero = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
 
-    # The ids, and with the teacher's logits its k-th largest logit tau: the entries outside the
-    # top-k are those below tau (and the ties at tau that torch.topk left out).
+    # The ids, and with the teacher's logits the k-th largest ranking logit tau (the teacher's,
+    # or the student's with RANK_STUDENT) and the last column at tau among the ids, c_tau: the
+    # ids are the top k with ties broken by the lowest column (rows.top_ids), so an entry is
+    # outside them exactly when its ranking logit is below tau, or at tau after column c_tau.
     kk = tl.arange(0, BLOCK_K)
     k_ok = row_ok[:, None] & (kk < n_k)[None, :]
     k_offs = rows64[:, None] * n_k + kk[None, :]
     ids = tl.load(ids_ptr + k_offs, mask=k_ok, other=0)
     tau = zero
+    c_tau = rows64 * 0
     if TEACHER_LOGITS:
         yk = tl.load(t_row[:, None] + ids, mask=k_ok, other=float("-inf")).to(tl.float32)
-        tau = tl.min(tl.where(k_ok, yk, float("inf")), axis=1)
+        rk = yk
+        if RANK_STUDENT:
+            rk = tl.load(s_row[:, None] + ids, mask=k_ok, other=float("-inf")).to(tl.float32)
+        tau = tl.min(tl.where(k_ok, rk, float("inf")), axis=1)
+        c_tau = tl.max(tl.where(k_ok & (rk == tau[:, None]), ids, -1), axis=1)
 
     # Pass 1: the normalisers (see ops/distill.py for the names). The student's sum at T leaves
-    # one maximal entry out (1 + rest_a). With the teacher's logits, the tails are summed
-    # directly (below tau; tie_a: the student's mass at ties), not as 1 - the top-k mass, so
-    # that they stay accurate when tiny.
+    # one maximal entry out (1 + rest_a). With the teacher's logits, both tails are summed
+    # directly over the entries outside the ids (tail_a, tail_b), never as 1 - the top-k mass,
+    # so that they keep float32's relative accuracy however small they are.
     m_s = zero + NEG_BIG
     rest_a = zero - 1.0  # sum of exp((x - m_s) / T) is 1 + rest_a (see max_rest_step)
     arg_s = rows64 * 0
@@ -139,9 +149,7 @@ def _topk_kernel(
     m_t = zero + NEG_BIG
     d_b = zero
     tail_a = zero
-    tie_a = zero
     tail_b = zero
-    n_tied = zero
     d_p = zero
     m_q = zero + NEG_BIG
     d_q = zero
@@ -163,12 +171,11 @@ def _topk_kernel(
             d_b = d_b * r_b + tl.sum(e_b, axis=1)
             if TAIL:
                 r_a = tl.exp(shift_s * inv_temp)
-                below = y < tau[:, None]
-                tied = ok & (y == tau[:, None])
-                tail_a = tail_a * r_a + tl.sum(tl.where(below, e_a, 0.0), axis=1)
-                tie_a = tie_a * r_a + tl.sum(tl.where(tied, e_a, 0.0), axis=1)
-                tail_b = tail_b * r_b + tl.sum(tl.where(below, e_b, 0.0), axis=1)
-                n_tied += tl.sum(tl.where(tied, 1.0, 0.0), axis=1)
+                rank = x if RANK_STUDENT else y
+                later = cols[None, :].to(tl.int64) > c_tau[:, None]
+                outside = ok & ((rank < tau[:, None]) | ((rank == tau[:, None]) & later))
+                tail_a = tail_a * r_a + tl.sum(tl.where(outside, e_a, 0.0), axis=1)
+                tail_b = tail_b * r_b + tl.sum(tl.where(outside, e_b, 0.0), axis=1)
         if NEED_P:
             e_p = tl.exp(x0)
             if HAS_REF:
@@ -206,11 +213,8 @@ def _topk_kernel(
         log_P = log_sk
         log_Q = log_tk
         if TEACHER_LOGITS:
-            tied_k = k_ok & (yk == tau[:, None])
-            tied_in = tl.sum(tl.where(tied_k, e_sk, 0.0), axis=1)
-            P_t = tl.maximum(tail_a + tie_a - tied_in, 0.0) / d_a
-            n_tied_out = n_tied - tl.sum(tl.where(tied_k, 1.0, 0.0), axis=1)
-            Q_t = (tail_b + n_tied_out * tl.exp((tau - m_t) * inv_temp)) / d_b
+            P_t = tail_a / d_a
+            Q_t = tail_b / d_b
         else:
             P_t = _rest_of_full(rest_a, arg_s, ids, e_sk, log_sk, k_ok)
             # Given log-probs determine the teacher's rest only as 1 - their sum: in float64.
@@ -308,7 +312,7 @@ def topk_rows_triton(
     coef: torch.Tensor | None,
     grad: torch.Tensor | None,
     settings: LossSettings,
-    block_v: int | None = None,
+    tile: int | None = None,
 ) -> RowOutputs:
     """Per-row outputs of (outer, inner, V) student rows against the teacher's top-k: `ids`
     (N, k) int64 with either `teacher_logprobs` (N, k) float32 or the teacher's logits `teacher`
@@ -318,7 +322,7 @@ def topk_rows_triton(
     if total == 0:
         return outputs
     n_k = ids.shape[1]
-    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], block_v, TILE_ELEMENTS)
+    block_rows, block_v, num_warps = pick_tiles(student.shape[-1], tile, TILE_ELEMENTS)
     grad_k = torch.empty(ids.shape, device=student.device) if grad is not None else None
     teacher_arg = teacher if teacher is not None else student  # absent inputs are never read
     ref_arg = ref if ref is not None else student
@@ -350,6 +354,7 @@ def topk_rows_triton(
         DIVERGENCE=DIVERGENCE_IDS[settings.divergence],
         TAIL=settings.tail,
         TEACHER_LOGITS=teacher is not None,
+        RANK_STUDENT=teacher is not None and settings.topk_from == "student",
         HAS_REF=ref is not None,
         HAS_CE=labels is not None,
         NEED_P=ref is not None or labels is not None,

@@ -75,15 +75,14 @@ def test_without_biases_all_ignored_and_plain_loss(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_no_worse_than_liger(backend):
-    """Both make bf16 logits with the same matmul; from there Liger's soft loss runs in bf16,
-    this one in float32. Both against float64 from those logits (no biases: Liger adds them in
-    bf16 after the matmul, this one inside it)."""
+    """Liger rounds its logits to bf16 and computes its soft loss in bf16; this one keeps float32
+    logits from the same bf16 inputs. Both against float64 built from those bf16 inputs."""
     x = inputs(seed=4, dtype=torch.bfloat16, bias=False)
     ours, ours_grads = run(FusedLinearJSDLoss(backend=backend), x)
     theirs, their_grads = run(chunked_loss.LigerFusedLinearJSDLoss(compiled=False), x)
     h, w = x["student_input"], x["student_weight"]
-    logits = (h @ w.T).double().requires_grad_(True)
-    teacher = (x["teacher_input"] @ x["teacher_weight"].T).double()
+    logits = (h.double() @ w.double().T).requires_grad_(True)
+    teacher = x["teacher_input"].double() @ x["teacher_weight"].double().T
     keep, labels = x["true_labels"] != -100, x["true_labels"].clamp_min(0)
     rows = distill_rows64(logits, teacher, "jsd", labels=labels, ce_coef=1.0)  # both weights 0.5
     exact = 0.5 * (rows * keep).sum() / keep.sum()

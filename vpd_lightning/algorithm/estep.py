@@ -61,10 +61,14 @@ def prior_pass(
     """The prior's sequence log-probs and the implicit rewards of one micro-batch, without
     gradients; with `options.target_kl`, also the token sum of KL(q || prior)."""
     s_hidden, s_weight = policy.prior_features(student)
-    s_logp = vk.fused_linear_token_logprobs(s_hidden, s_weight, student.targets)
+    s_logp = vk.fused_linear_token_logprobs(
+        s_hidden, s_weight, student.targets, **policy.head_kwargs
+    )
     with policy.trainable_teacher():
         t_hidden = policy.hidden(teacher)
-    t_logp = vk.fused_linear_token_logprobs(t_hidden, policy.head_weight, teacher.targets)
+    t_logp = vk.fused_linear_token_logprobs(
+        t_hidden, policy.head_weight, teacher.targets, **policy.head_kwargs
+    )
     normalize = options.length_normalize
     prior = _sequence_logp(s_logp, student, lengths, normalize)
     rewards = implicit_reward(_sequence_logp(t_logp, teacher, lengths, normalize), prior, beta)
@@ -78,6 +82,7 @@ def prior_pass(
                 policy.head_weight.detach(),
                 divergence="forward_kl",
                 reduction="sum",
+                **policy.distill_head_kwargs,
             )
         )
         out.kl_tokens = len(student.targets)
@@ -107,7 +112,7 @@ def estep_loss(
     """
     with policy.trainable_teacher():
         t_logp = vk.fused_linear_token_logprobs(
-            policy.hidden(teacher), policy.head_weight, teacher.targets
+            policy.hidden(teacher), policy.head_weight, teacher.targets, **policy.head_kwargs
         )
     t_seq = _sequence_logp(t_logp, teacher, lengths, options.length_normalize)
     reward = implicit_reward(t_seq, prior_logp, beta)

@@ -94,6 +94,7 @@ def mstep_loss(
             mask=token_mask,
             reduction="sum",
             return_stats=True,
+            **policy.distill_head_kwargs,
         )
         loss = loss + distill_sum / distill_tokens
         weights = token_mask.float()
@@ -107,13 +108,21 @@ def mstep_loss(
         hidden = policy.hidden(student) if hidden is None else hidden
         temperature = terms.sampling_temperature or 1.0
         logp = vk.fused_linear_token_logprobs(
-            hidden, policy.head_weight, student.targets, temperature=temperature
+            hidden,
+            policy.head_weight,
+            student.targets,
+            temperature=temperature,
+            **policy.head_kwargs,
         )
         old_logp = logp.detach()
         if anchor is not None:
             with torch.no_grad():
                 old_logp = vk.fused_linear_token_logprobs(
-                    anchor[0], anchor[1], student.targets, temperature=temperature
+                    anchor[0],
+                    anchor[1],
+                    student.targets,
+                    temperature=temperature,
+                    **policy.head_kwargs,
                 )
         token_advantages = advantages.to(logp.device)[student.seq_index]
         g = terms.grpo

@@ -113,16 +113,26 @@ def _check_local_or_hub(name_or_path: str) -> None:
         ) from None
 
 
+def head_transform(config) -> dict:
+    """The logit transform after lm_head as vpd_kernels keywords: Cohere's `logit_scale` and
+    Gemma 2/3's `final_logit_softcapping` (None: none), read from the (text) config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(config, "logit_scale", None)
+    return {
+        "logit_scale": 1.0 if scale is None else float(scale),
+        "final_logit_softcapping": getattr(config, "final_logit_softcapping", None),
+    }
+
+
 def _check_plain_lm_head(model: torch.nn.Module, name: str) -> None:
-    """The fused losses compute logits as hidden @ lm_head.weight.T; refuse models that differ."""
-    config = model.config
-    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        value = getattr(config, attribute, None)
-        if value not in (None, 1.0):
-            raise UserInputError(
-                f"{name}: config.{attribute}={value} changes logits after lm_head, which the fused "
-                "losses of vpd_kernels do not model. Use a model without it."
-            )
+    """The fused losses compute logits as hidden @ lm_head.weight.T, then the transform of
+    `head_transform`; refuse models whose logits differ otherwise."""
+    value = getattr(model.config, "output_multiplier_scale", None)
+    if value not in (None, 1.0):
+        raise UserInputError(
+            f"{name}: config.output_multiplier_scale={value} changes logits after lm_head, which "
+            "the fused losses of vpd_kernels do not model. Use a model without it."
+        )
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise UserInputError(f"{name}: the fused losses need a bias-free linear lm_head.")

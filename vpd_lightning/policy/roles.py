@@ -29,6 +29,7 @@ from vpd_lightning.policy.models import (
     adapter_parameters,
     add_lora,
     decoder_and_head,
+    head_transform,
 )
 from vpd_lightning.policy.packing import PackedBatch, completion_hidden
 from vpd_lightning.policy.snapshots import WeightSnapshot
@@ -207,6 +208,18 @@ class Policy(torch.nn.Module):
     @property
     def head_weight(self) -> torch.Tensor:
         return decoder_and_head(self.model)[1].weight
+
+    @property
+    def head_kwargs(self) -> dict:
+        """The head's logit transform (Cohere's scale, Gemma 2/3's softcap) as the keywords of
+        vpd_kernels' log-prob and distillation losses, for the one head every role shares."""
+        return head_transform(self.model.config)
+
+    @property
+    def distill_head_kwargs(self) -> dict:
+        """`head_kwargs` for student and teacher of a fused distillation loss (one network)."""
+        kw = self.head_kwargs
+        return {**kw, **{f"teacher_{key}": value for key, value in kw.items()}}
 
     def kept_head_weight(self) -> torch.Tensor:
         """The head's current values, safe to keep after this pass: a copy when the head is
