@@ -121,8 +121,9 @@ class DistillOptions:
     topk: int | None = None
     """Distil on k tokens plus one bucket for the rest of each distribution; 0: the full
     vocabulary; null: the method's default (sdpo: 100, as SDPO's reference code; others: 0)."""
-    topk_from: TopkFrom = "student"
-    """Whose k most likely tokens: the `student`'s (SDPO's reference code) or the `teacher`'s."""
+    topk_from: TopkFrom | None = None
+    """Whose k most likely tokens: the `student`'s or the `teacher`'s; null: the method's default
+    (sdpo: student, as SDPO's reference code; others: teacher, as `vpd_kernels`' own default)."""
 
     def __post_init__(self) -> None:
         require_choice("model.distill.divergence", self.divergence, Divergence)
@@ -139,7 +140,8 @@ class DistillOptions:
                 self.topk,
                 "must be an integer >= 0 (0: the full vocabulary) or null (the method's default)",
             )
-        require_choice("model.distill.topk_from", self.topk_from, TopkFrom)
+        if self.topk_from is not None:
+            require_choice("model.distill.topk_from", self.topk_from, TopkFrom)
         for name in ("trust_region_coef", "grpo_coef"):
             require_finite(
                 f"model.distill.{name}", getattr(self, name), 0.0, math.inf, "must be >= 0"

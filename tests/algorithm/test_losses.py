@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vpd_lightning.algorithm.estep import estep_loss, prior_pass
+from vpd_lightning.algorithm.methods import METHODS
 from vpd_lightning.algorithm.mstep import MStepTerms, mstep_loss
 from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions, SdpoOptions
 from vpd_lightning.policy.packing import pack
@@ -28,6 +29,11 @@ def policy(tiny_tokenizer) -> Policy:
     torch.manual_seed(0)
     model = build_tiny_model(len(tiny_tokenizer))
     return Policy(model, None, False, None, SdpoOptions())
+
+
+def resolved(**distill) -> DistillOptions:
+    """Distillation options as the M-step gets them: the method's defaults filled in."""
+    return METHODS["vpd"].resolved_distill(DistillOptions(**distill))
 
 
 def batches():
@@ -53,7 +59,7 @@ def test_mstep_reverse_kl_matches_the_eager_sum_over_distilled_tokens(policy):
         policy,
         student,
         teacher,
-        terms=MStepTerms(DistillOptions(temperature=0.7), 0.0, GrpoOptions()),
+        terms=MStepTerms(resolved(temperature=0.7), 0.0, GrpoOptions()),
         has_context=has_context,
         advantages=None,
         anchor=None,
@@ -210,7 +216,7 @@ def test_mstep_on_a_top_k_is_the_bucketed_divergence(policy, topk_from):
         policy,
         student,
         teacher,
-        terms=MStepTerms(DistillOptions(topk=k, topk_from=topk_from), 0.0, GrpoOptions()),
+        terms=MStepTerms(resolved(topk=k, topk_from=topk_from), 0.0, GrpoOptions()),
         has_context=torch.ones(3, dtype=torch.bool),
         advantages=None,
         anchor=None,
@@ -230,7 +236,7 @@ def test_mstep_on_a_top_k_is_the_bucketed_divergence(policy, topk_from):
         policy,
         student,
         teacher,
-        terms=MStepTerms(DistillOptions(), 0.0, GrpoOptions()),
+        terms=MStepTerms(resolved(), 0.0, GrpoOptions()),
         has_context=torch.ones(3, dtype=torch.bool),
         advantages=None,
         anchor=None,

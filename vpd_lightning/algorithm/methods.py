@@ -1,9 +1,9 @@
 """What each method is, said once: the table every other module reads instead of comparing names.
 
-| method | E-step (trained teacher) | M-step distils | GRPO weight | passive teacher | feedback | top-k |
+| method | E-step (trained teacher) | M-step distils | GRPO weight | passive teacher | feedback | top-k (ranked by) |
 |---|---|---|---|---|---|---|
 | `vpd`  | yes | yes | `distill.grpo_coef` | -                     | verifier             | full |
-| `sdpo` | no  | yes | `distill.grpo_coef` | `sdpo.teacher` weights | sibling_and_feedback | 100  |
+| `sdpo` | no  | yes | `distill.grpo_coef` | `sdpo.teacher` weights | sibling_and_feedback | 100 (student) |
 | `opsd` | no  | yes | `distill.grpo_coef` | the initial weights   | reference            | full |
 | `grpo` | no  | no  | 1 (the whole update) | -                    | (no teacher)         | -    |
 
@@ -52,6 +52,8 @@ class MethodSpec:
     """The teacher's context when `model.feedback_source` is null."""
     default_topk: int = 0
     """The M-step's top-k when `distill.topk` is null (0: the full vocabulary)."""
+    default_topk_from: str = "teacher"
+    """Whose top-k ids when `distill.topk_from` is null (`vpd_kernels`' default: the teacher's)."""
     required_feedback_source: str | None = None
     """The only context that makes the method what it is (OPSD: the reference solution)."""
 
@@ -66,12 +68,13 @@ class MethodSpec:
         return self.passive_teacher
 
     def resolved_distill(self, distill: DistillOptions) -> DistillOptions | None:
-        """The M-step's divergence options with the top-k resolved (None: top-k 0 means full
-        vocabulary); None when the method does not distil."""
+        """The M-step's divergence options with the top-k and whose ids resolved (topk None: the
+        full vocabulary); None when the method does not distil."""
         if not self.distils:
             return None
         k = distill.topk if distill.topk is not None else self.default_topk
-        return replace(distill, topk=k or None)
+        ranked_by = distill.topk_from or self.default_topk_from
+        return replace(distill, topk=k or None, topk_from=ranked_by)
 
     def resume_keys(self) -> tuple[str, ...]:
         """The settings of this method that a resume must not change (`trainer/checkpoint.py`)."""
@@ -83,7 +86,15 @@ METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("vpd", True, True, None, "verifier"),
-        MethodSpec("sdpo", False, True, "configured", "sibling_and_feedback", default_topk=100),
+        MethodSpec(
+            "sdpo",
+            False,
+            True,
+            "configured",
+            "sibling_and_feedback",
+            default_topk=100,
+            default_topk_from="student",
+        ),
         MethodSpec(
             "opsd", False, True, "initial", "reference", required_feedback_source="reference"
         ),

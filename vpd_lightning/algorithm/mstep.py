@@ -24,7 +24,8 @@ Features = tuple[torch.Tensor, torch.Tensor]  # (hidden (T, H), head weight (V, 
 
 @dataclass
 class MStepTerms:
-    """What the student update optimises: distillation (None: off) and/or GRPO (coef 0: off)."""
+    """What the student update optimises: distillation (None: off) and/or GRPO (coef 0: off).
+    `distill` comes resolved by the method (`MethodSpec.resolved_distill`): top-k and whose ids."""
 
     distill: DistillOptions | None
     grpo_coef: float
