@@ -115,10 +115,19 @@ def summarize_parser_error(message: str) -> str:
     )
     if unknown:
         return f"{prefix}{unknown.group(1)}: unknown option; `fit --help` lists the accepted ones"
+    choice = re.search(r"(?:(\w+): )?Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", message)
+    if choice:  # a choice: name the key (a task's arguments are its init_args), value and choices
+        inner, allowed, value = choice.groups()
+        if inner:
+            key = f"{key}.init_args.{inner}" if key == "data.task" else f"{prefix}{inner}"
+        allowed = ", ".join(a.strip().strip("'\"") for a in allowed.split(","))
+        return f"{key or 'value'} = {value.strip()}: must be one of {allowed}"
     reason = re.search(r"(Expected a .*?Got value: .*)", message)
     if reason:
         return f"{prefix.rstrip('.')}: {reason.group(1).strip()}" if key else reason.group(1)
     lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if key and lines and re.match(r"\w+ = ", lines[-1]):  # a nested key's own one-line summary
+        return f"{key}.{'init_args.' if key == 'data.task' else ''}{lines[-1]}"
     return f"{key}: {lines[-1]}" if key and lines else (lines[0] if lines else message)
 
 

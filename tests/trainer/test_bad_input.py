@@ -70,6 +70,21 @@ def test_bad_option_values_name_key_value_and_rule(key, value, capsys, no_model_
     assert "must be" in line
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "choices"),
+    [
+        ("--data.task.init_args.feedback", "hint", "outcome, diagnostic, solution"),
+        ("--model.method", "dpo", "vpd, sdpo, opsd, grpo"),
+        ("--model.distill.divergence", "kl", "reverse_kl, forward_kl, jsd"),
+    ],
+)
+def test_a_bad_choice_names_its_full_key_value_and_the_choices(
+    key, value, choices, capsys, no_model_loading
+):
+    line = refused(["fit", "--config", TINY, f"{key}={value}"], capsys)
+    assert line.endswith(f"{key[2:]} = {value}: must be one of {choices}"), line
+
+
 def test_a_bad_teacher_learning_rate_is_refused(tmp_path, capsys, no_model_loading):
     config = tmp_path / "teacher.yaml"
     config.write_text(
