@@ -115,7 +115,9 @@ def summarize_parser_error(message: str) -> str:
     )
     if unknown:
         return f"{prefix}{unknown.group(1)}: unknown option; `fit --help` lists the accepted ones"
-    choice = re.search(r"(?:(\w+): )?Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", message)
+    choice = re.search(
+        r"(?:(\w+): )?Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", message
+    )
     if choice:  # a choice: name the key (a task's arguments are its init_args), value and choices
         inner, allowed, value = choice.groups()
         if inner:
