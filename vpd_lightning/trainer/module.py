@@ -73,7 +73,7 @@ from vpd_lightning.rollout import (
     render_messages,
     render_prompt,
 )
-from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
+from vpd_lightning.rollout.engine import SamplingParams, make_engine
 from vpd_lightning.rollout.sampling import Rollout, rollout_stats, sample_and_verify, to_rollouts
 from vpd_lightning.tasks import Task
 from vpd_lightning.trainer.distributed import (
@@ -219,7 +219,9 @@ class VPDModule(pl.LightningModule):
             initial_prior=method == "vpd" and self.estep.prior == "initial",
         )
         eos_ids = {self.tokenizer.eos_token_id, *_generation_eos_ids(network)}
-        self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
+        self.engine = make_engine(
+            self.rollout_opts.engine, self.policy, self.tokenizer.pad_token_id, eos_ids
+        )
 
         # State that checkpoints carry (buffers) or that on_save_checkpoint adds.
         # BCO's running mean of the implicit reward, as an EMA and its update count (`delta`)
