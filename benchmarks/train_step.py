@@ -14,6 +14,13 @@ On a GPU it is `torch.cuda.max_memory_allocated` above the allocation at the pha
     .venv/bin/python benchmarks/train_step.py                       # tiny + SmolLM2 on the CPU
     .venv/bin/python benchmarks/train_step.py --models builtin:tiny-random --output /tmp/ts.json
 
+`--compare` (issue 22) times instead this project's vpd / grpo / sdpo steps with each rollout
+engine (`model.rollout.engine`), split into pieces of work (generate, verify, forwards, losses,
+backward; the rest is Python and the optimizer), against one step of TRL's `GRPOTrainer` and
+`trl.experimental.sdpo.SDPOTrainer` on the same model, prompts, G, completion length and LoRA:
+
+    .venv/bin/python benchmarks/train_step.py --compare vpd:generate vpd:cached trl-grpo trl-sdpo
+
 Realistic GPU shapes (vocabulary 151936, sequence 2048) need a GPU; for the losses alone at those
 shapes see benchmarks/bench_kernels.py.
 """
@@ -254,7 +261,295 @@ def measure(
     return summary
 
 
+# ---------------------------------------------------------------------------- issue 22: vs TRL
+PROMPTS, GENERATIONS, MAX_NEW_TOKENS, TEMPERATURE = 4, 4, 48, 0.8
+
+
+def arithmetic_task() -> ArithmeticTask:
+    return ArithmeticTask(
+        num_ops=1, max_operand=20, operations="+-", answer_format="last_number", seed=0
+    )
+
+
+def medians(rows: list[dict], keys) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in keys}
+
+
+class PhaseClock:
+    """Exclusive wall time per label: a wrapped call's time, minus its wrapped callees', goes
+    to its label (prefixed by the step phase); a `transparent` wrap inside another charges its
+    time to the enclosing label (the teacher's forward calls the student's `hidden`)."""
+
+    def __init__(self) -> None:
+        self.phase = ""
+        self.totals: dict[str, float] = {}
+        self._stack: list[list] = []  # [label, start, time spent in children]
+
+    def wrap(self, owner, name: str, label: str, transparent: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if transparent and self._stack:
+                return inner(*args, **kwargs)
+            frame = [f"{self.phase}/{label}", time.perf_counter(), 0.0]
+            self._stack.append(frame)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                spent = time.perf_counter() - frame[1]
+                self.totals[frame[0]] = self.totals.get(frame[0], 0.0) + spent - frame[2]
+                if self._stack:
+                    self._stack[-1][2] += spent
+
+        setattr(owner, name, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = self.totals, {}
+        return out
+
+
+class ComparedStepModule(VPDModule):
+    """This project's step, timed per phase and per piece of work (`PhaseClock`). The VPD E-step
+    runs every step on that step's rollouts; its time is amortised over `amortise_estep` steps
+    (the interval at which it runs in `make demo`), as over as many steps' rollouts it costs that
+    many times more."""
+
+    def __init__(self, amortise_estep: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.amortise_estep = amortise_estep
+        self.measurements: list[dict] = []
+        self.clock = PhaseClock()
+        import vpd_lightning.rollout.sampling as sampling
+
+        self.clock.wrap(self.engine, "generate", "generate")
+        self.clock.wrap(sampling, "verify_many", "verify")
+        self.clock.wrap(self.policy, "hidden", "forward (student/teacher hidden)", True)
+        self.clock.wrap(self.policy, "teacher_features", "teacher forward")
+        self.clock.wrap(self.policy, "prior_features", "prior forward")
+        self.clock.wrap(vk, "fused_linear_distill_loss", "head + divergence")
+        self.clock.wrap(vk, "fused_linear_token_logprobs", "head + log-probs")
+        self.clock.wrap(self, "manual_backward", "backward")
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if hasattr(self, "builder"):
+            self.clock.wrap(self.builder, "build_batch", "teacher contexts")
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> None:
+        row: dict = {}
+        start = time.perf_counter()
+        self.clock.phase = "rollout"
+        rollouts = self.collect_rollouts(batch)
+        row["rollout_s"] = time.perf_counter() - start
+        row["completion_tokens"] = sum(len(r.completion_ids) for r in rollouts)
+        self.clock.phase = "mstep"
+        start = time.perf_counter()
+        self.update_student(rollouts)
+        row["mstep_s"] = time.perf_counter() - start
+        row["estep_s"] = 0.0
+        if self.estep is not None:
+            self.clock.phase = "estep"
+            start = time.perf_counter()
+            self.estep.update(self.policy, self.batches_of(rollouts), self.stepper)
+            row["estep_s"] = time.perf_counter() - start
+        row["update_s"] = row["mstep_s"] + row["estep_s"] / self.amortise_estep
+        row["step_s"] = row["rollout_s"] + row["update_s"]
+        row["pieces_s"] = self.clock.take()
+        self.measurements.append(row)
+
+
+def measure_project(method: str, engine: str, model: str, steps: int, warmup: int) -> dict:
+    pl.seed_everything(0, verbose=False)
+    task = arithmetic_task()
+    module = ComparedStepModule(
+        amortise_estep=3,
+        model=model,
+        method=method,
+        lora=LoraOptions(r=16, alpha=32),
+        max_context_tokens=96,
+        rollout=RolloutOptions(
+            num_generations=GENERATIONS,
+            temperature=TEMPERATURE,
+            max_new_tokens=MAX_NEW_TOKENS,
+            engine=engine,
+        ),
+        estep=EStepOptions(every=1),
+        micro_batch_size=8,
+        task=task,
+    )
+    with tempfile.TemporaryDirectory() as root:
+        pl.Trainer(
+            accelerator="auto",
+            devices=1,
+            max_steps=warmup + steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=root,
+        ).fit(module, datamodule=VPDDataModule(task, prompts_per_step=PROMPTS, val_size=1))
+    rows = module.measurements[warmup:]
+    keys = ("rollout_s", "mstep_s", "estep_s", "update_s", "step_s", "completion_tokens")
+    out = {"name": f"{method} ({engine})", "method": method, "engine": engine, "steps": rows}
+    out.update(medians(rows, keys))
+    pieces = sorted({k for r in rows for k in r["pieces_s"]})
+    out["pieces_s"] = {
+        k: statistics.median(r["pieces_s"].get(k, 0.0) for r in rows) for k in pieces
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------- TRL's trainers
+def measure_trl(trainer_name: str, model: str, steps: int, warmup: int) -> dict:
+    """One TRL `GRPOTrainer` or `SDPOTrainer` run at the project's settings (same model, prompts,
+    G, completion length, LoRA, float32); rollout time is TRL's own `_generate`, timed by a wrap."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from vpd_lightning.policy.models import load_causal_lm, load_tokenizer
+    from vpd_lightning.rollout.prompts import student_messages
+
+    pl.seed_everything(0, verbose=False)
+    task = arithmetic_task()
+    records = task.records("train")
+    tokenizer = load_tokenizer(model)
+    network = load_causal_lm(model, torch.float32)
+    network.hf_quantizer = None  # the GGUF loader marks the model quantized; it is dequantized
+    network.is_quantized = False
+    by_prompt = {student_messages(r)[-1]["content"]: r for r in records}
+
+    def reward(prompts, completions, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        prompt_texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return [
+            float(task.verify(by_prompt[p], t).reward)
+            for p, t in zip(prompt_texts, texts, strict=True)
+        ]
+
+    dataset = Dataset.from_list([{"prompt": student_messages(r)} for r in records])
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=PROMPTS * GENERATIONS,
+        num_generations=GENERATIONS,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        learning_rate=5e-5,
+        max_steps=warmup + steps,
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if trainer_name == "trl-grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args, cls = GRPOConfig(**common), GRPOTrainer
+    else:
+        from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+
+        args, cls = SDPOConfig(**common), SDPOTrainer
+    trainer = cls(
+        model=network,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    rows: list[dict] = []
+    generate = trainer._generate
+
+    def timed_generate(*a, **k):
+        start = time.perf_counter()
+        out = generate(*a, **k)
+        rows[-1]["rollout_s"] += time.perf_counter() - start
+        return out
+
+    trainer._generate = timed_generate
+    step = trainer.training_step
+
+    def timed_step(*a, **k):
+        rows.append({"rollout_s": 0.0})
+        start = time.perf_counter()
+        out = step(*a, **k)
+        rows[-1]["step_s"] = time.perf_counter() - start
+        rows[-1]["update_s"] = rows[-1]["step_s"] - rows[-1]["rollout_s"]
+        return out
+
+    trainer.training_step = timed_step
+    trainer.train()
+    kept = rows[warmup:]
+    return {
+        "name": trainer_name,
+        "steps": kept,
+        **medians(kept, ("rollout_s", "update_s", "step_s")),
+    }
+
+
 # ---------------------------------------------------------------------------- driver
+COMPARED = (
+    "vpd:generate",
+    "vpd:cached",
+    "grpo:generate",
+    "grpo:cached",
+    "sdpo:generate",
+    "sdpo:cached",
+    "trl-grpo",
+    "trl-sdpo",
+)
+
+
+def compare_worker(name: str, model: str, steps: int, warmup: int) -> dict:
+    if name.startswith("trl-"):
+        return measure_trl(name, model, steps, warmup)
+    method, engine = name.split(":")
+    return measure_project(method, engine, model, steps, warmup)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Issue 22's table: each configuration in its own interpreter, one after the other."""
+    results = []
+    for name in args.compare:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, __file__, "--compare-worker", name, "--output", out.name]
+            command += ["--models", args.models[-1], "--steps", str(args.steps)]
+            command += ["--warmup", str(args.warmup)]
+            subprocess.run(command, check=True)
+            results.append(json.loads(Path(out.name).read_text()))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "steps"}), flush=True)
+    load = os.getloadavg()
+    report = {
+        "setup": {
+            "model": args.models[-1],
+            "lora": "r=16, alpha=32, all-linear",
+            "prompts_per_step": PROMPTS,
+            "num_generations": GENERATIONS,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "temperature": TEMPERATURE,
+            "dtype": "float32",
+            "timed_steps": args.steps,
+            "warmup_steps": args.warmup,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": load,
+            "vpd_update_s": "M-step + E-step / 3 (the E-step runs every step here, on that step's "
+            "rollouts; make demo runs it every 3 steps on 3 steps' rollouts)",
+        },
+        "results": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print("| run | rollout s | update s | step s |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['rollout_s']:.1f} | {r['update_s']:.1f} | {r['step_s']:.1f} |")
+    print(f"wrote {args.output}")
+
+
 def run_in_subprocess(args: argparse.Namespace, model: str, variant: str) -> dict:
     """One (model, variant) in a fresh interpreter: clean allocator, clean peak."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -324,13 +619,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    parser.add_argument("--output", type=Path, default=RESULTS / "train-step-cpu.json")
+    parser.add_argument("--output", type=Path)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        choices=COMPARED,
+        help="issue 22: this project's steps by engine against TRL's trainers, on the last of "
+        "--models (SmolLM2 by default), to --output (default: "
+        "benchmarks/results/train-step-vs-trl-cpu.json)",
+    )
+    parser.add_argument("--compare-worker", choices=COMPARED, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.compare_worker:
+        result = compare_worker(args.compare_worker, args.models[0], args.steps, args.warmup)
+        args.output.write_text(json.dumps(result))
+        return
+    if args.compare:
+        args.output = args.output or RESULTS / "train-step-vs-trl-cpu.json"
+        compare(args)
+        return
+    args.output = args.output or RESULTS / "train-step-cpu.json"
     if args.worker:
         result = measure(
             args.models[0],

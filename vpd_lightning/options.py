@@ -22,6 +22,7 @@ SdpoTeacher = Literal["current", "ema", "interpolate"]
 EStepPrior = Literal["student", "initial"]
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 TopkFrom = Literal["student", "teacher"]
+RolloutEngineName = Literal["generate", "cached"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -89,8 +90,13 @@ class RolloutOptions:
     """Nucleus sampling mass, in (0, 1]."""
     max_new_tokens: int = 256
     """Longest response, in tokens."""
+    engine: RolloutEngineName = "generate"
+    """What samples: `generate` (transformers' `generate`, the reference and fallback) or `cached`
+    (`rollout/cached.py`: one prefill per prompt shared by its samples, finished rows dropped,
+    LoRA merged for sampling; not under fsdp2). Same seed semantics, not the same draws."""
 
     def __post_init__(self) -> None:
+        require_choice("model.rollout.engine", self.engine, RolloutEngineName)
         require_positive_int("model.rollout.num_generations", self.num_generations)
         require_finite("model.rollout.temperature", self.temperature, 0.0, math.inf, "must be >= 0")
         require_finite("model.rollout.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")

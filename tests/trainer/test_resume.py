@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from vpd_lightning.options import EStepOptions, SdpoOptions
+from vpd_lightning.options import EStepOptions, RolloutOptions, SdpoOptions
 
 from .helpers import lora, tiny_data, tiny_module, tiny_trainer
 
@@ -34,6 +34,15 @@ def run(tmp_path, module_options, steps, ckpt_in=None, ckpt_out=None):
         pytest.param(
             dict(method="vpd", estep=EStepOptions(every=3, prior="initial")),
             id="vpd-fixed-prior",
+        ),
+        pytest.param(  # the cached engine's draws and merged LoRA cross the checkpoint too
+            dict(
+                method="vpd",
+                lora=lora(),
+                rollout=RolloutOptions(num_generations=2, max_new_tokens=8, engine="cached"),
+                estep=EStepOptions(every=3),
+            ),
+            id="vpd-lora-cached-engine",
         ),
     ],
 )

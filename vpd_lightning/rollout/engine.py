@@ -66,3 +66,14 @@ class HFGenerateEngine:
             if token in self.eos_ids:
                 return row[: i + 1]
         return row  # stopped by max_new_tokens: every token is a real sample
+
+
+def make_engine(
+    name: str, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int]
+) -> RolloutEngine:
+    """The engine `model.rollout.engine` names, on the live `model` (the Policy)."""
+    if name == "cached":
+        from vpd_lightning.rollout.cached import CachedEngine
+
+        return CachedEngine(model, pad_id, eos_ids)
+    return HFGenerateEngine(model, pad_id, eos_ids)

@@ -47,7 +47,7 @@ from vpd_lightning.policy.models import generation_eos_ids, load_causal_lm, load
 from vpd_lightning.policy.roles import Policy
 from vpd_lightning.rollout import FeedbackSource, TeacherContextBuilder
 from vpd_lightning.rollout.contexts import engine_critic
-from vpd_lightning.rollout.engine import HFGenerateEngine
+from vpd_lightning.rollout.engine import make_engine
 from vpd_lightning.rollout.sampling import Rollout, collect_rollouts, rollout_stats
 from vpd_lightning.tasks import Task
 from vpd_lightning.trainer import checkpoint
@@ -177,7 +177,9 @@ class VPDModule(pl.LightningModule):
             initial_prior=self.spec.trains_teacher and self.opts.estep.prior == "initial",
         )
         eos_ids = {self.tokenizer.eos_token_id, *generation_eos_ids(network)}
-        self.engine = HFGenerateEngine(self.policy, self.tokenizer.pad_token_id, eos_ids)
+        self.engine = make_engine(
+            self.opts.rollout.engine, self.policy, self.tokenizer.pad_token_id, eos_ids
+        )
 
         # State that checkpoints carry (`on_save_checkpoint`).
         self.estep = EStep(self.opts.estep, success_threshold) if self.spec.trains_teacher else None
