@@ -219,7 +219,9 @@ class VPDCLI(LightningCLI):
             split: [len(render_prompt(model.tokenizer, r)) for r in records]
             for split, records in splits.items()
         }
-        longest_new = max(model.rollout_opts.max_new_tokens, model.validation.max_new_tokens or 0)
+        longest_new = max(
+            model.opts.rollout.max_new_tokens, model.opts.validation.max_new_tokens or 0
+        )
         check_prompts_fit(positions, lengths, longest_new, model.hparams.max_context_tokens)
 
     def before_fit(self) -> None:

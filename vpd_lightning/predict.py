@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from vpd_lightning.export import policy_state_dict
-from vpd_lightning.rollout.engine import SamplingParams
 from vpd_lightning.rollout.prompts import render_prompt
 from vpd_lightning.rollout.sampling import sample_and_verify
 from vpd_lightning.trainer.module import VPDModule
@@ -48,13 +47,8 @@ def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -
     task = module.task
     records = task.records(options.split)
     records = records[: options.limit] if options.limit is not None else records
-    v = module.validation
-    params = SamplingParams(
-        num_samples=v.num_samples,
-        temperature=v.temperature,
-        top_p=v.top_p,
-        max_new_tokens=v.max_new_tokens or module.rollout_opts.max_new_tokens,
-        seed=module.seed + PREDICT_SEED,
+    params = module.opts.validation.sampling(
+        module.opts.rollout, module.hparams.seed + PREDICT_SEED
     )
     out = Path(options.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +65,7 @@ def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -
                     batch,
                     prompt_ids,
                     params,
-                    module.verify_workers,
+                    module.hparams.verify_workers,
                 )
             for i, (text, verdict) in enumerate(
                 zip(attempts.texts, attempts.verdicts, strict=True)
@@ -87,7 +81,7 @@ def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -
                 }
                 file.write(json.dumps(line, ensure_ascii=False) + "\n")
                 rewards.append(float(verdict.reward))
-    successes = sum(r >= module.success_threshold for r in rewards)
+    successes = sum(r >= module.hparams.success_threshold for r in rewards)
     return {
         "out": str(out),
         "split": options.split,
