@@ -207,6 +207,22 @@ class TimedStepModule(VPDModule):
         return out
 
 
+def run_steps(module, task, steps: int, accelerator: str, prompts_per_step: int) -> None:
+    """Train `module` for `steps` steps with nothing else (no logger, checkpoint or validation)."""
+    with tempfile.TemporaryDirectory() as root:
+        pl.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=root,
+        ).fit(module, datamodule=VPDDataModule(task, prompts_per_step=prompts_per_step, val_size=1))
+
+
 def measure(
     model: str, variant: str, steps: int, warmup: int, accelerator: str, small_chunk: int
 ) -> dict:
@@ -229,18 +245,7 @@ def measure(
         micro_batch_size=8,
         task=task,
     )
-    with tempfile.TemporaryDirectory() as root:
-        pl.Trainer(
-            accelerator=accelerator,
-            devices=1,
-            max_steps=warmup + steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            default_root_dir=root,
-        ).fit(module, datamodule=VPDDataModule(task, prompts_per_step=4, val_size=1))
+    run_steps(module, task, warmup + steps, accelerator, prompts_per_step=4)
     rows = module.measurements[warmup:]
     vocab = module.policy.head_weight.shape[0]
     summary = {
@@ -378,18 +383,7 @@ def measure_project(method: str, engine: str, model: str, steps: int, warmup: in
         micro_batch_size=8,
         task=task,
     )
-    with tempfile.TemporaryDirectory() as root:
-        pl.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_steps=warmup + steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            default_root_dir=root,
-        ).fit(module, datamodule=VPDDataModule(task, prompts_per_step=PROMPTS, val_size=1))
+    run_steps(module, task, warmup + steps, "auto", prompts_per_step=PROMPTS)
     rows = module.measurements[warmup:]
     keys = ("rollout_s", "mstep_s", "estep_s", "update_s", "step_s", "completion_tokens")
     out = {"name": f"{method} ({engine})", "method": method, "engine": engine, "steps": rows}

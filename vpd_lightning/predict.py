@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from vpd_lightning.export import policy_state_dict
-from vpd_lightning.rollout.prompts import render_prompt
-from vpd_lightning.rollout.sampling import sample_and_verify
+from vpd_lightning.rollout.sampling import answer_records
 from vpd_lightning.trainer.module import VPDModule
 
 PREDICT_SEED = 2_000_003
@@ -56,14 +55,12 @@ def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -
     with out.open("w", encoding="utf-8") as file, torch.no_grad():
         for start in range(0, len(records), options.batch_size):
             batch = records[start : start + options.batch_size]
-            prompt_ids = [render_prompt(module.tokenizer, r) for r in batch]
             with module.policy.student():
-                attempts = sample_and_verify(
+                attempts = answer_records(
                     module.engine,
                     module.tokenizer,
                     task,
                     batch,
-                    prompt_ids,
                     params,
                     module.hparams.verify_workers,
                 )
@@ -74,7 +71,7 @@ def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -
                 line = {
                     "index": start + index,
                     "sample": sample,
-                    "prompt": module.tokenizer.decode(prompt_ids[index]),
+                    "prompt": module.tokenizer.decode(attempts.prompt_ids[index]),
                     "completion": text,
                     "reward": float(verdict.reward),
                     "feedback": verdict.feedback,

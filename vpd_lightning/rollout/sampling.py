@@ -126,6 +126,19 @@ def to_rollouts(
     return rollouts
 
 
+def answer_records(
+    engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    records: Sequence[Record],
+    params: SamplingParams,
+    workers: int,
+) -> Attempts:
+    """The student's verified answers to `records`, each shown as the chat prompt it renders to."""
+    prompts = [render_prompt(tokenizer, r) for r in records]
+    return sample_and_verify(engine, tokenizer, task, records, prompts, params, workers)
+
+
 def collect_rollouts(
     engine: RolloutEngine,
     tokenizer,
@@ -137,8 +150,7 @@ def collect_rollouts(
 ) -> list[Rollout]:
     """One training step's rollouts: sample and verify the student's responses to `records`,
     then give each its teacher context (`builder` None: no teacher, as in GRPO)."""
-    prompts = [render_prompt(tokenizer, r) for r in records]
-    attempts = sample_and_verify(engine, tokenizer, task, records, prompts, params, workers)
+    attempts = answer_records(engine, tokenizer, task, records, params, workers)
     return to_rollouts(attempts, attempts.contexts(builder) if builder is not None else None)
 
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation: the student's answers, and the teacher's repairs of the wrong ones.
+"""Held-out evaluation: the teacher's repairs of the student's wrong answers (the student's own
+answers are `rollout.sampling.answer_records`).
 
 The module runs these with the right weights live (the student's, the teacher's) and logs the
 rewards as metrics (`metrics.py`).
@@ -6,30 +7,16 @@ rewards as metrics (`metrics.py`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 from vpd_lightning.options import SamplingParams
-from vpd_lightning.rollout import TeacherContextBuilder, render_prompt
+from vpd_lightning.rollout import TeacherContextBuilder
 from vpd_lightning.rollout.engine import RolloutEngine
 from vpd_lightning.rollout.sampling import Attempts, sample_and_verify
-from vpd_lightning.tasks import Record, Task
+from vpd_lightning.tasks import Task
 
 # Seed offsets of the evaluation passes, apart from the training rollouts' (step, rank) seeds.
 VALIDATION_SEED, TEACHER_VALIDATION_SEED = 17, 29
-
-
-def student_attempts(
-    engine: RolloutEngine,
-    tokenizer,
-    task: Task,
-    records: Sequence[Record],
-    params: SamplingParams,
-    workers: int,
-) -> Attempts:
-    """`params.num_samples` answers to each held-out record, verified."""
-    prompts = [render_prompt(tokenizer, r) for r in records]
-    return sample_and_verify(engine, tokenizer, task, records, prompts, params, workers)
 
 
 def teacher_answers(

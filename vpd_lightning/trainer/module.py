@@ -48,14 +48,18 @@ from vpd_lightning.policy.roles import Policy
 from vpd_lightning.rollout import FeedbackSource, TeacherContextBuilder
 from vpd_lightning.rollout.contexts import engine_critic
 from vpd_lightning.rollout.engine import make_engine
-from vpd_lightning.rollout.sampling import Rollout, collect_rollouts, rollout_stats
+from vpd_lightning.rollout.sampling import (
+    Rollout,
+    answer_records,
+    collect_rollouts,
+    rollout_stats,
+)
 from vpd_lightning.tasks import Task
 from vpd_lightning.trainer import checkpoint
 from vpd_lightning.trainer.distributed import mean_over_processes
 from vpd_lightning.trainer.evaluation import (
     TEACHER_VALIDATION_SEED,
     VALIDATION_SEED,
-    student_attempts,
     teacher_answers,
 )
 from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, RepairRate
@@ -352,7 +356,7 @@ class VPDModule(pl.LightningModule):
         v, workers = self.opts.validation, self.hparams.verify_workers
         params = v.sampling(self.opts.rollout, self.hparams.seed + VALIDATION_SEED)
         with self.policy.student():
-            attempts = student_attempts(
+            attempts = answer_records(
                 self.engine, self.tokenizer, self.task, records, params, workers
             )
         rewards = attempts.rewards().to(self.device)
