@@ -43,7 +43,7 @@ def test_difficulty_knobs():
         assert all(op == "+" and 1 <= x <= 9 for op, x in record["steps"])
 
 
-@pytest.mark.parametrize("level", ["outcome", "diagnostic", "solution"])
+@pytest.mark.parametrize("level", ["binary", "outcome", "diagnostic", "solution"])
 def test_correct_answer(level):
     verdict = task(level).verify(RECORD, "Step 1: 17 + 35 = 52\n<answer> 88 </answer>")
     assert verdict.reward == 1.0 and verdict.feedback == "Correct: 88 is the right answer."
@@ -56,6 +56,20 @@ def test_unparsable_answer_is_a_format_error(level, response):
     assert verdict.reward == 0.0 and verdict.feedback.startswith("Format error")
     assert verdict.info["format_ok"] is False
     assert ("The correct answer is 88" in verdict.feedback) == (level == "solution")
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "Step 1: 17 + 35 = 51\nStep 2: 51 * 4 = 204\n<answer>84</answer>",
+        "Step 2: 52 * 4 = 210\n<answer>90</answer>",
+        "The answer is eighty-eight.",
+        "",
+    ],
+)
+def test_binary_level_is_one_bit_whatever_went_wrong(response):
+    verdict = task("binary").verify(RECORD, response)
+    assert verdict.reward == 0.0 and verdict.feedback == "Your answer is incorrect."
 
 
 def test_outcome_level_says_only_incorrect():

@@ -5,8 +5,10 @@ A problem is a chain ``start op1 x1 op2 x2 ...`` written with explicit parenthes
 student is asked to write one line per operation (``Step k: a op b = result``) and the final number
 inside ``<answer>...</answer>``.
 
-Feedback levels (cumulative; a correct answer always gets "Correct ..."):
+Feedback levels (cumulative after ``binary``; a correct answer always gets "Correct ..."):
 
+- ``binary``: "Your answer is incorrect." and nothing else, for a wrong or unreadable answer alike:
+  the one bit the reward carries, as text (the control that shows what the richer levels add).
 - ``outcome``: "Your answer 91 is incorrect."
 - ``diagnostic``: adds the first wrong intermediate result and how it is wrong. The ``Step k:`` lines
   are read (the first integer after the last ``=`` on the line is the claimed result). The first step whose
@@ -41,8 +43,9 @@ from vpd_lightning.tasks.base import (
 from vpd_lightning.tasks.parsing import extract_tagged_answer, parse_int
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-FEEDBACK_LEVELS = ("outcome", "diagnostic", "solution")
+FEEDBACK_LEVELS = ("binary", "outcome", "diagnostic", "solution")
 ANSWER_FORMATS = ("tag", "last_number")
+BINARY_FEEDBACK = "Your answer is incorrect."
 SYSTEM_PROMPT = (
     "Solve the arithmetic problem one operation at a time, innermost parentheses first. Write each "
     "step on its own line as `Step k: a op b = result`. Then give the final number inside "
@@ -82,7 +85,7 @@ class ArithmeticTask(Task):
         num_ops: int = 3,
         max_operand: int = 20,
         operations: str = "+-*",
-        feedback: Literal["outcome", "diagnostic", "solution"] = "diagnostic",
+        feedback: Literal["binary", "outcome", "diagnostic", "solution"] = "diagnostic",
         num_train: int = 2000,
         num_test: int = 200,
         seed: int = 0,
@@ -222,12 +225,16 @@ class ArithmeticTask(Task):
         )
         if answer is None:
             info["format_ok"] = False
+            if self.feedback == "binary":
+                return Verdict(0.0, BINARY_FEEDBACK, info)
             text = "Format error: no integer inside <answer>...</answer>; end with e.g. <answer>42</answer>."
             if self.feedback == "solution":
                 text += " " + solution
             return Verdict(0.0, text, info)
         if answer == expected:
             return Verdict(1.0, f"Correct: {answer} is the right answer.", info)
+        if self.feedback == "binary":
+            return Verdict(0.0, BINARY_FEEDBACK, info)
         parts = [f"Your answer {answer} is incorrect."]
         if self.feedback in ("diagnostic", "solution"):
             sentence, info["first_wrong_step"] = self.diagnose(record, completion, answer)
