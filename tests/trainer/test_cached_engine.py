@@ -158,3 +158,8 @@ def test_fsdp2_and_unsupported_options_are_refused_in_one_line(tiny_tokenizer):
         cached.generate([[1, 2]], SamplingParams(max_new_tokens=2))
     with pytest.raises(UserInputError, match=r"model\.rollout\.engine.*generate, cached"):
         RolloutOptions(engine="vllm")
+
+
+def test_no_prompts_give_no_completions_in_both_engines(tiny_tokenizer):
+    for engine in engines(tiny_tokenizer, lora_policy(tiny_tokenizer)):
+        assert engine.generate([], SamplingParams(num_samples=4, max_new_tokens=8, seed=0)) == []

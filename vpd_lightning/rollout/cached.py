@@ -119,6 +119,8 @@ class CachedEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        if not prompts:
+            return []
         network = self._network()
         device = next(network.parameters()).device
         generator = torch.Generator(device=device)

@@ -29,6 +29,8 @@ class HFGenerateEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        if not prompts:
+            return []
         device = next(self.model.parameters()).device
         expanded = [list(p) for p in prompts for _ in range(params.num_samples)]
         width = max(len(p) for p in expanded)
