@@ -1,30 +1,31 @@
-"""GRPO, SDPO and VPD on SmolLM2-135M-Instruct + LoRA: arithmetic with two operations and
-diagnostic feedback, which says where an attempt went wrong (information the 0/1 reward lacks).
+"""Does training the teacher help? grpo, sdpo, vpd-no-estep and vpd on SmolLM2-135M-Instruct +
+LoRA, arithmetic with diagnostic feedback, decided in advance (issue 23).
 
-Variants (the JSON's keys): `grpo`, `sdpo` (its reference code's settings: sibling solution +
-feedback reprompt, EMA teacher, top-100 + tail, JSD 0.5), `vpd` (shared teacher: each E-step also
-moves the student's weights), `vpd-adapter` (the teacher is its own LoRA adapter) and
-`vpd-fixed-prior` (the E-step anchored to the initial student: the paper's ablation). Every run
-has the same rollout budget: steps x prompts per step x rollouts per prompt.
+Phases, each written into the JSON before the next starts:
+1. `calibration` (`--calibrate`): the task is fixed from the untrained model on the training split
+   only: for each candidate difficulty, `samples` responses at `temperature` to `prompts` training
+   prompts with a generous cap. `max_new_tokens` is the smallest candidate cap within which at
+   least 95% of the responses finish; the difficulty is the candidate whose accuracy at that cap
+   (a response cut off scores 0) lies in the target band, nearest its middle.
+2. `plan`: arms, learning rate, seeds, steps, E-step interval, measures and the primary endpoint,
+   with the run's expected duration sized from measured step times. Runs only ever read it.
+3. `baseline`: the untrained student on the held-out prompts (LoRA starts as the identity, so every
+   arm starts from this model) and the fixed teacher probe set drawn from its answers.
+4. `runs`: every arm for every seed (the same seed gives every arm the same prompt order and
+   rollout seeds), teacher probes every `probe_every` steps, the held-out measures at the end.
+5. `summary`: per arm and per paired difference, the mean and its 95% bootstrap interval.
 
-Two phases. The sweep: grpo, sdpo and vpd run at every `--lrs` value with the first seed, and each
-keeps the lr with the highest mean *training* reward over the second half of its steps (the
-held-out set plays no part; the two VPD variants take VPD's lr, so each differs from it in one
-setting). Then grpo, sdpo and vpd run at their lr with the other `--seeds`, the variants with
-`--variant-seeds`.
+Arms differ from their neighbour in one setting: `vpd-no-estep` is `vpd` with `estep.every: 0`
+(same contexts, divergence, vocabulary and teacher weights), the thesis's control; `sdpo` keeps
+its reference settings (sibling solution + feedback reprompt, EMA teacher, top-100 + tail, JSD).
 
-Held-out: the first `--val-size` prompts of the task's test split, fixed before any training and
-the same for every run, answered greedily once before training (LoRA starts as the identity, so
-every run starts from the same model) and once after. Each method's mean comes with a 95%
-bootstrap interval that resamples seeds and prompts; differences between methods resample the
-same prompts for both (paired) and seeds independently.
-
-    .venv/bin/python benchmarks/compare_methods.py            # the CPU run (see the JSON's time)
+    .venv/bin/python benchmarks/compare_methods.py --calibrate   # phase 1 (about 5 min)
+    .venv/bin/python benchmarks/compare_methods.py               # phases 2-5 (the plan's time)
     .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 2 \
-        --val-size 4 --lrs 1e-3 --seeds 0 --output /tmp/compare-smoke.json
+        --val-size 4 --probe-size 2 --seeds 0 --calibration-prompts 2 --accuracy-band 0 1 \
+        --finish-target 0 --output /tmp/compare-smoke.json --calibrate --run
 
-Writes the JSON (setup, every run with its per-prompt held-out rewards and curves, the summary
-with intervals, timings, notes), a PNG next to it, and prints markdown tables.
+`--resume` keeps the runs already in the JSON when its plan is the same.
 """
 
 from __future__ import annotations
@@ -36,86 +37,169 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
 
-from vpd_lightning.options import DistillOptions, EStepOptions, LoraOptions, RolloutOptions
-from vpd_lightning.rollout import TeacherContextBuilder, render_prompt
-from vpd_lightning.rollout.engine import SamplingParams
-from vpd_lightning.rollout.sampling import sample_and_verify
+from vpd_lightning.options import (
+    DistillOptions,
+    EStepOptions,
+    LoraOptions,
+    RolloutOptions,
+    SamplingParams,
+)
+from vpd_lightning.rollout import TeacherContextBuilder
+from vpd_lightning.rollout.sampling import Attempts, answer_records, sample_and_verify
 from vpd_lightning.tasks import ArithmeticTask, Verdict
+from vpd_lightning.tasks.arithmetic import BINARY_FEEDBACK
 from vpd_lightning.trainer.data import VPDDataModule
 from vpd_lightning.trainer.module import VPDModule
 
 RESULTS = Path(__file__).parent / "results"
-TRAIN_KEYS = (
-    "train/reward_mean",
-    "train/success_fraction",
-    "train/context_coverage",
-    "train/response_length",
-    "mstep/loss",
-    "mstep/teacher_student_kl",
-    "mstep/student_entropy",
-    "estep/loss",
-    "estep/implicit_reward",
-    "estep/margin",
-    "estep/delta",
-    "time/rollout_s",
-    "time/update_s",
-    "throughput/tokens_per_s",
-)
-SWEPT = ("grpo", "sdpo", "vpd")
-VARIANT_OF = {"vpd-adapter": "vpd", "vpd-fixed-prior": "vpd"}  # variant -> whose lr it takes
-METHODS = (*SWEPT, *VARIANT_OF)
+ARMS = ("grpo", "sdpo", "vpd-no-estep", "vpd", "vpd-fixed-prior")
 COMPARISONS = (
-    ("vpd", "grpo"),
+    ("vpd", "vpd-no-estep"),
     ("vpd", "sdpo"),
+    ("vpd", "grpo"),
+    ("vpd-no-estep", "sdpo"),
     ("sdpo", "grpo"),
-    ("vpd-adapter", "vpd"),
     ("vpd-fixed-prior", "vpd"),
 )
+TRAIN_KEYS = (
+    "train/reward_mean",
+    "train/truncated_fraction",
+    "train/response_length",
+    "mstep/teacher_student_kl",
+    "estep/loss",
+    "estep/margin",
+    "time/rollout_s",
+    "time/update_s",
+)
+FEEDBACKS = ("diagnostic", "binary")
 BOOTSTRAP_SAMPLES = 4000
-NOTES = [
-    "lr: each of grpo, sdpo and vpd keeps the lr with the best mean training reward over the "
-    "second half of its steps, on the first seed; vpd-adapter and vpd-fixed-prior take vpd's.",
-    "A seed changes the LoRA initialisation, the order of training prompts and the rollout "
-    "sampling, not the held-out prompts.",
-    "Intervals are 95% percentile bootstraps: seeds and prompts resampled with replacement; for "
-    "a difference the same prompts are drawn for both methods. With one seed an interval covers "
-    "prompt sampling only.",
-    "Wall-clock counts training only (rollouts and updates), not held-out evaluation.",
-]
+
+
+@dataclass
+class Calibration:
+    """How the task is fixed from the untrained model (training split only)."""
+
+    candidates: list[dict] = field(
+        default_factory=lambda: [
+            dict(num_ops=1, max_operand=10, operations="+-", num_test=128),
+            dict(num_ops=1, max_operand=20, operations="+"),
+            dict(num_ops=1, max_operand=50, operations="+"),
+            dict(num_ops=1, max_operand=20, operations="+-"),
+            dict(num_ops=2, max_operand=5, operations="+-"),
+        ]
+    )
+    """Difficulties tried, easiest first: ArithmeticTask keywords (a small problem space keeps
+    only as many test prompts as the held-out set needs, the rest train)."""
+    caps: list[int] = field(default_factory=lambda: [48, 64, 80, 96, 128, 160])
+    """Candidate `max_new_tokens`; the largest is the cap the calibration samples with."""
+    prompts: int = 48
+    samples: int = 4
+    temperature: float = 0.6
+    finish_target: float = 0.95
+    """Fraction of the untrained model's responses that must finish within the chosen cap."""
+    accuracy_band: tuple[float, float] = (0.3, 0.6)
 
 
 @dataclass
 class Setup:
-    """Everything shared by the methods; recorded in the JSON."""
+    """Everything the arms share, fixed before any run; recorded in the JSON as the plan."""
 
     model: str
-    steps: int
-    val_size: int
-    prompts_per_step: int = 4
+    task: dict
+    """ArithmeticTask keywords, from the calibration."""
+    max_new_tokens: int
+    """Rollout and evaluation cap, from the calibration."""
+    steps: int = 20
+    prompts_per_step: int = 3
+    """With `num_generations`: 12 rollouts a step, sized so the whole run fits the CPU budget."""
     num_generations: int = 4
-    max_new_tokens: int = 64
     temperature: float = 0.8
+    """Rollout temperature (training)."""
+    lr: float = 5e-5
+    """One learning rate for every arm, student and teacher (quickstart's, which gave a held-out
+    gain in 12 steps); fixed before any run."""
     lora_r: int = 16
     lora_alpha: int = 32
-    estep_every: int = 3
+    estep_every: int = 4
+    """vpd's E-step interval: 5 E-steps in 20 steps, each over 4 steps' rollouts."""
     micro_batch_size: int = 8
     max_context_tokens: int = 128
-    task: dict = field(
-        default_factory=lambda: dict(
-            num_ops=2,
-            max_operand=10,
-            operations="+-",
-            feedback="diagnostic",
-            answer_format="last_number",
-            seed=0,
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = field(default_factory=lambda: ["grpo", "sdpo", "vpd-no-estep", "vpd"])
+    val_size: int = 128
+    """Held-out prompts: the first `val_size` of the test split."""
+    val_samples: int = 2
+    val_temperature: float = 0.6
+    probe_size: int = 32
+    """Teacher probe items: held-out prompts where the untrained student had a finished wrong
+    attempt and a right one (its first of each)."""
+    probe_every: int = 5
+    """Teacher log-margins every this many steps (and at step 0)."""
+    repair_samples: int = 1
+    """Samples per probe item for the repair and self-fix rates (at `val_temperature`)."""
+
+    @property
+    def primary_endpoint(self) -> str:
+        return (
+            f"student accuracy (mean over {self.val_samples} samples at T={self.val_temperature}) "
+            f"on the {self.val_size} held-out prompts after {self.steps} steps: the paired "
+            "difference vpd - vpd-no-estep, 95% bootstrap interval over prompts and seeds"
         )
+
+    def arithmetic(self, feedback: str = "diagnostic") -> ArithmeticTask:
+        return ArithmeticTask(**self.task, feedback=feedback, answer_format="last_number", seed=0)
+
+
+MEASURES = {
+    "student_accuracy": "per held-out prompt, the mean reward of its samples (cut off: 0)",
+    "student_logp_correct": "per held-out prompt, log p(reference solution | prompt) under the "
+    "student, in nats per token of the reference (the task's worked steps and <answer>)",
+    "teacher_margin": "per probe item, log q(right attempt | x, C) - log q(wrong attempt | x, C) "
+    "under the teacher the method distils from (grpo: its policy; sdpo: its EMA weights), C the "
+    "verifier's feedback on the wrong attempt (diagnostic, or binary: 'Your answer is "
+    "incorrect.'); sums over tokens, in nats",
+    "teacher_repair": "per probe item, the fraction of that teacher's samples given (x, C) that "
+    "are right",
+    "student_self_fix": "per probe item, the fraction of the student's samples on x alone that are "
+    "right (the rate the teacher's repair is measured against)",
+    "teacher_skill": "teacher_repair - student_self_fix, per probe item",
+}
+
+
+# ----------------------------------------------------------------------------- modules and runs
+def build_module(setup: Setup, arm: str, seed: int, task: ArithmeticTask) -> VPDModule:
+    """One arm's module; vpd's teacher optimizer is the student's (same class and lr)."""
+    method = "vpd" if arm.startswith("vpd") else arm
+    return VPDModule(
+        model=setup.model,
+        method=method,
+        lora=LoraOptions(r=setup.lora_r, alpha=setup.lora_alpha),
+        max_context_tokens=setup.max_context_tokens,
+        rollout=RolloutOptions(
+            num_generations=setup.num_generations,
+            temperature=setup.temperature,
+            max_new_tokens=setup.max_new_tokens,
+            engine="cached",
+        ),
+        # SDPO's reference default is JSD(0.5); VPD's M-step is the paper's reverse KL.
+        distill=DistillOptions(divergence="jsd") if method == "sdpo" else DistillOptions(),
+        estep=EStepOptions(
+            every=0 if arm == "vpd-no-estep" else setup.estep_every,
+            prior="initial" if arm == "vpd-fixed-prior" else "student",
+        ),
+        micro_batch_size=setup.micro_batch_size,
+        student_optimizer=lambda params: torch.optim.AdamW(params, lr=setup.lr),
+        verify_workers=1,
+        seed=seed,
+        task=task,
     )
 
 
@@ -143,131 +227,38 @@ class StepLogger(Logger):
             self.rows.setdefault(int(step or 0), {}).update(train)
 
 
-class StepTimer(pl.Callback):
-    """Training wall-clock (rollouts and updates) at the end of each step."""
+class TeacherProbes(pl.Callback):
+    """Teacher log-margins on the probe set every `every` steps, timed apart from training."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
-        self._total = 0.0
-        self._start = 0.0
+    def __init__(self, probe: list[dict], setup: Setup, every: int) -> None:
+        self.probe, self.setup, self.every = probe, setup, every
+        self.margins: dict[int, dict[str, list[float]]] = {}
+        self.train_seconds: dict[int, float] = {}
+        self.probe_seconds = 0.0
+        self._started = 0.0
+        self._train = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
+        self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._total += time.perf_counter() - self._start
-        self.seconds[trainer.global_step] = self._total
+        self._train += time.perf_counter() - self._started
+        step = trainer.global_step
+        self.train_seconds[step] = self._train
+        if step % self.every == 0 or step == trainer.max_steps:
+            start = time.perf_counter()
+            self.margins[step] = teacher_margins(pl_module, self.setup, self.probe)
+            self.probe_seconds += time.perf_counter() - start
 
 
-def build_module(setup: Setup, variant: str, lr: float, seed: int) -> VPDModule:
-    """One variant's module; VPD's teacher optimizer is the student's (same class and lr)."""
-    method = VARIANT_OF.get(variant, variant)
-    return VPDModule(
-        model=setup.model,
-        method=method,
-        teacher_mode="adapter" if variant == "vpd-adapter" else "shared",
-        lora=LoraOptions(r=setup.lora_r, alpha=setup.lora_alpha),
-        max_context_tokens=setup.max_context_tokens,
-        rollout=RolloutOptions(
-            num_generations=setup.num_generations,
-            temperature=setup.temperature,
-            max_new_tokens=setup.max_new_tokens,
-        ),
-        # SDPO's reference default is JSD(0.5); VPD's M-step is the paper's reverse KL.
-        distill=DistillOptions(divergence="jsd") if method == "sdpo" else DistillOptions(),
-        estep=EStepOptions(
-            every=setup.estep_every,
-            prior="initial" if variant == "vpd-fixed-prior" else "student",
-        ),
-        micro_batch_size=setup.micro_batch_size,
-        student_optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
-        seed=seed,
-        task=ArithmeticTask(**setup.task),
-    )
-
-
-def held_out_records(setup: Setup) -> list[dict]:
-    """The fixed held-out prompts: the first `val_size` of the test split."""
-    records = ArithmeticTask(**setup.task).records("test")
-    if len(records) < setup.val_size:
-        raise ValueError(f"the test split has {len(records)} prompts, fewer than {setup.val_size}")
-    return records[: setup.val_size]
-
-
-@torch.no_grad()
-def answer_greedily(
-    module: VPDModule, records: list[dict], prompts: list[list[int]], setup: Setup
-) -> tuple[list[str], list[Verdict]]:
-    """The student's greedy response to each prompt and its verdict against the prompt's record,
-    32 prompts at a time."""
-    params = SamplingParams(
-        num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=setup.max_new_tokens, seed=0
-    )
-    texts: list[str] = []
-    verdicts: list[Verdict] = []
-    with module.policy.student():
-        for start in range(0, len(records), 32):
-            end = start + 32
-            attempts = sample_and_verify(
-                module.engine,
-                module.tokenizer,
-                module.task,
-                records[start:end],
-                prompts[start:end],
-                params,
-                1,
-            )
-            texts += attempts.texts
-            verdicts += attempts.verdicts
-    return texts, verdicts
-
-
-def held_out_answers(module: VPDModule, setup: Setup) -> tuple[list[str], list[Verdict]]:
-    """The student's greedy answers to the fixed held-out prompts, in order."""
-    records = held_out_records(setup)
-    prompts = [render_prompt(module.tokenizer, r) for r in records]
-    return answer_greedily(module, records, prompts, setup)
-
-
-def feedback_probe(
-    module: VPDModule, texts: list[str], verdicts: list[Verdict], setup: Setup
-) -> dict:
-    """Before training, is the feedback usable by this model? On the held-out prompts the student
-    answered wrongly (`texts`, `verdicts`: its greedy answers), the same model answers again shown
-    the verifier's feedback on its attempt (`val/teacher_repair_rate`'s context): how many it now
-    gets right, and how many answers just repeat the wrong answer that the feedback quotes."""
-    records = held_out_records(setup)
-    wrong = [i for i, v in enumerate(verdicts) if v.reward < 1.0]
-    builder = TeacherContextBuilder(
-        module.tokenizer, source="verifier", max_context_tokens=setup.max_context_tokens
-    )
-    contexts = builder.build_batch(
-        [records[i] for i in wrong], [[texts[i]] for i in wrong], [[verdicts[i]] for i in wrong]
-    )
-    _, again = answer_greedily(
-        module, [records[i] for i in wrong], [c.prompt_ids for (c,) in contexts], setup
-    )
-    repeats = sum(
-        v.info.get("answer") is not None and v.info.get("answer") == verdicts[i].info.get("answer")
-        for i, v in zip(wrong, again, strict=True)
-    )
-    return {
-        "held_out_size": len(records),
-        "student_wrong": len(wrong),
-        "repaired": sum(v.reward >= 1.0 for v in again),
-        "repeats_wrong_answer": repeats,
-    }
-
-
-def run_one(setup: Setup, variant: str, lr: float, seed: int, accelerator: str) -> dict:
-    """Train `setup.steps` steps and answer the held-out prompts; returns the run's record."""
+def run_arm(setup: Setup, arm: str, seed: int, baseline: dict, accelerator: str) -> dict:
+    """Train one arm for `setup.steps` steps; its curves and end-of-run measures."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    start = time.perf_counter()
-    module = build_module(setup, variant, lr, seed)
-    data = VPDDataModule(
-        module.task, prompts_per_step=setup.prompts_per_step, val_size=1, seed=seed
-    )
-    timer, logger = StepTimer(), StepLogger()
+    started = time.perf_counter()
+    task = setup.arithmetic()
+    module = build_module(setup, arm, seed, task)
+    data = VPDDataModule(task, prompts_per_step=setup.prompts_per_step, val_size=1, seed=seed)
+    probes, logger = TeacherProbes(baseline["probe"], setup, setup.probe_every), StepLogger()
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator=accelerator,
@@ -280,310 +271,687 @@ def run_one(setup: Setup, variant: str, lr: float, seed: int, accelerator: str) 
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[timer],
+            callbacks=[probes],
             default_root_dir=root,
         )
         trainer.fit(module, datamodule=data)
     curve = [
         {"step": step, "train_seconds": seconds, **logger.rows.get(step, {})}
-        for step, seconds in sorted(timer.seconds.items())
+        for step, seconds in sorted(probes.train_seconds.items())
     ]
-    rewards = [v.reward for v in held_out_answers(module, setup)[1]]
+    eval_start = time.perf_counter()
+    module = standalone(module, accelerator)  # fit's teardown may have moved it to the CPU
+    student = student_measures(module, setup, seed)
+    teacher = teacher_repair(module, baseline["probe"], setup, seed)
     return {
-        "method": variant,
-        "lr": lr,
+        "arm": arm,
         "seed": seed,
         "steps": trainer.global_step,
-        "held_out_size": len(rewards),
-        "held_out_mean": statistics.fmean(rewards),
-        "held_out": rewards,
+        "student": student,
+        "teacher": teacher,
+        "teacher_margin_curve": {"0": baseline["teacher_margin"]}
+        | {str(s): m for s, m in sorted(probes.margins.items())},
         "train_curve": curve,
         "train_seconds": curve[-1]["train_seconds"] if curve else 0.0,
-        "total_seconds": time.perf_counter() - start,
+        "probe_seconds": probes.probe_seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        "total_seconds": time.perf_counter() - started,
     }
 
 
-def late_reward(run: dict) -> float:
-    """Mean training reward over the second half of the steps: the lr-selection criterion."""
-    rewards = [row["train/reward_mean"] for row in run["train_curve"]]
-    return statistics.fmean(rewards[len(rewards) // 2 :]) if rewards else float("nan")
-
-
-def select_lrs(runs: list[dict], methods: list[str]) -> dict[str, float]:
-    """Per swept method, the lr whose sweep run has the best late training reward; a variant
-    takes the lr of the method it varies."""
-    chosen = {}
-    for method in (m for m in methods if m in SWEPT):
-        by_lr = {run["lr"]: late_reward(run) for run in runs if run["method"] == method}
-        chosen[method] = max(by_lr, key=by_lr.get)
-    for method in (m for m in methods if m in VARIANT_OF):
-        chosen[method] = chosen[VARIANT_OF[method]]
-    return chosen
-
-
-def _resampled_mean(matrix: list[list[float]], seeds: list[int], prompts: list[int]) -> float:
-    return statistics.fmean(matrix[s][p] for s in seeds for p in prompts)
-
-
-def bootstrap(
-    a: list[list[float]], b: list[list[float]] | None = None, samples: int = BOOTSTRAP_SAMPLES
+# ----------------------------------------------------------------------------- measures
+@torch.no_grad()
+def sequence_logprobs(
+    module: VPDModule, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
 ) -> list[float]:
-    """95% percentile interval of mean(a) (or of mean(a) - mean(b)); a and b are seeds x prompts
-    reward matrices over the same prompts. Seeds are resampled per matrix, prompts once for both."""
+    """log p(completion | prompt) summed over the completion's tokens, with the weights that are
+    live (the caller picks the role), 16 sequences a forward."""
+    model, pad = module.policy.model, module.tokenizer.pad_token_id or 0
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(prompts), 16):
+        rows = [
+            (list(p), list(c))
+            for p, c in zip(
+                prompts[start : start + 16], completions[start : start + 16], strict=True
+            )
+        ]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        targets = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+            targets[i, len(p) : len(p) + len(c)] = True
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        out += (picked * targets[:, 1:].to(device)).sum(-1).tolist()
+    model.train(was_training)
+    return out
+
+
+def reference_completion(module: VPDModule, task: ArithmeticTask, record: dict) -> list[int]:
+    ids = module.tokenizer(task.reference_solution(record), add_special_tokens=False)["input_ids"]
+    return [*ids, module.tokenizer.eos_token_id]
+
+
+def student_measures(module: VPDModule, setup: Setup, seed: int) -> dict:
+    """Held-out accuracy (mean over samples, per prompt) and log p(reference) per token."""
+    task, records = module.task, held_out_records(setup)
+    params = SamplingParams(
+        setup.val_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 10_000 + seed
+    )
+    with module.policy.student():
+        attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
+        references = [reference_completion(module, task, r) for r in records]
+        logps = sequence_logprobs(module, attempts.prompt_ids, references)
+    return {
+        "accuracy": attempts.rewards().mean(1).tolist(),
+        "logp_correct": [lp / len(ref) for lp, ref in zip(logps, references, strict=True)],
+        "finished_fraction": 1.0
+        - statistics.fmean(bool(v.info.get("truncated")) for v in attempts.verdicts),
+    }
+
+
+def contexts_of(
+    module: VPDModule, setup: Setup, probe: list[dict], feedback: str
+) -> list[list[int]]:
+    """The teacher prompt of each probe item: its question and the verifier's feedback on its
+    wrong attempt (`feedback`: the diagnostic text, or only 'Your answer is incorrect.')."""
+    builder = TeacherContextBuilder(
+        module.tokenizer, source="verifier", max_context_tokens=setup.max_context_tokens
+    )
+    texts = [item["feedback"] if feedback == "diagnostic" else BINARY_FEEDBACK for item in probe]
+    verdicts = [[Verdict(0.0, text, {})] for text in texts]
+    built = builder.build_batch(
+        [item["record"] for item in probe], [[item["wrong_text"]] for item in probe], verdicts
+    )
+    return [c.prompt_ids for (c,) in built]
+
+
+def teacher_margins(module: VPDModule, setup: Setup, probe: list[dict]) -> dict[str, list[float]]:
+    """Per feedback kind and probe item: log q(right | x, C) - log q(wrong | x, C)."""
+    out = {}
+    with module.policy.distilled_teacher():
+        for feedback in FEEDBACKS:
+            prompts = contexts_of(module, setup, probe, feedback)
+            right = sequence_logprobs(module, prompts, [i["right_ids"] for i in probe])
+            wrong = sequence_logprobs(module, prompts, [i["wrong_ids"] for i in probe])
+            out[feedback] = [r - w for r, w in zip(right, wrong, strict=True)]
+    return out
+
+
+def teacher_repair(module: VPDModule, probe: list[dict], setup: Setup, seed: int) -> dict:
+    """Per probe item: the distilled teacher's repair rate given each feedback kind, and the
+    student's rate of answering right without feedback."""
+    records = [item["record"] for item in probe]
+    params = SamplingParams(
+        setup.repair_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 20_000 + seed
+    )
+
+    def rate(attempts: Attempts) -> list[float]:
+        return attempts.rewards().mean(1).tolist()
+
+    out = {}
+    with module.policy.distilled_teacher():
+        for feedback in FEEDBACKS:
+            prompts = contexts_of(module, setup, probe, feedback)
+            answers = sample_and_verify(
+                module.engine, module.tokenizer, module.task, records, prompts, params, 1
+            )
+            out[f"repair_{feedback}"] = rate(answers)
+    with module.policy.student():
+        out["self_fix"] = rate(
+            answer_records(module.engine, module.tokenizer, module.task, records, params, 1)
+        )
+    return out
+
+
+def held_out_records(setup: Setup) -> list[dict]:
+    """The fixed held-out prompts: the first `val_size` of the test split."""
+    records = setup.arithmetic().records("test")
+    if len(records) < setup.val_size:
+        raise ValueError(
+            f"the test split has {len(records)} prompts, fewer than --val-size {setup.val_size}; "
+            "lower --val-size or make the task larger"
+        )
+    return records[: setup.val_size]
+
+
+def baseline(setup: Setup, accelerator: str) -> dict:
+    """The untrained student's measures, the probe set drawn from its held-out answers, and the
+    untrained teacher's probe measures (step 0 of every arm: LoRA starts as the identity)."""
+    start = time.perf_counter()
+    module = standalone(build_module(setup, "vpd", setup.seeds[0], setup.arithmetic()), accelerator)
+    task, records = module.task, held_out_records(setup)
+    params = SamplingParams(setup.val_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 0)
+    with module.policy.student():
+        attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
+    probe = probe_items(attempts, setup.probe_size)
+    student = student_measures(module, setup, seed=-1)
+    return {
+        "student": student,
+        "probe": probe,
+        "teacher_margin": teacher_margins(module, setup, probe),
+        "teacher": teacher_repair(module, probe, setup, seed=-1),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def probe_items(attempts: Attempts, size: int) -> list[dict]:
+    """Prompts with a finished wrong attempt and a right one: the first of each, in prompt order."""
+    items = []
+    for i, group in enumerate(attempts.groups()):
+        verdicts = attempts.verdicts[group]
+        wrong = [j for j, v in enumerate(verdicts) if v.reward < 1 and not v.info.get("truncated")]
+        right = [j for j, v in enumerate(verdicts) if v.reward >= 1]
+        if wrong and right:
+            w, r = group.start + wrong[0], group.start + right[0]
+            items.append(
+                {
+                    "record": attempts.records[i],
+                    "wrong_text": attempts.texts[w],
+                    "wrong_ids": attempts.completion_ids[w],
+                    "right_ids": attempts.completion_ids[r],
+                    "feedback": attempts.verdicts[w].feedback,
+                }
+            )
+    return items[:size]
+
+
+# ----------------------------------------------------------------------------- calibration
+def standalone(module: VPDModule, accelerator: str) -> VPDModule:
+    """A module used outside a Trainer (baseline, calibration; they sample and score only), on
+    the GPU if asked for or (`auto`) present."""
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return module.to("cuda") if gpu else module
+
+
+def calibrate(model: str, calibration: Calibration, accelerator: str) -> dict:
+    """The untrained model's finished fraction and accuracy per difficulty and cap (training
+    split only), and the choice they imply."""
+    cap = max(calibration.caps)
+    setup = Setup(model=model, task=calibration.candidates[0], max_new_tokens=cap)
+    module = standalone(build_module(setup, "vpd", 0, setup.arithmetic()), accelerator)
+    rows = []
+    for candidate in calibration.candidates:
+        start = time.perf_counter()
+        task = replace(setup, task=candidate).arithmetic()
+        records = task.records("train")[: calibration.prompts]
+        if len(records) < calibration.prompts:
+            raise SystemExit(
+                f"calibration: {candidate} has {len(records)} training prompts, fewer than "
+                f"{calibration.prompts} (its test split takes the first 200 distinct problems); "
+                "use a larger max_operand or num_ops"
+            )
+        params = SamplingParams(calibration.samples, calibration.temperature, 1.0, cap, 0)
+        with module.policy.student():
+            attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
+        lengths = [len(c) for c in attempts.completion_ids]
+        finished = [not v.info.get("truncated") for v in attempts.verdicts]
+        rewards = [v.reward for v in attempts.verdicts]
+        rows.append(
+            {
+                "task": candidate,
+                "per_cap": {
+                    str(c): {
+                        "finished": statistics.fmean(
+                            f and n <= c for f, n in zip(finished, lengths, strict=True)
+                        ),
+                        "accuracy": statistics.fmean(
+                            r * (f and n <= c)
+                            for r, f, n in zip(rewards, finished, lengths, strict=True)
+                        ),
+                    }
+                    for c in calibration.caps
+                },
+                "median_length": statistics.median(lengths),
+                "seconds": time.perf_counter() - start,
+                "example": attempts.texts[0],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rule": asdict(calibration), "candidates": rows, "choice": choose(rows, calibration)}
+
+
+def choose(rows: list[dict], calibration: Calibration) -> dict:
+    """The smallest cap at which every candidate in the band finishes >= the target, and the
+    candidate whose accuracy there is nearest the band's middle; refuses when none qualifies."""
+    low, high = calibration.accuracy_band
+    for cap in sorted(calibration.caps):
+        ok = [
+            row
+            for row in rows
+            if row["per_cap"][str(cap)]["finished"] >= calibration.finish_target
+            and low <= row["per_cap"][str(cap)]["accuracy"] <= high
+        ]
+        if ok:
+            best = min(ok, key=lambda r: abs(r["per_cap"][str(cap)]["accuracy"] - (low + high) / 2))
+            return {"task": best["task"], "max_new_tokens": cap, **best["per_cap"][str(cap)]}
+    raise SystemExit(
+        f"calibration: no candidate difficulty finishes {calibration.finish_target:.0%} of its "
+        f"responses with accuracy in [{low}, {high}] at any cap {calibration.caps}; add "
+        "candidates or larger caps (the rows above say what each gave)"
+    )
+
+
+# ----------------------------------------------------------------------------- statistics
+def bootstrap(
+    a: list[list[float]],
+    b: list[list[float]] | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+) -> list[float]:
+    """95% percentile interval of mean(a), or of the paired mean(a - b): a and b are seeds x
+    items matrices with matched seeds (same prompt order and rollout seeds) and the same items,
+    so seeds and items are resampled once for both. No items (an empty probe set): NaN."""
     rng = random.Random(0)
-    n_prompts = len(a[0])
+    seeds, items = len(a), len(a[0])
+    if items == 0:
+        return [float("nan"), float("nan")]
+    diff = (
+        a
+        if b is None
+        else [[x - y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=False)]
+    )
     values = []
     for _ in range(samples):
-        prompts = [rng.randrange(n_prompts) for _ in range(n_prompts)]
-        value = _resampled_mean(a, [rng.randrange(len(a)) for _ in a], prompts)
-        if b is not None:
-            value -= _resampled_mean(b, [rng.randrange(len(b)) for _ in b], prompts)
-        values.append(value)
+        picked_seeds = [rng.randrange(seeds) for _ in range(seeds)]
+        picked_items = [rng.randrange(items) for _ in range(items)]
+        values.append(statistics.fmean(diff[s][i] for s in picked_seeds for i in picked_items))
     values.sort()
     return [values[int(0.025 * samples)], values[int(0.975 * samples) - 1]]
 
 
-def chosen_runs(runs: list[dict], method: str, lr: float) -> list[dict]:
-    return sorted(
-        (r for r in runs if r["method"] == method and r["lr"] == lr), key=lambda r: r["seed"]
-    )
-
-
-def summarize(runs: list[dict], chosen: dict[str, float], before: list[float]) -> dict:
-    """Per method (at its lr): held-out mean over seeds with its interval; and the differences."""
-    rows, matrices = [], {}
-    for method, lr in chosen.items():
-        picked = chosen_runs(runs, method, lr)
-        if not picked:
-            continue
-        matrices[method] = [r["held_out"] for r in picked]
-        means = [r["held_out_mean"] for r in picked]
-        rows.append(
-            {
-                "method": method,
-                "lr": lr,
-                "seeds": [r["seed"] for r in picked],
-                "steps": picked[0]["steps"],
-                "held_out_size": picked[0]["held_out_size"],
-                "mean": statistics.fmean(means),
-                "ci95": bootstrap(matrices[method]),
-                "seed_means": means,
-                "late_train_reward": statistics.fmean(late_reward(r) for r in picked),
-                "train_seconds": statistics.fmean(r["train_seconds"] for r in picked),
-            }
-        )
-    rows_by_method = {row["method"]: row for row in rows}
-    differences = []
-    for a, b in COMPARISONS:
-        if a in matrices and b in matrices:
-            low, high = bootstrap(matrices[a], matrices[b])
-            diff = rows_by_method[a]["mean"] - rows_by_method[b]["mean"]
-            differences.append(
-                {
-                    "a": a,
-                    "b": b,
-                    "difference": diff,
-                    "ci95": [low, high],
-                    "excludes_0": low > 0 or high < 0,
-                }
-            )
-    return {
-        "before": {"mean": statistics.fmean(before), "ci95": bootstrap([before])},
-        "methods": rows,
-        "differences": differences,
+def measure_matrices(runs: list[dict], last_step: int) -> dict[str, list[list[float]]]:
+    """Per measure, the seeds x items matrix of one arm's runs (in seed order)."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    out = {
+        "student_accuracy": [r["student"]["accuracy"] for r in runs],
+        "student_logp_correct": [r["student"]["logp_correct"] for r in runs],
     }
+    for feedback in FEEDBACKS:
+        out[f"teacher_skill_{feedback}"] = [
+            [
+                t - s
+                for t, s in zip(
+                    r["teacher"][f"repair_{feedback}"], r["teacher"]["self_fix"], strict=True
+                )
+            ]
+            for r in runs
+        ]
+        out[f"teacher_margin_{feedback}"] = [
+            r["teacher_margin_curve"][str(last_step)][feedback] for r in runs
+        ]
+    return out
 
 
-def markdown_table(summary: dict) -> str:
-    """Held-out accuracy per method with its interval, then the differences."""
-    before = summary["before"]
+def baseline_matrices(base: dict) -> dict[str, list[list[float]]]:
+    out = {
+        "student_accuracy": [base["student"]["accuracy"]],
+        "student_logp_correct": [base["student"]["logp_correct"]],
+    }
+    for feedback in FEEDBACKS:
+        t = base["teacher"]
+        out[f"teacher_skill_{feedback}"] = [
+            [a - b for a, b in zip(t[f"repair_{feedback}"], t["self_fix"], strict=True)]
+        ]
+        out[f"teacher_margin_{feedback}"] = [base["teacher_margin"][feedback]]
+    return out
+
+
+def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
+    """Per arm and measure: mean and interval; per comparison: the paired difference."""
+    matrices = {
+        arm: measure_matrices([r for r in runs if r["arm"] == arm], setup.steps)
+        for arm in setup.arms
+        if any(r["arm"] == arm for r in runs)
+    }
+    before = baseline_matrices(base)
+    summary = {"before": {}, "arms": {}, "differences": []}
+    for measure, matrix in before.items():
+        summary["before"][measure] = {"mean": _mean(matrix), "ci95": bootstrap(matrix)}
+    for arm, by_measure in matrices.items():
+        summary["arms"][arm] = {
+            measure: {
+                "mean": _mean(m),
+                "ci95": bootstrap(m),
+                "seed_means": [_mean([row]) for row in m],
+            }
+            for measure, m in by_measure.items()
+        }
+    for a, b in COMPARISONS:
+        if (
+            a in matrices
+            and b in matrices
+            and len(matrices[a]["student_accuracy"]) == len(matrices[b]["student_accuracy"])
+        ):
+            for measure in matrices[a]:
+                ma, mb = matrices[a][measure], matrices[b][measure]
+                low, high = bootstrap(ma, mb)
+                summary["differences"].append(
+                    {
+                        "a": a,
+                        "b": b,
+                        "measure": measure,
+                        "difference": _mean(ma) - _mean(mb),
+                        "ci95": [low, high],
+                        "excludes_0": low > 0 or high < 0,
+                    }
+                )
+    return summary
+
+
+def _mean(matrix: list[list[float]]) -> float:
+    values = [x for row in matrix for x in row]
+    return statistics.fmean(values) if values else float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+def markdown_tables(result: dict) -> str:
+    """Per arm the end-of-run measures with intervals, then the paired differences."""
+    summary, setup = result["summary"], result["plan"]["setup"]
+    shown = (
+        "student_accuracy",
+        "student_logp_correct",
+        "teacher_skill_diagnostic",
+        "teacher_skill_binary",
+        "teacher_margin_diagnostic",
+        "teacher_margin_binary",
+    )
+    heads = (
+        "student accuracy",
+        "student log p(ref)/token",
+        "teacher skill (diag.)",
+        "teacher skill (binary)",
+        "teacher margin (diag.)",
+        "teacher margin (binary)",
+    )
     lines = [
-        "| method | lr | seeds | held-out after [95% CI] | per seed | train reward (2nd half) "
-        "| train time (s) |",
-        "|---|---|---|---|---|---|---|",
-        f"| before training | - | - | {before['mean']:.3f} [{before['ci95'][0]:.3f}, "
-        f"{before['ci95'][1]:.3f}] | - | - | - |",
+        "| arm | seeds | " + " | ".join(heads) + " |",
+        "|---|---|" + "---|" * len(shown),
     ]
-    for row in summary["methods"]:
-        low, high = row["ci95"]
-        per_seed = ", ".join(f"{m:.3f}" for m in row["seed_means"])
-        lines.append(
-            f"| {row['method']} | {row['lr']:g} | {len(row['seeds'])} | {row['mean']:.3f} "
-            f"[{low:.3f}, {high:.3f}] | {per_seed} | {row['late_train_reward']:.3f} "
-            f"| {row['train_seconds']:.0f} |"
-        )
+
+    def cell(stat: dict) -> str:
+        return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
+
+    lines.append(
+        "| before training | - | " + " | ".join(cell(summary["before"][m]) for m in shown) + " |"
+    )
+    for arm, stats in summary["arms"].items():
+        seeds = len(stats["student_accuracy"]["seed_means"])
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cell(stats[m]) for m in shown) + " |")
     lines += [
         "",
-        "| difference | held-out accuracy [95% CI] | interval excludes 0 |",
-        "|---|---|---|",
+        f"Paired differences after {setup['steps']} steps (95% bootstrap intervals; **bold**: "
+        "the interval excludes 0):",
+        "",
+        "| difference | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(shown),
     ]
+    by_pair: dict[tuple[str, str], dict[str, dict]] = {}
     for d in summary["differences"]:
-        low, high = d["ci95"]
-        verdict = "yes" if d["excludes_0"] else "no"
-        lines.append(
-            f"| {d['a']} − {d['b']} | {d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |"
-        )
+        by_pair.setdefault((d["a"], d["b"]), {})[d["measure"]] = d
+    for (a, b), measures in by_pair.items():
+        cells = []
+        for m in shown:
+            d = measures[m]
+            text = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            cells.append(f"**{text}**" if d["excludes_0"] else text)
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def mean_curve(runs: list[dict], key: str) -> tuple[list, list, list, list, list]:
-    """Steps, mean training seconds, and mean/min/max of `key` over runs, at the steps all have."""
-    steps = sorted(
-        set.intersection(*({r["step"] for r in run["train_curve"] if key in r} for run in runs))
-    )
-    rows = [[next(r for r in run["train_curve"] if r["step"] == s) for run in runs] for s in steps]
-    seconds = [statistics.fmean(r["train_seconds"] for r in at) for at in rows]
-    values = [[r[key] for r in at] for at in rows]
-    means = [statistics.fmean(v) for v in values]
-    return steps, seconds, means, [min(v) for v in values], [max(v) for v in values]
-
-
-def plot(result: dict, path: Path, title: str) -> None:
-    """Training reward against steps and wall-clock (mean over seeds, min-max band) and held-out
-    accuracy with its bootstrap interval."""
+def plot(result: dict, path: Path) -> None:
+    """Training reward per step, teacher margin per probe step (mean over seeds and items, both
+    feedback kinds), and end-of-run student accuracy with intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = ("tab:blue", "tab:orange", "tab:green", "tab:olive", "tab:purple")
-    colors = dict(zip(METHODS, palette, strict=True))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    chosen = result["lr_sweep"]["chosen"]
-    for method, lr in chosen.items():
-        picked = chosen_runs(result["runs"], method, lr)
-        if not picked:
-            continue
-        steps, seconds, mean, low, high = mean_curve(picked, "train/reward_mean")
-        for ax, x in zip(axes[:2], (steps, seconds), strict=True):
-            ax.plot(x, mean, color=colors[method], label=f"{method} (n={len(picked)})")
-            if len(picked) > 1:
-                ax.fill_between(x, low, high, color=colors[method], alpha=0.12)
-    rows = result["summary"]["methods"]
-    names = ["before", *(row["method"] for row in rows)]
-    stats = [result["summary"]["before"], *rows]
+    colors = dict(
+        zip(ARMS, ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:purple"), strict=True)
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    summary = result["summary"]
+    for arm in summary["arms"]:
+        runs = [r for r in result["runs"] if r["arm"] == arm]
+        steps = sorted({row["step"] for r in runs for row in r["train_curve"]})
+        reward = [
+            statistics.fmean(
+                row["train/reward_mean"]
+                for r in runs
+                for row in r["train_curve"]
+                if row["step"] == s and "train/reward_mean" in row
+            )
+            for s in steps
+        ]
+        axes[0].plot(steps, reward, color=colors[arm], label=f"{arm} (n={len(runs)})")
+        for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
+            probe_steps = sorted(int(s) for s in runs[0]["teacher_margin_curve"])
+            margin = [
+                _mean([r["teacher_margin_curve"][str(s)][feedback] for r in runs])
+                for s in probe_steps
+            ]
+            ax.plot(probe_steps, margin, marker="o", color=colors[arm], label=arm)
+    names = ["before", *summary["arms"]]
+    stats = [summary["before"]["student_accuracy"]]
+    stats += [summary["arms"][a]["student_accuracy"] for a in summary["arms"]]
     means = [s["mean"] for s in stats]
     errors = [
         [m - s["ci95"][0] for m, s in zip(means, stats, strict=True)],
         [s["ci95"][1] - m for m, s in zip(means, stats, strict=True)],
     ]
-    axes[2].bar(
-        names, means, yerr=errors, capsize=4, color=["gray", *(colors[n] for n in names[1:])]
+    axes[3].bar(
+        names, means, yerr=errors, capsize=4, color=["lightgray", *(colors[n] for n in names[1:])]
     )
-    axes[0].set_xlabel("training step")
-    axes[1].set_xlabel("training wall-clock (s)")
-    for ax in axes[:2]:
-        ax.set_ylabel("train reward (mean over rollouts)")
+    axes[0].set(xlabel="training step", ylabel="train reward (mean over rollouts)")
+    for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
+        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong), nats ({feedback} C)")
+        ax.set_title(f"teacher margin, {feedback} feedback")
+    axes[3].set_ylabel("held-out accuracy (95% CI)")
+    axes[3].tick_params(axis="x", labelrotation=20)
     axes[0].legend(fontsize=8)
-    axes[2].set_ylabel(f"held-out greedy accuracy, {stats[-1]['held_out_size']} prompts (95% CI)")
-    axes[2].tick_params(axis="x", labelrotation=20)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def plot_title(setup: Setup) -> str:
-    model = setup.model.removeprefix("builtin:")
-    return (
-        f"{model} + LoRA r={setup.lora_r}: arithmetic, {setup.task['num_ops']} operations, "
-        f"{setup.task['feedback']} feedback; {setup.steps} steps"
+    setup = result["plan"]["setup"]
+    fig.suptitle(
+        f"{setup['model'].removeprefix('builtin:')} + LoRA r={setup['lora_r']}: arithmetic "
+        f"{setup['task']}, {setup['steps']} steps, seeds {setup['seeds']}"
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
+# ----------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--lrs", nargs="+", type=float, default=[5e-5, 1.5e-4])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--variant-seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--val-size", type=int, default=128)
-    parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--output", type=Path, default=RESULTS / "compare-cpu.json")
-    parser.add_argument("--replot", type=Path, help="only redraw the PNG of this JSON")
+    parser.add_argument("--calibrate", action="store_true", help="phase 1 only (unless --run)")
+    parser.add_argument("--run", action="store_true", help="with --calibrate: go on to the runs")
+    parser.add_argument("--resume", action="store_true", help="keep the JSON's finished runs")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --output")
     parser.add_argument(
-        "--probe-only", type=Path, help="only add the feedback probe to this JSON (same setup)"
+        "--summarize-only",
+        action="store_true",
+        help="summarize the runs in --output over the seeds every arm finished (a cut-short run)",
     )
+    parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--val-size", type=int)
+    parser.add_argument("--probe-size", type=int)
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--arms", nargs="+", choices=ARMS)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--estep-every", type=int)
+    parser.add_argument("--calibration-prompts", type=int)
+    parser.add_argument("--accuracy-band", nargs=2, type=float, metavar=("LOW", "HIGH"))
+    parser.add_argument("--finish-target", type=float)
     return parser.parse_args()
+
+
+def write(path: Path, result: dict) -> None:
+    """Atomically: a crash mid-write keeps the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def main() -> None:
     args = parse_args()
+    result = json.loads(args.output.read_text()) if args.output.exists() else {}
     if args.replot:
-        result = json.loads(args.replot.read_text())
-        plot(result, args.replot.with_suffix(".png"), plot_title(Setup(**result["setup"])))
+        plot(result, args.output.with_suffix(".png"))
         return
-    if args.probe_only:
-        result = json.loads(args.probe_only.read_text())
-        setup = Setup(**result["setup"])
-        module = build_module(setup, "vpd", 1e-4, 0)
-        result["feedback_probe"] = feedback_probe(module, *held_out_answers(module, setup), setup)
-        args.probe_only.write_text(json.dumps(result, indent=1) + "\n")
-        print(result["feedback_probe"])
+    if args.calibrate:
+        calibration = Calibration()
+        if args.calibration_prompts:
+            calibration.prompts = args.calibration_prompts
+        if args.accuracy_band:
+            calibration.accuracy_band = tuple(args.accuracy_band)
+        if args.finish_target is not None:
+            calibration.finish_target = args.finish_target
+        result = {"calibration": calibrate(args.model, calibration, args.device)}
+        write(args.output, result)
+        print("calibration choice:", result["calibration"]["choice"])
+        if not args.run:
+            return
+    if args.summarize_only:
+        finish(result, args.output, stopped_early=True)
         return
-    setup = Setup(model=args.model, steps=args.steps, val_size=args.val_size)
-    started = time.perf_counter()
-    # The untrained model (LoRA's B = 0) on the held-out prompts; also pays the one-off costs of
-    # a process's first generate call before any timed run.
-    untrained = build_module(setup, "vpd", 1e-4, args.seeds[0])
-    texts, verdicts = held_out_answers(untrained, setup)
-    before = [v.reward for v in verdicts]
-    probe = feedback_probe(untrained, texts, verdicts, setup)
-    print(f"before training: held-out {statistics.fmean(before):.3f}; {probe}", flush=True)
-    runs: list[dict] = []
-
-    def run(method: str, lr: float, seed: int) -> None:
-        result = run_one(setup, method, lr, seed, args.device)
-        runs.append(result)
-        print(
-            f"[{time.perf_counter() - started:6.0f}s] {method} lr={lr:g} seed={seed}: held-out "
-            f"{result['held_out_mean']:.3f}, late train reward {late_reward(result):.3f}, "
-            f"train {result['train_seconds']:.0f}s",
-            flush=True,
-        )
-
-    for lr in args.lrs:
-        for method in (m for m in args.methods if m in SWEPT):
-            run(method, lr, args.seeds[0])
-    chosen = select_lrs(runs, args.methods)
-    print("chosen lrs:", chosen, flush=True)
-    for method in args.methods:
-        for seed in args.variant_seeds if method in VARIANT_OF else args.seeds:
-            if not any(
-                r["method"] == method and r["lr"] == chosen[method] and r["seed"] == seed
-                for r in runs
-            ):
-                run(method, chosen[method], seed)
-
-    summary = summarize(runs, chosen, before)
-    result = {
-        "setup": asdict(setup),
-        "methods": args.methods,
-        "rollout_budget": setup.steps * setup.prompts_per_step * setup.num_generations,
-        "lr_sweep": {
-            "lrs": args.lrs,
-            "seed": args.seeds[0],
-            "criterion": "mean train reward over the second half of the steps (no held-out data)",
-            "chosen": chosen,
-        },
-        "seeds": args.seeds,
-        "variant_seeds": args.variant_seeds,
-        "device": args.device,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "before": before,
-        "feedback_probe": probe,
-        "summary": summary,
-        "runs": runs,
-        "total_seconds": time.perf_counter() - started,
-        "notes": NOTES,
+    if "calibration" not in result:
+        raise SystemExit(f"{args.output} has no calibration: run with --calibrate first")
+    choice = result["calibration"]["choice"]
+    overrides = {
+        k: v
+        for k, v in dict(
+            steps=args.steps,
+            val_size=args.val_size,
+            probe_size=args.probe_size,
+            seeds=args.seeds,
+            arms=args.arms,
+            lr=args.lr,
+            estep_every=args.estep_every,
+        ).items()
+        if v is not None
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.output.with_suffix(".png"), plot_title(setup))
-    print(markdown_table(summary))
-    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+    setup = Setup(
+        model=args.model, task=choice["task"], max_new_tokens=choice["max_new_tokens"], **overrides
+    )
+    plan = plan_of(setup, result)
+    kept = result.get("runs", []) if args.resume and result.get("plan") == plan else []
+    result = {
+        "calibration": result["calibration"],
+        "plan": plan,
+        "baseline": result.get("baseline") if kept else None,
+        "runs": kept,
+    }
+    write(args.output, result)  # the plan is on disk before any run
+    started = time.perf_counter()
+    if result["baseline"] is None:
+        result["baseline"] = baseline(setup, args.device)
+        write(args.output, result)
+        print(f"baseline: {summary_line(result['baseline'])}", flush=True)
+    for seed in setup.seeds:
+        for arm in setup.arms:
+            if any(r["arm"] == arm and r["seed"] == seed for r in result["runs"]):
+                continue
+            run = run_arm(setup, arm, seed, result["baseline"], args.device)
+            result["runs"].append(run)
+            write(args.output, result)
+            print(
+                f"[{time.perf_counter() - started:6.0f}s] {arm} seed={seed}: "
+                f"{summary_line(run)}, train {run['train_seconds']:.0f}s, "
+                f"probes {run['probe_seconds']:.0f}s, eval {run['eval_seconds']:.0f}s",
+                flush=True,
+            )
+    result["seconds"] = time.perf_counter() - started
+    finish(result, args.output, stopped_early=False)
+
+
+def finish(result: dict, output: Path, stopped_early: bool) -> None:
+    """Summary over the seeds every arm finished (paired differences need matched seeds), the
+    plot and the tables. `stopped_early`: the runs were cut short; the plan stays as written."""
+    setup = Setup(**result["plan"]["setup"])
+    done = {
+        seed
+        for seed in setup.seeds
+        if all(any(r["arm"] == a and r["seed"] == seed for r in result["runs"]) for a in setup.arms)
+    }
+    summarized = [r for r in result["runs"] if r["seed"] in done]
+    result["summary"] = summarize(setup, result["baseline"], summarized)
+    result["summary"]["seeds"] = sorted(done)
+    result["summary"]["stopped_early"] = stopped_early
+    result["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result.setdefault("seconds", sum(r["total_seconds"] for r in result["runs"]))
+    write(output, result)
+    plot(result, output.with_suffix(".png"))
+    print(markdown_tables(result))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
+def summary_line(measured: dict) -> str:
+    """Accuracy and diagnostic teacher margin of a baseline or a run, for the progress lines."""
+    accuracy = statistics.fmean(measured["student"]["accuracy"])
+    curve = measured.get("teacher_margin_curve")
+    margins = curve[max(curve, key=int)] if curve else measured["teacher_margin"]
+    margin = _mean([margins["diagnostic"]])
+    return f"student accuracy {accuracy:.3f}, teacher margin (diagnostic) {margin:+.2f}"
+
+
+def plan_of(setup: Setup, result: dict) -> dict:
+    """The plan as written before any run: setup, measures, endpoint, comparisons, sizing."""
+    return {
+        "setup": asdict(setup),
+        "primary_endpoint": setup.primary_endpoint,
+        "measures": MEASURES,
+        "comparisons": [f"{a} - {b}" for a, b in COMPARISONS],
+        "bootstrap": f"{BOOTSTRAP_SAMPLES} percentile resamples of seeds and items; a paired "
+        "difference resamples the same seeds and items for both arms",
+        "rollout_budget_per_run": setup.steps * setup.prompts_per_step * setup.num_generations,
+        "sizing": sizing(setup, result["calibration"]),
+    }
+
+
+def sizing(setup: Setup, calibration: dict) -> dict:
+    """Expected minutes, from measured times: per-step phases of `train_step.py --compare`
+    (its JSON: 48-token cap, 16 rollouts) scaled by the chosen task's median response length
+    over that run's mean and by the rollouts per step, and the calibration's seconds per sampled response for the evaluations."""
+    path = RESULTS / "train-step-vs-trl-cpu.json"
+    if not path.exists():
+        return {"note": f"no {path.name}: run benchmarks/train_step.py --compare to size the run"}
+    phases = {row["name"]: row for row in json.loads(path.read_text())["results"]}
+    chosen = next(
+        r for r in calibration["candidates"] if r["task"] == calibration["choice"]["task"]
+    )
+    vpd = phases["vpd (cached)"]
+    measured_rollouts = 16  # train_step.py --compare: 4 prompts x 4 rollouts
+    rollouts = setup.prompts_per_step * setup.num_generations
+    scale = chosen["median_length"] / (vpd["completion_tokens"] / measured_rollouts)
+    scale *= rollouts / measured_rollouts
+    per_step = {
+        "grpo": phases["grpo (cached)"]["rollout_s"] + phases["grpo (cached)"]["mstep_s"],
+        "sdpo": phases["sdpo (cached)"]["rollout_s"] + phases["sdpo (cached)"]["mstep_s"],
+        "vpd-no-estep": vpd["rollout_s"] + vpd["mstep_s"],
+        "vpd": vpd["rollout_s"] + vpd["mstep_s"] + vpd["estep_s"],
+        "vpd-fixed-prior": vpd["rollout_s"] + vpd["mstep_s"] + vpd["estep_s"],
+    }
+    rule = calibration["rule"]
+    per_response = chosen["seconds"] / (rule["prompts"] * rule["samples"])
+    responses = setup.val_size * setup.val_samples + 3 * setup.probe_size * setup.repair_samples
+    eval_s = per_response * responses
+    train_s = sum(per_step[a] * scale * setup.steps for a in setup.arms) * len(setup.seeds)
+    minutes = (train_s + eval_s * (len(setup.arms) * len(setup.seeds) + 1)) / 60
+    return {
+        "step_seconds_at_48_tokens": per_step,
+        "length_scale": scale,
+        "eval_seconds_per_run": eval_s,
+        "expected_minutes": minutes,
+    }
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import json
 from pathlib import Path
 
 from bench_kernels import precision_markdown
-from compare_methods import late_reward
-from compare_methods import markdown_table as compare_table
+from compare_methods import markdown_tables as compare_table
 from train_step import markdown_table as train_step_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,78 +27,130 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def sweep_table(compare: dict) -> str:
-    """Late training reward (the selection criterion) and held-out accuracy of every sweep run."""
-    sweep = compare["lr_sweep"]
-    lrs, seed = sweep["lrs"], sweep["seed"]
-    lines = [
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
+MEASURE_NAMES = {
+    "student_accuracy": "student accuracy",
+    "student_logp_correct": "student log p(reference) per token",
+    "teacher_skill_diagnostic": "teacher skill with diagnostic feedback",
+    "teacher_skill_binary": "teacher skill with binary feedback",
+    "teacher_margin_diagnostic": "teacher margin with diagnostic feedback",
+    "teacher_margin_binary": "teacher margin with binary feedback",
+}
+
+
+def reading(compare: dict) -> list[str]:
+    """One sentence per paired difference: what its interval supports (generated, so it always
+    says what the committed numbers say)."""
+    lines = []
+    for d in compare["summary"]["differences"]:
+        low, high = d["ci95"]
+        if low > 0:
+            verdict = f"{d['a']} is higher"
+        elif high < 0:
+            verdict = f"{d['a']} is lower"
+        else:
+            verdict = "no difference is shown (the interval includes 0)"
+        lines.append(
+            f"- {d['a']} − {d['b']}, {MEASURE_NAMES[d['measure']]}: {d['difference']:+.3f} "
+            f"[{low:+.3f}, {high:+.3f}]: {verdict}."
+        )
+    return lines
+
+
+def calibration_lines(calibration: dict) -> list[str]:
+    rule, choice = calibration["rule"], calibration["choice"]
+    rows = [
+        "| difficulty | " + " | ".join(f"{c} tokens" for c in rule["caps"]) + " |",
+        "|---|" + "---|" * len(rule["caps"]),
     ]
-    for method, chosen in sweep["chosen"].items():
-        cells = []
-        for lr in lrs:
-            run = next(
-                (
-                    r
-                    for r in compare["runs"]
-                    if r["method"] == method and r["lr"] == lr and r["seed"] == seed
-                ),
-                None,
-            )
-            if run is None:
-                cells.append("-")
-                continue
-            mark = " **chosen**" if lr == chosen else ""
-            cells.append(f"{late_reward(run):.3f} / {run['held_out_mean']:.3f}{mark}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def probe_lines(probe: dict | None) -> list[str]:
-    """What the untrained model makes of the feedback (compare_methods.feedback_probe)."""
-    if probe is None:
-        return []
+    for row in calibration["candidates"]:
+        cells = [
+            f"{row['per_cap'][str(c)]['finished']:.2f} / {row['per_cap'][str(c)]['accuracy']:.2f}"
+            for c in rule["caps"]
+        ]
+        rows.append(f"| {row['task']} | " + " | ".join(cells) + " |")
     return [
-        f"Feedback probe, before training: of the {probe['student_wrong']} held-out prompts "
-        f"(of {probe['held_out_size']}) that the student answers wrongly, the same model shown "
-        f"the verifier's feedback on its attempt answers {probe['repaired']} right; "
-        f"{probe['repeats_wrong_answer']} of its answers repeat the wrong answer that the "
-        "feedback quotes.",
+        f"The task, fixed from the untrained model on {rule['prompts']} training prompts x "
+        f"{rule['samples']} samples at T={rule['temperature']} before any method ran (finished "
+        "fraction / accuracy, a cut-off response scoring 0): the smallest cap at which at least "
+        f"{rule['finish_target']:.0%} finish, and the difficulty whose accuracy there is in "
+        f"[{rule['accuracy_band'][0]}, {rule['accuracy_band'][1]}], nearest the middle. Chosen: "
+        f"{choice['task']}, max_new_tokens {choice['max_new_tokens']} ({choice['finished']:.0%} "
+        f"finish, accuracy {choice['accuracy']:.2f}).",
+        "",
+        *rows,
+    ]
+
+
+def stopped_lines(compare: dict) -> list[str]:
+    summary, planned = compare["summary"], compare["plan"]["setup"]["seeds"]
+    if not summary.get("stopped_early"):
+        return []
+    runs = len(compare["runs"])
+    return [
+        f"**Cut short:** the plan's seeds were {planned}; the runs stopped after {runs} of "
+        f"{len(planned) * len(compare['plan']['setup']['arms'])}, so the summary covers seeds "
+        f"{summary['seeds']}, the ones every arm finished (paired differences need matched "
+        "seeds). Read the intervals as those of a smaller study than planned.",
         "",
     ]
 
 
 def compare_section(compare: dict, device: str) -> list[str]:
-    s = compare["setup"]
-    minutes = compare["total_seconds"] / 60
-    task = s["task"]
-    out = [
-        f"#### GRPO vs SDPO vs VPD ({device})",
+    plan = compare["plan"]
+    s = plan["setup"]
+    minutes = compare["seconds"] / 60
+    base = compare["baseline"]
+    return [
+        f"#### Does training the teacher help? grpo, sdpo, vpd-no-estep, vpd ({device})",
         "",
         f"`benchmarks/compare_methods.py`: {s['model']} with LoRA r={s['lora_r']}, arithmetic "
-        f"({task['num_ops']} operations of {task['operations']}, operands <= "
-        f"{task['max_operand']}, {task['feedback']} feedback), {s['steps']} steps of "
-        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts "
-        f"({compare['rollout_budget']} rollouts per run, every method), VPD E-step every "
-        f"{s['estep_every']} steps; held-out: greedy accuracy on {s['val_size']} fixed test "
-        f"prompts; seeds {', '.join(map(str, compare['seeds']))} (variants: "
-        f"{', '.join(map(str, compare['variant_seeds']))}); {minutes:.0f} min on "
-        f"{compare['cpu_count']} CPU cores.",
+        f"{s['task']} with diagnostic feedback, {s['steps']} steps of {s['prompts_per_step']} "
+        f"prompts x {s['num_generations']} rollouts, lr {s['lr']:g} for every arm, vpd's E-step "
+        f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
+        f"gives every arm the same prompt order and rollout seeds); {minutes:.0f} min on "
+        f"{compare['machine']['cpu_count']} CPU cores.",
         "",
-        compare_table(compare["summary"]),
+        *stopped_lines(compare),
+        *calibration_lines(compare["calibration"]),
         "",
-        *probe_lines(compare.get("feedback_probe")),
-        f"![learning curves](benchmarks/results/compare-{device}.png)",
+        f"Primary endpoint, fixed before the runs: {plan['primary_endpoint']}. Student measures "
+        f"on {s['val_size']} held-out prompts; teacher measures on the {len(base['probe'])} "
+        "probe items (held-out prompts where the untrained student had a wrong and a right "
+        "attempt; C is the verifier's feedback on the wrong one). Teacher skill: the repair rate "
+        "of the teacher the method distils from minus the student's rate without feedback; "
+        "teacher margin: log q(right attempt | x, C) - log q(wrong attempt | x, C), nats.",
         "",
-        f"Learning-rate sweep (seed {compare['lr_sweep']['seed']}): late train reward / held-out "
-        "after; the choice uses the train reward only.",
+        compare_table(compare),
         "",
-        sweep_table(compare),
+        f"![learning and teacher-skill curves](benchmarks/results/compare-{device}.png)",
         "",
+        "What the intervals support:",
+        "",
+        *reading(compare),
     ]
-    out += [f"- {note}" for note in compare["notes"]]
-    return out
+
+
+def trl_section(trl: dict) -> list[str]:
+    s = trl["setup"]
+    lines = [
+        "#### One training step against TRL's trainers (CPU)",
+        "",
+        f"`benchmarks/train_step.py --compare`: {s['model']}, LoRA {s['lora']}, "
+        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, "
+        f"{s['max_new_tokens']} new tokens, {s['dtype']}; median of {s['timed_steps']} steps "
+        f"after {s['warmup_steps']} warm-up; load average at the end "
+        f"{s['load_average_at_end'][0]:.1f}. vpd's update counts its M-step plus one third of an "
+        "E-step (make demo's interval).",
+        "",
+        "| step | rollout (s) | update (s) | step (s) |",
+        "|---|---|---|---|",
+    ]
+    for row in trl["results"]:
+        lines.append(
+            f"| {row['name']} | {row['rollout_s']:.1f} | {row['update_s']:.1f} "
+            f"| {row['step_s']:.1f} |"
+        )
+    return lines
 
 
 def train_step_section(train_step: dict) -> list[str]:
@@ -151,6 +202,9 @@ def render() -> str:
         compare = load(f"compare-{device}.json")
         if compare is not None:
             sections.append(compare_section(compare, device))
+    trl = load("train-step-vs-trl-cpu.json")
+    if trl is not None:
+        sections.append(trl_section(trl))
     train_step = load("train-step-cpu.json")
     if train_step is not None:
         sections.append(train_step_section(train_step))

@@ -267,7 +267,7 @@ def measure(
 
 
 # ---------------------------------------------------------------------------- issue 22: vs TRL
-PROMPTS, GENERATIONS, MAX_NEW_TOKENS, TEMPERATURE = 4, 4, 48, 0.8
+PROMPTS, GENERATIONS, TEMPERATURE = 4, 4, 0.8
 
 
 def arithmetic_task() -> ArithmeticTask:
@@ -364,7 +364,9 @@ class ComparedStepModule(VPDModule):
         self.measurements.append(row)
 
 
-def measure_project(method: str, engine: str, model: str, steps: int, warmup: int) -> dict:
+def measure_project(
+    method: str, engine: str, model: str, steps: int, warmup: int, max_new_tokens: int
+) -> dict:
     pl.seed_everything(0, verbose=False)
     task = arithmetic_task()
     module = ComparedStepModule(
@@ -376,7 +378,7 @@ def measure_project(method: str, engine: str, model: str, steps: int, warmup: in
         rollout=RolloutOptions(
             num_generations=GENERATIONS,
             temperature=TEMPERATURE,
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens,
             engine=engine,
         ),
         estep=EStepOptions(every=1),
@@ -396,7 +398,9 @@ def measure_project(method: str, engine: str, model: str, steps: int, warmup: in
 
 
 # ---------------------------------------------------------------------------- TRL's trainers
-def measure_trl(trainer_name: str, model: str, steps: int, warmup: int) -> dict:
+def measure_trl(
+    trainer_name: str, model: str, steps: int, warmup: int, max_new_tokens: int
+) -> dict:
     """One TRL `GRPOTrainer` or `SDPOTrainer` run at the project's settings (same model, prompts,
     G, completion length, LoRA, float32); rollout time is TRL's own `_generate`, timed by a wrap."""
     from datasets import Dataset
@@ -427,7 +431,7 @@ def measure_trl(trainer_name: str, model: str, steps: int, warmup: int) -> dict:
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=PROMPTS * GENERATIONS,
         num_generations=GENERATIONS,
-        max_completion_length=MAX_NEW_TOKENS,
+        max_completion_length=max_new_tokens,
         temperature=TEMPERATURE,
         learning_rate=5e-5,
         max_steps=warmup + steps,
@@ -499,11 +503,11 @@ COMPARED = (
 )
 
 
-def compare_worker(name: str, model: str, steps: int, warmup: int) -> dict:
+def compare_worker(name: str, model: str, steps: int, warmup: int, max_new_tokens: int) -> dict:
     if name.startswith("trl-"):
-        return measure_trl(name, model, steps, warmup)
+        return measure_trl(name, model, steps, warmup, max_new_tokens)
     method, engine = name.split(":")
-    return measure_project(method, engine, model, steps, warmup)
+    return measure_project(method, engine, model, steps, warmup, max_new_tokens)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -513,7 +517,7 @@ def compare(args: argparse.Namespace) -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--compare-worker", name, "--output", out.name]
             command += ["--models", args.models[-1], "--steps", str(args.steps)]
-            command += ["--warmup", str(args.warmup)]
+            command += ["--warmup", str(args.warmup), "--max-new-tokens", str(args.max_new_tokens)]
             subprocess.run(command, check=True)
             results.append(json.loads(Path(out.name).read_text()))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "steps"}), flush=True)
@@ -524,7 +528,7 @@ def compare(args: argparse.Namespace) -> None:
             "lora": "r=16, alpha=32, all-linear",
             "prompts_per_step": PROMPTS,
             "num_generations": GENERATIONS,
-            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_new_tokens": args.max_new_tokens,
             "temperature": TEMPERATURE,
             "dtype": "float32",
             "timed_steps": args.steps,
@@ -624,13 +628,18 @@ def parse_args() -> argparse.Namespace:
         "benchmarks/results/train-step-vs-trl-cpu.json)",
     )
     parser.add_argument("--compare-worker", choices=COMPARED, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, help="--compare: the completion cap"
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if args.compare_worker:
-        result = compare_worker(args.compare_worker, args.models[0], args.steps, args.warmup)
+        result = compare_worker(
+            args.compare_worker, args.models[0], args.steps, args.warmup, args.max_new_tokens
+        )
         args.output.write_text(json.dumps(result))
         return
     if args.compare:
