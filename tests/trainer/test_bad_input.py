@@ -73,7 +73,7 @@ def test_bad_option_values_name_key_value_and_rule(key, value, capsys, no_model_
 @pytest.mark.parametrize(
     ("key", "value", "choices"),
     [
-        ("--data.task.init_args.feedback", "hint", "outcome, diagnostic, solution"),
+        ("--data.task.init_args.feedback", "hint", "binary, outcome, diagnostic, solution"),
         ("--model.method", "dpo", "vpd, sdpo, opsd, grpo"),
         ("--model.distill.divergence", "kl", "reverse_kl, forward_kl, jsd"),
     ],
