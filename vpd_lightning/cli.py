@@ -38,6 +38,7 @@ from vpd_lightning.rollout.prompts import render_prompt
 from vpd_lightning.trainer.checkpoint import check_checkpoint, check_learning_rates
 from vpd_lightning.trainer.checkpoint_io import AtomicCheckpointIO
 from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.distributed import end_process_group
 from vpd_lightning.trainer.module import VPDModule
 from vpd_lightning.trainer.plot import plot_run
 from vpd_lightning.trainer.preemption import Preempted, PreemptionCheckpoint
@@ -365,13 +366,15 @@ def main(args: list[str] | None = None) -> VPDCLI | None:
             export_main(arguments[1:])
             return None
         check_config_files(arguments)
-        return VPDCLI(
+        cli = VPDCLI(
             VPDModule,
             VPDDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             args=args,
         )
+        end_process_group()
+        return cli
     except Preempted as stop:
         print(f"vpd_lightning: {stop}", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_status) from None

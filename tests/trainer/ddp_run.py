@@ -33,7 +33,7 @@ from tests.trainer.helpers import lora, tiny_data, tiny_module, tiny_trainer
 from vpd_lightning.options import DistillOptions, EStepOptions, SdpoOptions
 from vpd_lightning.rollout import render_prompt
 from vpd_lightning.rollout.engine import SamplingParams
-from vpd_lightning.trainer.distributed import gather_objects
+from vpd_lightning.trainer.distributed import end_process_group, gather_objects
 
 PROMPTS_PER_PROCESS = 2
 STEPS = 2
@@ -185,6 +185,7 @@ def main(out: Path, strategy: str, cases: list[str]) -> None:
         run_case(out, case, strategy, devices=2)
     if strategy == "fsdp2":
         resume_case(out, "vpd-shared", strategy, devices=2)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -43,3 +43,13 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def end_process_group() -> None:
+    """Destroys the default process group, once training has finished on every process. Without
+    it gloo's worker threads outlive the interpreter and the process dies at exit with SIGABRT
+    ("terminate called without an active exception") after a run that succeeded. Only for a run
+    that ended normally: after an error the other processes may be inside a collective, and
+    destroying the group then can hang."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
