@@ -71,7 +71,9 @@ class Head:
     def logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(z, dz/dlogits / scale) for rows of `hidden`, float32: the slope is None without a cap
         (the scale alone is applied to the gradient), else 1 - tanh^2, an extra float32 chunk."""
-        z = torch.empty(hidden.shape[0], self.weight.shape[0], device=hidden.device)
+        z = torch.empty(
+            hidden.shape[0], self.weight.shape[0], device=hidden.device, dtype=torch.float32
+        )
         for cols in _vocab_tiles(hidden, self.weight):
             z[:, cols] = mm32(hidden, self.weight[cols].T)
         if self.bias is not None:
@@ -154,11 +156,11 @@ def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> R
 
 def _new_grads(sh, sw, sb, need) -> tuple[torch.Tensor | None, ...]:
     """Float32 buffers for grad_hidden (N, H), grad_weight and grad_bias (summed over chunks)."""
-    device = sh.device
+    f32 = dict(device=sh.device, dtype=torch.float32)  # never the default dtype (bf16-true sets it)
     return (
-        torch.zeros(n_rows(sh), sh.shape[-1], device=device) if need[0] else None,
-        torch.zeros(sw.shape, device=device) if need[1] else None,
-        torch.zeros(sb.shape, device=device) if sb is not None and need[2] else None,
+        torch.zeros(n_rows(sh), sh.shape[-1], **f32) if need[0] else None,
+        torch.zeros(sw.shape, **f32) if need[1] else None,
+        torch.zeros(sb.shape, **f32) if sb is not None and need[2] else None,
     )
 
 

@@ -323,7 +323,11 @@ def topk_rows_triton(
         return outputs
     n_k = ids.shape[1]
     block_rows, block_v, num_warps = pick_tiles(student.shape[-1], tile, TILE_ELEMENTS)
-    grad_k = torch.empty(ids.shape, device=student.device) if grad is not None else None
+    grad_k = (
+        torch.empty(ids.shape, device=student.device, dtype=torch.float32)
+        if grad is not None
+        else None
+    )
     teacher_arg = teacher if teacher is not None else student  # absent inputs are never read
     ref_arg = ref if ref is not None else student
     grad_arg = grad if grad is not None else student

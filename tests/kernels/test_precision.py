@@ -109,3 +109,35 @@ def test_token_logprobs_and_log_ratios(backend, dtype):
         for ours, want in ((sh.grad, h64.grad), (sw.grad, w64.grad)):
             err, floor, cos = floor_and_cos(ours, want)
             assert err <= 1.5 * floor + 1e-4 and cos >= 0.9999, (eps, err, floor, cos)
+
+
+def distill_and_grads(backend, route, default_dtype):
+    """Loss and gradients of bf16 inputs, computed while torch's default dtype is `default_dtype`."""
+    topk, topk_from, ref_coef = route
+    h, w, th, rh = near_identical(torch.bfloat16, 1e-3)
+    sh, sw = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    tokens = torch.arange(N) % V
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        loss = vk.fused_linear_distill_loss(
+            sh, sw, th, ref_hidden=rh if ref_coef else None, ref_coef=ref_coef, beta=0.4,
+            teacher_topk=topk, topk_from=topk_from, backend=backend, chunk_size=5, block_v=64,
+        )  # fmt: skip
+        logp = vk.fused_linear_token_logprobs(sh, sw, tokens, backend=backend, chunk_size=5)
+        (loss + logp.float().sum()).backward()
+    finally:
+        torch.set_default_dtype(previous)
+    return loss.detach(), logp.detach(), sh.grad, sw.grad
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=["full", "full+ref", "topk+ref", "student-topk"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bfloat16_default_dtype_changes_nothing(backend, route):
+    """Lightning's `precision: bf16-true` makes bfloat16 torch's default dtype during the
+    training step: the float32 logits and gradient buffers must not follow it (they did, and
+    grad_weight then met a float32 matmul: 'self and mat2 must have the same dtype')."""
+    want = distill_and_grads(backend, route, torch.float32)
+    got = distill_and_grads(backend, route, torch.bfloat16)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -157,7 +157,7 @@ class EStep:
         process's buffer."""
         options, beta = self.options, self.beta
         rollouts = [r for b in batches for r in b.rollouts]
-        weights = torch.tensor([1.0 if r.has_context else 0.0 for r in rollouts])
+        weights = torch.tensor([float(r.has_context) for r in rollouts], dtype=torch.float32)
         success = torch.tensor([r.reward >= self.success_threshold for r in rollouts])
         n_success, n_failure = runner.sum(
             [float((weights * success).sum()), float((weights * ~success).sum())]

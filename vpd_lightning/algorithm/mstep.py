@@ -71,7 +71,7 @@ def mstep_loss(
     distill_tokens / all_tokens: the batch's distilled / total completion tokens (>= 1).
     """
     stats = MStepStats()
-    loss = torch.zeros((), device=student.targets.device)
+    loss = torch.zeros((), device=student.targets.device, dtype=torch.float32)
     hidden = None
     if terms.distill is not None:
         d = terms.distill

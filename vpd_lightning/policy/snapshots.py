@@ -19,12 +19,16 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class WeightSnapshot:
-    """Detached copies of named parameters of `module`, swappable into it."""
+    """Detached float32 copies of named parameters of `module`, swappable into it. Float32
+    whatever the parameters' dtype (bf16 under `precision: bf16-true`): an EMA step of
+    decay * (current - value) below bf16's resolution would otherwise round away."""
 
     def __init__(self, module: torch.nn.Module, names: Iterable[str]) -> None:
         self.module = module
         self.names = list(names)
-        self.values = {name: p.detach().clone() for name, p in self.params.items()}
+        self.values = {
+            name: p.detach().to(torch.float32, copy=True) for name, p in self.params.items()
+        }
 
     @property
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -35,7 +39,7 @@ class WeightSnapshot:
     def ema_update(self, decay: float) -> None:
         """values <- (1 - decay) * values + decay * current."""
         for name, p in self.params.items():
-            self.values[name].lerp_(p.detach(), decay)
+            self.values[name].lerp_(p.detach().float(), decay)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:

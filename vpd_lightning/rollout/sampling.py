@@ -35,7 +35,9 @@ class Attempts:
 
     def rewards(self) -> torch.Tensor:
         """Rewards as a (prompts, n) float tensor."""
-        return torch.tensor([float(v.reward) for v in self.verdicts]).view(-1, self.n)
+        return torch.tensor([float(v.reward) for v in self.verdicts], dtype=torch.float32).view(
+            -1, self.n
+        )
 
     def contexts(self, builder: TeacherContextBuilder) -> list[list[TeacherContext]]:
         """Each response's teacher context, per prompt (one batch for the whole builder call)."""

@@ -7,6 +7,7 @@ it is where they meet Lightning's strategy and the module's optimizers.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -86,7 +87,7 @@ class Stepper:
 
     def all_finite(self, loss: float) -> bool:
         """Whether every process's loss is finite (one non-finite loss skips the update)."""
-        finite = bool(torch.isfinite(torch.tensor(loss)).item())
+        finite = math.isfinite(loss)
         return bool(self.module.trainer.strategy.reduce_boolean_decision(finite, all=True))
 
     def step(self, role: Role, loss: float, counted: bool) -> tuple[float, bool]:
