@@ -869,7 +869,6 @@ def main() -> None:
                 f"probes {run['probe_seconds']:.0f}s, eval {run['eval_seconds']:.0f}s",
                 flush=True,
             )
-    result["seconds"] = time.perf_counter() - started
     finish(result, args.output, stopped_early=False)
 
 
@@ -887,7 +886,10 @@ def finish(result: dict, output: Path, stopped_early: bool) -> None:
     result["summary"]["seeds"] = sorted(done)
     result["summary"]["stopped_early"] = stopped_early
     result["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    result.setdefault("seconds", sum(r["total_seconds"] for r in result["runs"]))
+    # summed from the records, not timed here: a resumed invocation times only its own runs
+    result["seconds"] = result["baseline"]["seconds"] + sum(
+        r["total_seconds"] for r in result["runs"]
+    )
     write(output, result)
     plot(result, output.with_suffix(".png"))
     print(markdown_tables(result))

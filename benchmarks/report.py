@@ -99,6 +99,8 @@ def compare_section(compare: dict, device: str) -> list[str]:
     plan = compare["plan"]
     s = plan["setup"]
     minutes = compare["seconds"] / 60
+    probe_minutes = sum(r["probe_seconds"] for r in compare["runs"]) / 60
+    planned = plan["sizing"]["expected_minutes"]
     base = compare["baseline"]
     return [
         f"#### Does training the teacher help? grpo, sdpo, vpd-no-estep, vpd ({device})",
@@ -107,8 +109,10 @@ def compare_section(compare: dict, device: str) -> list[str]:
         f"{s['task']} with diagnostic feedback, {s['steps']} steps of {s['prompts_per_step']} "
         f"prompts x {s['num_generations']} rollouts, lr {s['lr']:g} for every arm, vpd's E-step "
         f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
-        f"gives every arm the same prompt order and rollout seeds); {minutes:.0f} min on "
-        f"{compare['machine']['cpu_count']} CPU cores.",
+        f"gives every arm the same prompt order and rollout seeds). The baseline and the "
+        f"{len(compare['runs'])} runs took {minutes:.0f} min on {compare['machine']['cpu_count']} "
+        f"CPU cores, against {planned:.0f} min in the plan's sizing, which left out the "
+        f"teacher-skill probes ({probe_minutes:.0f} min of the runs).",
         "",
         *stopped_lines(compare),
         *calibration_lines(compare["calibration"]),
