@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bench_kernels import precision_markdown
 from compare_methods import markdown_tables as compare_table
+from floor import markdown_table as floor_table
 from train_step import markdown_table as train_step_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,20 @@ def trl_section(trl: dict) -> list[str]:
     return lines
 
 
+def floor_section(floor: dict) -> list[str]:
+    s = floor["setup"]
+    return [
+        "#### What bounds a step (CPU)",
+        "",
+        f"`benchmarks/floor.py`: {s['model']}, {s['prompts']} prompts x {s['samples']} samples, "
+        f"{s['max_new_tokens']} new tokens, {s['dtype']}, {s['torch_threads']} threads; the "
+        "floor of a forward is the larger of reading its weights once at the copy rate and its "
+        "matmul FLOPs at the GEMM rate of its shape (both measured in the same run).",
+        "",
+        floor_table(floor),
+    ]
+
+
 def train_step_section(train_step: dict) -> list[str]:
     tokens = {r["model"]: r["completion_tokens"] for r in train_step["results"]}
     sizes = ", ".join(f"{m}: {n:.0f}" for m, n in tokens.items())
@@ -209,6 +224,9 @@ def render() -> str:
     trl = load("train-step-vs-trl-cpu.json")
     if trl is not None:
         sections.append(trl_section(trl))
+    floor = load("floor-cpu.json")
+    if floor is not None:
+        sections.append(floor_section(floor))
     train_step = load("train-step-cpu.json")
     if train_step is not None:
         sections.append(train_step_section(train_step))

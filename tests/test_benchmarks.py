@@ -145,3 +145,21 @@ def test_bootstrap_is_paired_over_seeds_and_items(compare):
     low, high = compare.bootstrap([[1.0] * 40, [0.0] * 40], samples=400)
     assert low == 0.0 and high == 1.0  # seeds disagree completely: the interval must see it
     assert all(math.isnan(x) for x in compare.bootstrap([[]]))
+
+
+def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
+    output = tmp_path / "floor.json"
+    command = [sys.executable, str(BENCHMARKS / "floor.py"), "--model", "builtin:tiny-random"]
+    done = subprocess.run(
+        [*command, "--output", str(output)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    rollout, update = report["rollout"], report["update"]
+    assert 0 < rollout["in_linears_s"] < rollout["in_forwards_s"] < rollout["seconds"]
+    assert rollout["linear_weight_bytes_per_s"] > 0
+    assert rollout["floor_s"] > 0 and update["forward_floor_s"] > 0
+    # one prefill, then one forward per sampled token but the last
+    assert 1 < rollout["forwards"] <= report["setup"]["max_new_tokens"]
+    assert update["real_tokens"] <= update["padded_tokens"]
+    assert "| rollout, whole engine |" in done.stdout
