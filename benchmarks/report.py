@@ -112,8 +112,9 @@ def compare_section(compare: dict, device: str) -> list[str]:
         f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
         f"gives every arm the same prompt order and rollout seeds). The baseline and the "
         f"{len(compare['runs'])} runs took {minutes:.0f} min on {compare['machine']['cpu_count']} "
-        f"CPU cores, against {planned:.0f} min in the plan's sizing, which left out the "
-        f"teacher-skill probes ({probe_minutes:.0f} min of the runs).",
+        f"CPU cores, against {planned:.0f} min in the plan's sizing, which priced the "
+        "end-of-run evaluations but left out the teacher-margin probes during training "
+        f"({probe_minutes:.0f} min of the runs).",
         "",
         *stopped_lines(compare),
         *calibration_lines(compare["calibration"]),
