@@ -25,7 +25,7 @@ its reference settings (sibling solution + feedback reprompt, EMA teacher, top-1
         --val-size 4 --probe-size 2 --seeds 0 --calibration-prompts 2 --accuracy-band 0 1 \
         --finish-target 0 --output /tmp/compare-smoke.json --calibrate --run
 
-`--resume` keeps the runs already in the JSON when its plan is the same.
+`--resume` keeps the runs already in the JSON, and refuses when its plan differs.
 """
 
 from __future__ import annotations
@@ -843,7 +843,16 @@ def main() -> None:
         model=args.model, task=choice["task"], max_new_tokens=choice["max_new_tokens"], **overrides
     )
     plan = plan_of(setup, result)
-    kept = result.get("runs", []) if args.resume and result.get("plan") == plan else []
+    kept = []
+    if args.resume and result.get("runs"):
+        changed = plan_changes(result.get("plan") or {}, plan)
+        if changed:
+            raise SystemExit(
+                f"--resume: the plan in {args.output} differs from this invocation's in "
+                f"{', '.join(changed)}; its {len(result['runs'])} finished runs would not be "
+                "comparable. Rerun with the same options, or give a new --output"
+            )
+        kept = result["runs"]
     result = {
         "calibration": result["calibration"],
         "plan": plan,
@@ -870,6 +879,17 @@ def main() -> None:
                 flush=True,
             )
     finish(result, args.output, stopped_early=False)
+
+
+def plan_changes(old: dict, new: dict) -> list[str]:
+    """The entries (setup options by name) in which two plans differ."""
+    changed = [
+        f"setup.{k}"
+        for k in sorted(set(old.get("setup", {})) | set(new.get("setup", {})))
+        if old.get("setup", {}).get(k) != new.get("setup", {}).get(k)
+    ]
+    others = (set(old) | set(new)) - {"setup"}
+    return changed + sorted(k for k in others if old.get(k) != new.get(k))
 
 
 def finish(result: dict, output: Path, stopped_early: bool) -> None:

@@ -163,3 +163,22 @@ def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
     assert 1 < rollout["forwards"] <= report["setup"]["max_new_tokens"]
     assert update["real_tokens"] <= update["padded_tokens"]
     assert "| rollout, whole engine |" in done.stdout
+
+
+def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, tmp_path):
+    plan = {"setup": {"steps": 20, "lr": 5e-5}, "primary_endpoint": "accuracy"}
+    assert compare.plan_changes(plan, json.loads(json.dumps(plan))) == []
+    changed = {**plan, "setup": {"steps": 21, "lr": 5e-5}, "primary_endpoint": "logp"}
+    assert compare.plan_changes(plan, changed) == ["setup.steps", "primary_endpoint"]
+
+    # the committed study, resumed with one option changed: refused, and the file kept as it was
+    output = tmp_path / "compare.json"
+    before = (BENCHMARKS / "results" / "compare-cpu.json").read_text()
+    output.write_text(before)
+    command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--steps", "21"]
+    done = subprocess.run(
+        [*command, "--output", str(output), "--resume"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "differs from this invocation's in setup.steps," in done.stderr
+    assert output.read_text() == before
