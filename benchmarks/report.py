@@ -159,6 +159,35 @@ def trl_section(trl: dict) -> list[str]:
     return lines
 
 
+def precision_section(steps: dict) -> list[str]:
+    """Each project row at float32 and at lower precisions, measured in one run."""
+    s = steps["setup"]
+    rows = {(r["method"], r["engine"], r["precision"]): r for r in steps["results"]}
+    lines = [
+        "#### float32 against bfloat16, one run (CPU)",
+        "",
+        f"`benchmarks/train_step.py --compare ... --precisions`: the setting above "
+        f"({s['model']}, {s['max_new_tokens']} new tokens), median of {s['timed_steps']} steps "
+        f"after {s['warmup_steps']} warm-up; load average at the end "
+        f"{s['load_average_at_end'][0]:.1f}. bf16-mixed keeps float32 weights and computes "
+        "under bfloat16 autocast; bf16-true stores the weights and optimizer state in bfloat16 "
+        "with no float32 copy, so most small updates round away (a speed bound, not a setting "
+        "to train with; the run warns).",
+        "",
+        "| step | precision | rollout / update / step (s) | step speed-up over float32 |",
+        "|---|---|---|---|",
+    ]
+    for (method, engine, precision), row in rows.items():
+        base = rows.get((method, engine, "32-true"))
+        if base is None:
+            continue
+        lines.append(
+            f"| {method} ({engine}) | {precision} | {row['rollout_s']:.1f} / "
+            f"{row['update_s']:.1f} / {row['step_s']:.1f} | {base['step_s'] / row['step_s']:.2f}x |"
+        )
+    return lines
+
+
 def floor_section(floor: dict) -> list[str]:
     s = floor["setup"]
     return [
@@ -225,6 +254,9 @@ def render() -> str:
     trl = load("train-step-vs-trl-cpu.json")
     if trl is not None:
         sections.append(trl_section(trl))
+    precision = load("train-step-precision-cpu.json")
+    if precision is not None:
+        sections.append(precision_section(precision))
     floor = load("floor-cpu.json")
     if floor is not None:
         sections.append(floor_section(floor))

@@ -21,6 +21,9 @@ backward; the rest is Python and the optimizer), against one step of TRL's `GRPO
 
     .venv/bin/python benchmarks/train_step.py --compare vpd:generate vpd:cached trl-grpo trl-sdpo
 
+`--precisions 32-true bf16-true` runs each of this project's rows at each Lightning precision, in
+the same run (to results/train-step-precision-cpu.json); TRL's rows stay float32.
+
 Realistic GPU shapes (vocabulary 151936, sequence 2048) need a GPU; for the losses alone at those
 shapes see benchmarks/bench_kernels.py.
 """
@@ -207,12 +210,15 @@ class TimedStepModule(VPDModule):
         return out
 
 
-def run_steps(module, task, steps: int, accelerator: str, prompts_per_step: int) -> None:
+def run_steps(
+    module, task, steps: int, accelerator: str, prompts_per_step: int, precision: str = "32-true"
+) -> None:
     """Train `module` for `steps` steps with nothing else (no logger, checkpoint or validation)."""
     with tempfile.TemporaryDirectory() as root:
         pl.Trainer(
             accelerator=accelerator,
             devices=1,
+            precision=precision,
             max_steps=steps,
             logger=False,
             enable_checkpointing=False,
@@ -365,7 +371,13 @@ class ComparedStepModule(VPDModule):
 
 
 def measure_project(
-    method: str, engine: str, model: str, steps: int, warmup: int, max_new_tokens: int
+    method: str,
+    engine: str,
+    model: str,
+    steps: int,
+    warmup: int,
+    max_new_tokens: int,
+    precision: str,
 ) -> dict:
     pl.seed_everything(0, verbose=False)
     task = arithmetic_task()
@@ -385,10 +397,11 @@ def measure_project(
         micro_batch_size=8,
         task=task,
     )
-    run_steps(module, task, warmup + steps, "auto", prompts_per_step=PROMPTS)
+    run_steps(module, task, warmup + steps, "auto", PROMPTS, precision)
     rows = module.measurements[warmup:]
     keys = ("rollout_s", "mstep_s", "estep_s", "update_s", "step_s", "completion_tokens")
-    out = {"name": f"{method} ({engine})", "method": method, "engine": engine, "steps": rows}
+    name = f"{method} ({engine})" if precision == "32-true" else f"{method} ({engine}, {precision})"
+    out = {"name": name, "method": method, "engine": engine, "precision": precision, "steps": rows}
     out.update(medians(rows, keys))
     pieces = sorted({k for r in rows for k in r["pieces_s"]})
     out["pieces_s"] = {
@@ -503,22 +516,29 @@ COMPARED = (
 )
 
 
-def compare_worker(name: str, model: str, steps: int, warmup: int, max_new_tokens: int) -> dict:
+def compare_worker(
+    name: str, model: str, steps: int, warmup: int, max_new_tokens: int, precision: str
+) -> dict:
     if name.startswith("trl-"):
         return measure_trl(name, model, steps, warmup, max_new_tokens)
     method, engine = name.split(":")
-    return measure_project(method, engine, model, steps, warmup, max_new_tokens)
+    return measure_project(method, engine, model, steps, warmup, max_new_tokens, precision)
 
 
 def compare(args: argparse.Namespace) -> None:
     """Issue 22's table: each configuration in its own interpreter, one after the other."""
     results = []
-    for name in args.compare:
+    runs = [
+        (n, "32-true") if n.startswith("trl-") else (n, p)
+        for n in args.compare
+        for p in args.precisions
+    ]
+    for name, precision in dict.fromkeys(runs):
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, __file__, "--compare-worker", name, "--output", out.name]
             command += ["--models", args.models[-1], "--steps", str(args.steps)]
             command += ["--warmup", str(args.warmup), "--max-new-tokens", str(args.max_new_tokens)]
-            subprocess.run(command, check=True)
+            subprocess.run([*command, "--precisions", precision], check=True)
             results.append(json.loads(Path(out.name).read_text()))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "steps"}), flush=True)
     load = os.getloadavg()
@@ -530,7 +550,7 @@ def compare(args: argparse.Namespace) -> None:
             "num_generations": GENERATIONS,
             "max_new_tokens": args.max_new_tokens,
             "temperature": TEMPERATURE,
-            "dtype": "float32",
+            "dtype": "float32" if args.precisions == ["32-true"] else "per row",
             "timed_steps": args.steps,
             "warmup_steps": args.warmup,
             "torch_threads": torch.get_num_threads(),
@@ -627,6 +647,14 @@ def parse_args() -> argparse.Namespace:
         "--models (SmolLM2 by default), to --output (default: "
         "benchmarks/results/train-step-vs-trl-cpu.json)",
     )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("32-true", "bf16-true", "bf16-mixed"),
+        default=["32-true"],
+        help="--compare: Lightning precisions to run each of this project's rows at (TRL's rows "
+        "stay float32, the setting their comparison was matched at)",
+    )
     parser.add_argument("--compare-worker", choices=COMPARED, help=argparse.SUPPRESS)
     parser.add_argument(
         "--max-new-tokens", type=int, default=48, help="--compare: the completion cap"
@@ -638,12 +666,20 @@ def main() -> None:
     args = parse_args()
     if args.compare_worker:
         result = compare_worker(
-            args.compare_worker, args.models[0], args.steps, args.warmup, args.max_new_tokens
+            args.compare_worker,
+            args.models[0],
+            args.steps,
+            args.warmup,
+            args.max_new_tokens,
+            args.precisions[0],
         )
         args.output.write_text(json.dumps(result))
         return
     if args.compare:
-        args.output = args.output or RESULTS / "train-step-vs-trl-cpu.json"
+        default = "train-step-vs-trl-cpu.json"
+        if args.precisions != ["32-true"]:
+            default = "train-step-precision-cpu.json"
+        args.output = args.output or RESULTS / default
         compare(args)
         return
     args.output = args.output or RESULTS / "train-step-cpu.json"

@@ -182,3 +182,21 @@ def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, t
     assert done.returncode != 0
     assert "differs from this invocation's in setup.steps," in done.stderr
     assert output.read_text() == before
+
+
+def test_train_step_compare_runs_each_project_row_at_each_precision_and_trl_once(tmp_path):
+    output = tmp_path / "steps.json"
+    command = [sys.executable, str(BENCHMARKS / "train_step.py"), "--compare", "vpd:cached"]
+    command += ["trl-grpo", "--precisions", "32-true", "bf16-true", "--models"]
+    command += ["builtin:tiny-random", "--steps", "1", "--warmup", "0", "--max-new-tokens", "8"]
+    done = subprocess.run(
+        [*command, "--output", str(output)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(output.read_text())["results"]
+    assert [(r["name"], r.get("precision")) for r in rows] == [
+        ("vpd (cached)", "32-true"),
+        ("vpd (cached, bf16-true)", "bf16-true"),
+        ("trl-grpo", None),
+    ]
+    assert all(r["step_s"] > 0 and r["rollout_s"] > 0 for r in rows)
