@@ -25,6 +25,7 @@ import time
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vpd_lightning.algorithm.batches import MicroBatch, micro_batches
 from vpd_lightning.algorithm.estep import EStep
@@ -63,6 +64,7 @@ from vpd_lightning.trainer.evaluation import (
     teacher_answers,
 )
 from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, RepairRate
+from vpd_lightning.trainer.run_checks import half_precision_update_warning
 from vpd_lightning.trainer.seeding import mix_seed, set_rng_state
 from vpd_lightning.trainer.stepping import NonFiniteGuard, Stepper
 from vpd_lightning.trainer.strategies import check_strategy, is_sharded
@@ -252,6 +254,10 @@ class VPDModule(pl.LightningModule):
         return optimizers, [s for s in schedulers if s is not None]
 
     def on_train_start(self) -> None:
+        groups = [g for o in self.trainer.optimizers for g in o.param_groups]
+        warning = half_precision_update_warning(groups, str(self.trainer.precision))
+        if warning:
+            rank_zero_warn(warning)
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None

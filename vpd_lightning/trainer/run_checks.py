@@ -2,15 +2,18 @@
 
 Trainer flags that manual optimisation ignores or refuses, sequences that cannot fit the model's
 positions (a 20k-token prompt on a 1024-position model would be accepted and take minutes per
-step), and `--ckpt_path last`, which Lightning resolves inside the new run's own (empty) folder.
+step), `--ckpt_path last`, which Lightning resolves inside the new run's own (empty) folder, and
+a true half precision, whose weights silently stop taking small updates.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.policy.models import TINY_ALIAS
@@ -122,3 +125,32 @@ def resolve_last_checkpoint(trainer_config: Any) -> Path:
             "the checkpoint's path"
         )
     return versions[-1] / "checkpoints" / LAST
+
+
+HALF_MANTISSA_STEPS = {torch.bfloat16: 2**8, torch.float16: 2**11}
+"""A weight w stored in this dtype ignores an update below about |w| / this (half its spacing)."""
+
+
+def half_precision_update_warning(param_groups: Iterable[dict], precision: str) -> str | None:
+    """What a true half precision (no float32 copy of the weights) rounds away, or None.
+
+    An Adam-type step moves each weight by about its learning rate, so every trained weight larger
+    than about lr x HALF_MANTISSA_STEPS in magnitude stops changing."""
+    half, lrs, dtype = 0, [], None
+    for group in param_groups:
+        params = [p for p in group["params"] if p.requires_grad and p.dtype in HALF_MANTISSA_STEPS]
+        if params:
+            half += sum(p.numel() for p in params)
+            lrs.append(float(group["lr"]))
+            dtype = params[0].dtype
+    if not half:
+        return None
+    lr = min(lrs)
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"trainer.precision = {precision}: the optimizers' {half:,} parameters are stored in "
+        f"{name} with no float32 copy, so an update below about half a {name} step of its "
+        f"weight rounds away; a step of lr = {lr:g} leaves every weight larger than about "
+        f"{lr * HALF_MANTISSA_STEPS[dtype]:.2g} in magnitude unchanged. Use trainer.precision: "
+        "bf16-mixed (float32 weights, bfloat16 compute)"
+    )
