@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_kernels import time_steps
 
 from vpd_lightning.options import SamplingParams
 from vpd_lightning.policy.models import (
@@ -42,13 +43,7 @@ PROMPTS, SAMPLES, MAX_NEW_TOKENS, MICRO_BATCH = 4, 4, 48, 8
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_steps(fn, repeats, "cpu")) / 1e3
 
 
 def gemm_flops_per_s(m: int, k: int, n: int) -> float:
@@ -83,16 +78,17 @@ class LinearTimer:
 class TimedEngine(CachedEngine):
     """The cached engine with a timer around each network forward, and the batch it ran on."""
 
-    forwards: list[tuple[int, float]]
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.forwards: list[tuple[int, float]] = []
 
-    @staticmethod
-    def _forward(network):
+    def _forward(self, network):
         inner = CachedEngine._forward(network)
 
         def timed(**kwargs):
             start = time.perf_counter()
             out = inner(**kwargs)
-            TimedEngine.forwards.append((kwargs["input_ids"].shape[0], time.perf_counter() - start))
+            self.forwards.append((kwargs["input_ids"].shape[0], time.perf_counter() - start))
             return out
 
         return timed
@@ -132,13 +128,13 @@ def main() -> None:
     linears = LinearTimer(model)
     rollouts = []
     for _ in range(3):  # the first is a warm-up
-        TimedEngine.forwards, linears.seconds = [], 0.0
+        engine.forwards, linears.seconds = [], 0.0
         start = time.perf_counter()
         completions = engine.generate(prompts, params)
         rollouts.append(
             {
                 "seconds": time.perf_counter() - start,
-                "forwards": list(TimedEngine.forwards),
+                "forwards": list(engine.forwards),
                 "in_linears_s": linears.seconds,
             }
         )
