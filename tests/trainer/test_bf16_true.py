@@ -109,6 +109,13 @@ def test_the_warned_threshold_is_where_an_adam_step_rounds_away(dtype):
     assert (weight.detach() != weights).tolist() == [False, True, False]
 
 
+def test_weights_two_optimizers_share_are_counted_once():
+    shared = torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))
+    groups = [{"params": [shared], "lr": 1e-5}, {"params": [shared], "lr": 1e-4}]
+    message = half_precision_update_warning(groups, "bf16-true")
+    assert "optimizers' 5 parameters" in message and "lr = 1e-05" in message
+
+
 def test_no_warning_for_float32_or_frozen_half_weights():
     frozen = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16), requires_grad=False)
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2)), frozen], "lr": 1e-5}]

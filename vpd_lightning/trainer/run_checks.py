@@ -136,19 +136,19 @@ def half_precision_update_warning(param_groups: Iterable[dict], precision: str) 
 
     An Adam-type step moves each weight by about its learning rate, so every trained weight larger
     than about lr x HALF_MANTISSA_STEPS in magnitude stops changing."""
-    half, lrs, dtype = 0, [], None
+    half, lrs = {}, []  # by id: teacher_mode shared gives two optimizers the same weights
     for group in param_groups:
         params = [p for p in group["params"] if p.requires_grad and p.dtype in HALF_MANTISSA_STEPS]
         if params:
-            half += sum(p.numel() for p in params)
+            half.update((id(p), p) for p in params)
             lrs.append(float(group["lr"]))
-            dtype = params[0].dtype
     if not half:
         return None
-    lr = min(lrs)
+    lr, dtype = min(lrs), next(iter(half.values())).dtype
     name = str(dtype).removeprefix("torch.")
     return (
-        f"trainer.precision = {precision}: the optimizers' {half:,} parameters are stored in "
+        f"trainer.precision = {precision}: the optimizers' "
+        f"{sum(p.numel() for p in half.values()):,} parameters are stored in "
         f"{name} with no float32 copy, so an update below about half a {name} step of its "
         f"weight rounds away; a step of lr = {lr:g} leaves every weight larger than about "
         f"{lr * HALF_MANTISSA_STEPS[dtype]:.2g} in magnitude unchanged. Use trainer.precision: "
