@@ -520,6 +520,31 @@ def main() -> None:
         f"{'mode':<8} {'method':<22} {'time ms':>10} {'peak MB':>10} {'x vpd':>7} {'x floor':>8}"
         "  status"
     )
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = {k: getattr(args, k) for k in ("n", "v", "h", "k", "dtype", "repeats")}
+    payload = {
+        "device": slug,
+        "torch": torch.__version__,
+        "config": {
+            **config,
+            "ref_coef": REF_COEF,
+            "workload": "reverse KL + ref KL (topk: top-k + tail reverse KL; liger and trl: "
+            "reverse KL alone), forward+backward",
+        },
+        "memory_method": "cuda max_memory_allocated delta"
+        if on_gpu
+        else "ru_maxrss - RSS after inputs",
+        "floors": floors,
+        "load_average": {"start": load_at_start, "end": load_at_start},
+        "background": {"workers": args.background_workers, "kind": BACKGROUND_KIND},
+        "results": results,
+    }
+
+    def write() -> None:  # after every mode, so that a run cut short keeps what it measured
+        payload["load_average"]["end"] = load_average()
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+
     for mode in args.modes.split(","):
         rows = []
         for method in args.methods.split(","):
@@ -542,32 +567,11 @@ def main() -> None:
                 row["ratio_to_vpd"] = row["time_ms"] / ours["time_ms"]
             print(format_row(row), flush=True)
         results += rows
-    precision = None if args.no_precision else run_precision_subprocess(args)
-
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("n", "v", "h", "k", "dtype", "repeats")}
-    payload = {
-        "device": slug,
-        "torch": torch.__version__,
-        "config": {
-            **config,
-            "ref_coef": REF_COEF,
-            "workload": "reverse KL + ref KL (topk: top-k + tail reverse KL; liger and trl: "
-            "reverse KL alone), forward+backward",
-        },
-        "memory_method": "cuda max_memory_allocated delta"
-        if on_gpu
-        else "ru_maxrss - RSS after inputs",
-        "floors": floors,
-        "load_average": {"start": load_at_start, "end": load_average()},
-        "background": {"workers": args.background_workers, "kind": BACKGROUND_KIND},
-        "results": results,
-    }
-    if precision is not None:
-        payload["precision"] = precision
+        write()
+    if not args.no_precision:
+        payload["precision"] = run_precision_subprocess(args)
         print(precision_markdown(payload), end="")
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+        write()
     print(f"wrote {out}")
 
 
