@@ -4,7 +4,8 @@ The README's numbers are never typed by hand: this script renders them, and a te
 the README holds exactly what it renders.
 
     .venv/bin/python benchmarks/report.py                 # print the section
-    .venv/bin/python benchmarks/report.py --write-readme  # replace it in README.md
+    .venv/bin/python benchmarks/report.py --write-readme  # replace it in README.md (and the
+                                                          # precision table in kernels/README.md)
 """
 
 from __future__ import annotations
@@ -315,6 +316,14 @@ def main() -> None:
     head, tail = readme.split(BEGIN)[0], readme.split(END)[1]
     path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
     print(f"updated {path}")
+    kernels = load("kernels-cpu.json")
+    if kernels is not None and "precision" in kernels:
+        path = ROOT / "kernels" / "README.md"
+        begin, end = "<!-- precision:begin -->\n", "<!-- precision:end -->"
+        text = path.read_text()
+        head, tail = text.split(begin)[0], text.split(end)[1]
+        path.write_text(f"{head}{begin}{precision_markdown(kernels)}{end}{tail}")
+        print(f"updated {path}")
 
 
 if __name__ == "__main__":

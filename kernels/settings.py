@@ -41,7 +41,10 @@ class LossSettings:
 
     @classmethod
     def of(cls, keywords: Mapping[str, Any]) -> LossSettings:
-        """The settings among a public function's keywords (others, such as tensors, ignored)."""
+        """The settings among a public function's keywords (others, such as tensors, ignored).
+
+        The public functions call it first thing with `locals()`, so that a keyword is named once,
+        in its signature."""
         names = {f.name for f in dataclasses.fields(cls)}
         renamed = {_RENAMED.get(k, k): v for k, v in keywords.items()}
         return cls(**{k: v for k, v in renamed.items() if k in names})
