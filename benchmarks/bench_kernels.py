@@ -29,15 +29,22 @@ Hardware floors (GPU only): logits-in = bytes read and written once (3 inputs + 
 measured device copy bandwidth; fused-linear = matmul FLOPs (3 forward + 2 backward GEMMs of
 2*N*V*H) / measured bf16 GEMM rate.
 
-    python benchmarks/bench_kernels.py            # CPU: N=4096, V=49152, logits-in
+    python benchmarks/bench_kernels.py            # CPU: N=2048, V=32768, H=512, each loss
     python benchmarks/bench_kernels.py --n 16384  # GPU defaults: N=16384, V=151936, H=2048
     python benchmarks/bench_kernels.py --quick --modes topk --out /tmp/k.json  # a smoke run
+
+On a shared CPU, `--background-workers 3` times eager and vpd_kernels (--loaded-methods) a second
+time beside 3 busy processes and records the slowdown and the load average, next to the quiet
+rows (the load average at each row is in the JSON too):
+
+    python benchmarks/bench_kernels.py --background-workers 3   # the committed CPU table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -129,6 +136,13 @@ def build_step(method: str, mode: str):
     import vpd_kernels as vk
 
     backend = "auto"
+    if method.startswith("vpd_kernels/bwd="):  # the fused-linear gradient tile's dtype, forced
+        if mode != "fused":
+            raise RuntimeError("backward_dtype is a fused-linear keyword (fused mode only)")
+        tile = getattr(torch, method.split("=", 1)[1])
+        return lambda h, w, th, rh: vk.fused_linear_distill_loss(
+            h, w, th, ref_hidden=rh, ref_coef=REF_COEF, backend=backend, backward_dtype=tile
+        )
     if mode == "topk":
         return lambda s, ids, lp: vk.topk_distill_loss(s, ids, lp, backend=backend)
     if mode == "logits":
@@ -238,6 +252,12 @@ def precision_methods() -> dict:
         ),
         "vpd_kernels fused (triton)": lambda h, w, th: vk.fused_linear_distill_loss(
             h, w, th, backend="triton"
+        ),
+        "vpd_kernels fused (torch), bf16 gradient tile": lambda h, w, th: (
+            vk.fused_linear_distill_loss(h, w, th, backend="torch", backward_dtype=torch.bfloat16)
+        ),
+        "vpd_kernels fused (triton), bf16 gradient tile": lambda h, w, th: (
+            vk.fused_linear_distill_loss(h, w, th, backend="triton", backward_dtype=torch.bfloat16)
         ),
         "vpd_kernels distill_loss on bf16 logits": lambda h, w, th: vk.distill_loss(
             h @ w.T, th @ w.T, backend="torch"
@@ -359,6 +379,44 @@ def floor_ms(mode: str, args, floors: dict) -> float:
     return flops / (floors["bf16_matmul_tflops"] * 1e12) * 1e3
 
 
+# ---------------------------------------------------------------- a fixed background load (CPU)
+BACKGROUND_KIND = "pure-Python integer loop, one process each"
+
+
+def _spin() -> None:
+    """What each background worker runs until it is terminated: one busy core, no memory."""
+    x = 0
+    while True:
+        x += 1
+
+
+class BackgroundLoad:
+    """`workers` busy processes for the duration of a `with` block: the same contention on any
+    machine (the verifier's workers and other jobs share the cores in a real run)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.processes: list[multiprocessing.Process] = []
+
+    def __enter__(self) -> BackgroundLoad:
+        context = multiprocessing.get_context("spawn")
+        self.processes = [context.Process(target=_spin, daemon=True) for _ in range(self.workers)]
+        for process in self.processes:
+            process.start()
+        time.sleep(2.0)  # let the scheduler see them before anything is timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.join()
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 # ---------------------------------------------------------------- driver
 def device_slug() -> str:
     if not torch.cuda.is_available():
@@ -387,10 +445,16 @@ def format_row(row: dict) -> str:
     def cell(key: str, spec: str) -> str:
         return format(row[key], spec) if key in row else "-"
 
+    loaded = row.get("loaded", {})
+    under_load = (
+        f"  loaded {loaded['time_ms']:.1f} ms (x{loaded['slowdown']:.2f}, load {loaded['load_average']})"
+        if "time_ms" in loaded
+        else ""
+    )
     return (
-        f"{row['mode']:<8} {row['method']:<14} {cell('time_ms', '.1f'):>10} "
+        f"{row['mode']:<8} {row['method']:<22} {cell('time_ms', '.1f'):>10} "
         f"{cell('peak_extra_mb', '.0f'):>10} {cell('ratio_to_vpd', '.2f'):>7} "
-        f"{cell('ratio_to_floor', '.2f'):>8}  {row['status']}"
+        f"{cell('ratio_to_floor', '.2f'):>8}  {row['status']}{under_load}"
     )
 
 
@@ -399,18 +463,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=16384 if on_gpu else 4096, help="tokens")
+    parser.add_argument("--n", type=int, default=16384 if on_gpu else 2048, help="tokens")
     parser.add_argument(
-        "--v", type=int, default=151936 if on_gpu else 49152, help="vocabulary size"
+        "--v", type=int, default=151936 if on_gpu else 32768, help="vocabulary size"
     )
-    parser.add_argument("--h", type=int, default=2048, help="hidden size (fused-linear)")
+    parser.add_argument(
+        "--h", type=int, default=2048 if on_gpu else 512, help="hidden size (fused-linear)"
+    )
     parser.add_argument("--k", type=int, default=100, help="teacher top-k (topk mode)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=20 if on_gpu else 3)
     parser.add_argument(
         "--modes",
-        default="logits,fused" if on_gpu else "logits",
-        help="comma list of logits,fused,topk (fused-linear GEMMs are slow on CPU)",
+        default="logits,fused" if on_gpu else "logits,topk,fused",
+        help="comma list of logits,fused,topk",
     )
     parser.add_argument(
         "--quick", action="store_true", help=f"small sizes for a smoke run: {QUICK}"
@@ -421,6 +487,14 @@ def main() -> None:
         "--out", default=None, help="JSON path (default results/kernels-<device>.json)"
     )
     parser.add_argument("--no-precision", action="store_true", help="skip the bf16 precision table")
+    parser.add_argument(
+        "--background-workers",
+        type=int,
+        default=0,
+        help=f"after each mode, time --loaded-methods again beside this many busy workers "
+        f"({BACKGROUND_KIND}); 0: no loaded run",
+    )
+    parser.add_argument("--loaded-methods", default="eager,vpd_kernels")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precision-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="logits", help=argparse.SUPPRESS)
@@ -436,30 +510,16 @@ def main() -> None:
         return
 
     slug = device_slug()
+    load_at_start = load_average()
     floors = measure_floors() if on_gpu else {}
     results = []
     print(
         f"device={slug} N={args.n} V={args.v} H={args.h} dtype={args.dtype} repeats={args.repeats}"
     )
     print(
-        f"{'mode':<8} {'method':<14} {'time ms':>10} {'peak MB':>10} {'x vpd':>7} {'x floor':>8}"
+        f"{'mode':<8} {'method':<22} {'time ms':>10} {'peak MB':>10} {'x vpd':>7} {'x floor':>8}"
         "  status"
     )
-    for mode in args.modes.split(","):
-        rows = []
-        for method in args.methods.split(","):
-            row = {"mode": mode, "method": method, **run_method_subprocess(method, mode, args)}
-            if floors and row.get("time_ms") is not None:
-                row["ratio_to_floor"] = row["time_ms"] / floor_ms(mode, args, floors)
-            rows.append(row)
-        ours = next((r for r in rows if r["method"] == "vpd_kernels" and "time_ms" in r), None)
-        for row in rows:
-            if ours is not None and "time_ms" in row:
-                row["ratio_to_vpd"] = row["time_ms"] / ours["time_ms"]
-            print(format_row(row), flush=True)
-        results += rows
-    precision = None if args.no_precision else run_precision_subprocess(args)
-
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernels-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: getattr(args, k) for k in ("n", "v", "h", "k", "dtype", "repeats")}
@@ -476,12 +536,42 @@ def main() -> None:
         if on_gpu
         else "ru_maxrss - RSS after inputs",
         "floors": floors,
+        "load_average": {"start": load_at_start, "end": load_at_start},
+        "background": {"workers": args.background_workers, "kind": BACKGROUND_KIND},
         "results": results,
     }
-    if precision is not None:
-        payload["precision"] = precision
+
+    def write() -> None:  # after every mode, so that a run cut short keeps what it measured
+        payload["load_average"]["end"] = load_average()
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+
+    for mode in args.modes.split(","):
+        rows = []
+        for method in args.methods.split(","):
+            row = {"mode": mode, "method": method, **run_method_subprocess(method, mode, args)}
+            row["load_average"] = load_average()
+            if floors and row.get("time_ms") is not None:
+                row["ratio_to_floor"] = row["time_ms"] / floor_ms(mode, args, floors)
+            rows.append(row)
+        if args.background_workers:
+            loaded = [r for r in rows if r["method"] in args.loaded_methods.split(",")]
+            with BackgroundLoad(args.background_workers):
+                for row in loaded:
+                    again = run_method_subprocess(row["method"], mode, args)
+                    row["loaded"] = {**again, "load_average": load_average()}
+                    if "time_ms" in again and "time_ms" in row:
+                        row["loaded"]["slowdown"] = again["time_ms"] / row["time_ms"]
+        ours = next((r for r in rows if r["method"] == "vpd_kernels" and "time_ms" in r), None)
+        for row in rows:
+            if ours is not None and "time_ms" in row:
+                row["ratio_to_vpd"] = row["time_ms"] / ours["time_ms"]
+            print(format_row(row), flush=True)
+        results += rows
+        write()
+    if not args.no_precision:
+        payload["precision"] = run_precision_subprocess(args)
         print(precision_markdown(payload), end="")
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+        write()
     print(f"wrote {out}")
 
 

@@ -4,7 +4,8 @@ The README's numbers are never typed by hand: this script renders them, and a te
 the README holds exactly what it renders.
 
     .venv/bin/python benchmarks/report.py                 # print the section
-    .venv/bin/python benchmarks/report.py --write-readme  # replace it in README.md
+    .venv/bin/python benchmarks/report.py --write-readme  # replace it in README.md (and the
+                                                          # precision table in kernels/README.md)
 """
 
 from __future__ import annotations
@@ -220,25 +221,51 @@ def train_step_section(train_step: dict) -> list[str]:
 
 def kernels_section(kernels: dict) -> list[str]:
     c = kernels["config"]
+    load = kernels.get("load_average")
+    background = kernels.get("background", {}).get("workers", 0)
     lines = [
         f"#### The losses alone ({kernels['device']})",
         "",
         f"`benchmarks/bench_kernels.py`: {c['workload']}, N={c['n']} tokens, V={c['v']}, "
-        f"{c['dtype']}, median of {c['repeats']}; peak memory above the inputs.",
+        f"{c['dtype']}, median of {c['repeats']}; peak memory above the inputs"
+        + (f"; load average {load['start']} at the start, {load['end']} at the end" if load else "")
+        + ".",
+    ]
+    if background:
+        lines += [
+            "",
+            f"Under load: the same step again beside {background} busy workers "
+            f"({kernels['background']['kind']}), load average at its end, and how many times "
+            "slower than without them.",
+        ]
+    loaded = (
+        ["| under load (ms) | x slower | load |", "|---|---|---|"] if background else ["|", "|"]
+    )
+    lines += [
         "",
-        "| inputs | method | time (ms) | x vpd_kernels | peak extra (MB) | x hardware floor |",
-        "|---|---|---|---|---|---|",
+        "| inputs | method | time (ms) | x vpd_kernels | peak extra (MB) | x hardware floor "
+        + loaded[0],
+        "|---|---|---|---|---|---" + loaded[1],
     ]
     for row in kernels["results"]:
+        cells = [row["mode"], row["method"]]
         if row["status"] != "ok":
             lines.append(f"| {row['mode']} | {row['method']} | {row['status']} | | | |")
             continue
-        floor = f"{row['ratio_to_floor']:.2f}" if "ratio_to_floor" in row else "-"
-        ratio = f"{row['ratio_to_vpd']:.2f}" if "ratio_to_vpd" in row else "-"
-        lines.append(
-            f"| {row['mode']} | {row['method']} | {row['time_ms']:.0f} | {ratio} "
-            f"| {row['peak_extra_mb']:.0f} | {floor} |"
-        )
+        cells += [
+            f"{row['time_ms']:.0f}",
+            f"{row['ratio_to_vpd']:.2f}" if "ratio_to_vpd" in row else "-",
+            f"{row['peak_extra_mb']:.0f}",
+            f"{row['ratio_to_floor']:.2f}" if "ratio_to_floor" in row else "-",
+        ]
+        if background:
+            under = row.get("loaded", {})
+            cells += (
+                [f"{under['time_ms']:.0f}", f"{under['slowdown']:.1f}", f"{under['load_average']}"]
+                if "slowdown" in under
+                else ["-", "-", "-"]
+            )
+        lines.append("| " + " | ".join(cells) + " |")
     if "precision" in kernels:
         lines += ["", "Precision: " + precision_markdown(kernels)]
     return lines
@@ -289,6 +316,14 @@ def main() -> None:
     head, tail = readme.split(BEGIN)[0], readme.split(END)[1]
     path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
     print(f"updated {path}")
+    kernels = load("kernels-cpu.json")
+    if kernels is not None and "precision" in kernels:
+        path = ROOT / "kernels" / "README.md"
+        begin, end = "<!-- precision:begin -->\n", "<!-- precision:end -->"
+        text = path.read_text()
+        head, tail = text.split(begin)[0], text.split(end)[1]
+        path.write_text(f"{head}{begin}{precision_markdown(kernels)}{end}{tail}")
+        print(f"updated {path}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import lightning.pytorch as pl
 import torch
 
 import vpd_kernels as vk
-import vpd_kernels.ops.fused_linear as fused_linear
+import vpd_kernels.fused_linear as fused_linear
 from vpd_kernels import DistillStats
 from vpd_kernels.torch_rows import divergence_rows, kl
 from vpd_lightning.options import EStepOptions, LoraOptions, RolloutOptions

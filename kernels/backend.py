@@ -1,5 +1,6 @@
-"""Backend choice: which implementation computes the rows (the Triton ops or the torch rows), and
-whether it can run where the tensors are."""
+"""Backend choice: which implementation computes the rows (the Triton ops or the torch rows),
+whether it can run where the tensors are, and the route of a distillation (full vocabulary or
+top-k ids). The autograd Functions above take a `Backend`; the backends below know nothing of it."""
 
 from __future__ import annotations
 
@@ -41,12 +42,25 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 @dataclass(frozen=True)
+class Targets:
+    """What the student's rows are compared with; no gradient flows into any of them. The
+    teacher as logits rows (outer, inner, V), or as top-k `ids` (N, k) with `teacher_logprobs`
+    (N, k); the ref's logits rows; label ids (N,) for the cross-entropy."""
+
+    teacher: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
     """The module that computes the rows, torch_rows or ops.triton_rows (the same functions with
     the same signatures), and its tuning knob `tile`: rows per chunk for torch, the vocabulary
     tile (a power of two) for Triton; None picks a default from the vocabulary size."""
 
-    rows: ModuleType
+    rows_module: ModuleType
     tile: int | None = None
 
     @classmethod
@@ -61,59 +75,37 @@ class Backend:
             return cls(triton_rows, block_v)
         return cls(torch_rows, chunk_size)
 
-    def distill_rows(
+    def rows(
         self,
         student: torch.Tensor,
-        teacher: torch.Tensor,
-        ref: torch.Tensor | None,
-        labels: torch.Tensor | None,
+        targets: Targets,
         coef: torch.Tensor | None,
         grad: torch.Tensor | None,
         settings: LossSettings,
     ) -> RowOutputs:
-        """Rows of (outer, inner, V) student logits against the teacher's logits (same layout):
-        the route is the full vocabulary, or with `settings.teacher_topk` the top k of the
-        teacher (or of the student, `settings.topk_from`), whose ids are chosen here (no
-        gradient) and whose tails both distributions' logits give."""
-        if settings.teacher_topk is None:
-            return self.rows.distill_rows(
-                student, teacher, ref, labels, coef, grad, settings, self.tile
+        """Rows of (outer, inner, V) student logits against `targets`, writing coef-scaled
+        gradients into `grad` (same layout; it may be `student` itself). The route: the full
+        vocabulary; given top-k ids; or, with `settings.teacher_topk`, the top k of the teacher
+        (or of the student, `settings.topk_from`), whose ids are chosen here (no gradient)."""
+        t = targets
+        if t.ids is None and settings.teacher_topk is None:
+            return self.rows_module.distill_rows(
+                student, t.teacher, t.ref, t.labels, coef, grad, settings, self.tile
             )
-        chunk = rows_per_chunk(teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
-        ranked = teacher if settings.topk_from == "teacher" else student.detach()
-        ids = top_ids(ranked, settings.teacher_topk, chunk)
-        return self.topk_rows(student, ids, None, teacher, ref, labels, coef, grad, settings)
-
-    def topk_rows(
-        self,
-        student: torch.Tensor,
-        ids: torch.Tensor,
-        teacher_logprobs: torch.Tensor | None,
-        teacher: torch.Tensor | None,
-        ref: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        coef: torch.Tensor | None,
-        grad: torch.Tensor | None,
-        settings: LossSettings,
-    ) -> RowOutputs:
-        """Rows against top-k ids (N, k), with the teacher's log-probs there or its logits."""
-        args = (
-            student,
-            ids,
-            teacher_logprobs,
-            teacher,
-            ref,
-            labels,
-            coef,
-            grad,
-            settings,
-        )
-        return self.rows.topk_rows(*args, self.tile)
+        ids = t.ids
+        if ids is None:
+            chunk = rows_per_chunk(t.teacher.shape[-1], None, TOPK_CHUNK_ELEMENTS)
+            ranked = t.teacher if settings.topk_from == "teacher" else student.detach()
+            ids = top_ids(ranked, settings.teacher_topk, chunk)
+        return self.rows_module.topk_rows(
+            student, ids, t.teacher_logprobs, t.teacher, t.ref, t.labels, coef, grad, settings,
+            self.tile,
+        )  # fmt: skip
 
     def logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows.token_logprobs(logits, tokens, temperature, self.tile)
+        return self.rows_module.token_logprobs(logits, tokens, temperature, self.tile)
 
     def logprobs_backward(
         self,
@@ -124,6 +116,6 @@ class Backend:
         temperature: float,
         grad: torch.Tensor,
     ) -> None:
-        self.rows.token_logprobs_backward(
+        self.rows_module.token_logprobs_backward(
             logits, tokens, norm, grad_out, temperature, grad, self.tile
         )

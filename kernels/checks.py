@@ -39,6 +39,15 @@ def check_tuning(block_v: int | None, chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+def check_backward_dtype(dtype: torch.dtype | None) -> None:
+    """The fused-linear backward's gradient-tile dtype: None (automatic) or a float dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"backward_dtype must be None (the weight's dtype on CUDA, float32 elsewhere), "
+            f"torch.float32 (exact), torch.bfloat16 or torch.float16, got {dtype!r}"
+        )
+
+
 def check_floating(name: str, tensor: torch.Tensor) -> None:
     """Raise unless `tensor` has a dtype the kernels compute with (fp32, bf16, fp16)."""
     if not isinstance(tensor, torch.Tensor):

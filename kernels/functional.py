@@ -1,5 +1,5 @@
-"""The functional API: check the arguments, choose the backend, run an op's autograd Function
-on rows, and give the results the tokens' shape."""
+"""The public functions: check the arguments, build the settings, choose the backend, run an
+autograd Function on rows (it takes the backend), and give the results the tokens' shape."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from vpd_kernels.backend import Backend
+from vpd_kernels import fused_linear
+from vpd_kernels.backend import Backend, Targets
 from vpd_kernels.checks import (
+    check_backward_dtype,
     check_bias,
     check_floating,
     check_head_transform,
@@ -23,15 +25,14 @@ from vpd_kernels.checks import (
     check_tuning,
     mask_weights,
 )
-from vpd_kernels.ops import fused_linear
-from vpd_kernels.ops.distill import DistillFunction
-from vpd_kernels.ops.fused_linear import (
+from vpd_kernels.functions import DistillFunction, TokenLogprobsFunction
+from vpd_kernels.fused_linear import (
     Constants,
     FusedLinearDistillFunction,
     FusedLinearLogprobsFunction,
     Head,
+    backward_dtype_for,
 )
-from vpd_kernels.ops.logprobs import TokenLogprobsFunction
 from vpd_kernels.rows import as_rows, rows_per_chunk
 from vpd_kernels.settings import LossSettings
 
@@ -146,17 +147,7 @@ def distill_loss(
     `return_stats=True` returns `(loss, DistillStats)`, computed in the same pass. `block_v` /
     `chunk_size` tune the Triton tile / torch chunk (None: automatic).
     """
-    settings = LossSettings(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        ref_coef=ref_coef,
-        reduction=reduction,
-        ce_coef=ce_coef,
-        teacher_topk=teacher_topk,
-        tail=topk_tail,
-        topk_from=topk_from,
-    )
+    settings = LossSettings.of(locals())
     check_tuning(block_v, chunk_size)
     _check_logits(student_logits, teacher_logits, ref_logits, ref_coef)
     n_cols = student_logits.shape[-1]
@@ -173,13 +164,9 @@ def distill_loss(
         student_logits.device,
         n_cols,
     )
-    teacher = as_rows(teacher_logits.detach())
     ref = as_rows(ref_logits.detach()) if ref_logits is not None else None
-
-    def compute_rows(student, coef, grad):
-        return chosen.distill_rows(student, teacher, ref, label_ids, coef, grad, settings)
-
-    rows = DistillFunction.apply(as_rows(student_logits), weights, reduction, compute_rows)
+    targets = Targets(as_rows(teacher_logits.detach()), ref, label_ids)
+    rows = DistillFunction.apply(as_rows(student_logits), weights, chosen, targets, settings)
     return _shape_outputs(
         rows, token_shape, settings, ref is not None, label_ids is not None, return_stats
     )
@@ -216,15 +203,7 @@ def topk_distill_loss(
     logits over the whole vocabulary. Ids must be distinct per token and in [0, V) (checked on
     weighted tokens, one host sync); tokens with weight 0 may hold any ids.
     """
-    settings = LossSettings(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        ref_coef=ref_coef,
-        reduction=reduction,
-        ce_coef=ce_coef,
-        tail=tail,
-    )
+    settings = LossSettings.of(locals())
     check_tuning(block_v, chunk_size)
     _check_logits(student_logits, None, ref_logits, ref_coef)
     n_cols = student_logits.shape[-1]
@@ -240,11 +219,8 @@ def topk_distill_loss(
     if ids.shape[1] == n_cols:  # no rest of the distribution to bucket
         settings = dataclasses.replace(settings, tail=False)
     ref = as_rows(ref_logits.detach()) if ref_logits is not None else None
-
-    def compute_rows(student, coef, grad):
-        return chosen.topk_rows(student, ids, logprobs, None, ref, label_ids, coef, grad, settings)
-
-    rows = DistillFunction.apply(as_rows(student_logits), weights, reduction, compute_rows)
+    targets = Targets(None, ref, label_ids, ids=ids, teacher_logprobs=logprobs)
+    rows = DistillFunction.apply(as_rows(student_logits), weights, chosen, targets, settings)
     return _shape_outputs(
         rows, token_shape, settings, ref is not None, label_ids is not None, return_stats
     )
@@ -303,6 +279,7 @@ def fused_linear_distill_loss(
     return_stats: bool = False,
     chunk_size: int | None = None,
     block_v: int | None = None,
+    backward_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, DistillStats]:
     """`distill_loss` on logits = hidden @ weight.T (+ bias), computed chunk by chunk.
 
@@ -313,21 +290,12 @@ def fused_linear_distill_loss(
     `teacher_logit_scale` / `teacher_final_logit_softcapping` the teacher's (each model's own
     config: pass both for self-distillation). Logits are float32 whatever the inputs' dtype.
     `chunk_size` is the number of rows per chunk (None: about 2**26 logits per chunk);
-    `teacher_topk` takes the top-k chunk by chunk.
+    `teacher_topk` takes the top-k chunk by chunk. `backward_dtype` is the gradient tile's dtype
+    in the backward GEMMs: None = the weight's where that is fast (CUDA), float32 elsewhere;
+    bfloat16 / float16 round the tile once and accumulate in float32 (tensor cores).
     """
-    settings = LossSettings(
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        ref_coef=ref_coef,
-        reduction=reduction,
-        ce_coef=ce_coef,
-        teacher_topk=teacher_topk,
-        tail=topk_tail,
-        topk_from=topk_from,
-    )
     return fused_linear_distill(
-        settings,
+        LossSettings.of(locals()),
         student_hidden,
         student_weight,
         teacher_hidden,
@@ -346,6 +314,7 @@ def fused_linear_distill_loss(
         return_stats=return_stats,
         chunk_size=chunk_size,
         block_v=block_v,
+        backward_dtype=backward_dtype,
     )
 
 
@@ -370,9 +339,11 @@ def fused_linear_distill(
     return_stats: bool,
     chunk_size: int | None,
     block_v: int | None,
+    backward_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, DistillStats]:
     """`fused_linear_distill_loss` with validated settings (compat.liger sets div_coef too)."""
     check_tuning(block_v, chunk_size)
+    check_backward_dtype(backward_dtype)
     check_head_transform("", *transforms)
     check_head_transform("teacher_", *teacher_transforms)
     teacher_weight = student_weight if teacher_weight is None else teacher_weight
@@ -407,6 +378,7 @@ def fused_linear_distill(
         settings,
         chosen,
         rows_per_chunk(n_cols, chunk_size, fused_linear.CHUNK_LOGITS),
+        backward_dtype_for(backward_dtype, student_weight),
         *transforms,
     )
     rows = FusedLinearDistillFunction.apply(
@@ -433,6 +405,7 @@ def fused_linear_token_logprobs(
     backend: str = "auto",
     chunk_size: int | None = None,
     block_v: int | None = None,
+    backward_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """log softmax(z / T)[token] with z = hidden @ weight.T (+ bias), transformed by
     `logit_scale` / `final_logit_softcapping` as in `fused_linear_distill_loss`; float32 (...),
@@ -446,12 +419,21 @@ def fused_linear_token_logprobs(
     check_head_transform("", logit_scale, final_logit_softcapping)
     check_temperature(temperature)
     check_tuning(block_v, chunk_size)
+    check_backward_dtype(backward_dtype)
     token_shape = hidden.shape[:-1]
     flat_tokens = check_tokens(tokens, token_shape, hidden.device, weight.shape[0])
     chosen = Backend.choose(backend, hidden.device, block_v)
     chunk = rows_per_chunk(weight.shape[0], chunk_size, fused_linear.CHUNK_LOGITS)
     transform = (float(logit_scale), final_logit_softcapping)
     logp = FusedLinearLogprobsFunction.apply(
-        as_rows(hidden), weight, bias, flat_tokens, transform, float(temperature), chosen, chunk
+        as_rows(hidden),
+        weight,
+        bias,
+        flat_tokens,
+        transform,
+        float(temperature),
+        chosen,
+        chunk,
+        backward_dtype_for(backward_dtype, weight),
     )
     return logp.view(token_shape)

@@ -8,13 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpd_kernels.checks import check_backward_dtype
 from vpd_kernels.functional import distill_loss, fused_linear_distill_loss
 from vpd_kernels.settings import LossSettings
 
-_SETTINGS = {f: f for f in ("divergence", "beta", "temperature", "ref_coef", "reduction")}
-_SETTINGS.update(
-    ce_coef="ce_coef", teacher_topk="teacher_topk", topk_tail="tail", topk_from="topk_from"
-)
 _PER_CALL = {"ref_logits", "mask", "labels", "ref_hidden", "ref_weight"}
 _PER_CALL |= {"student_bias", "teacher_bias", "ref_bias"}
 
@@ -33,7 +30,8 @@ def _validated(function, kwargs: dict[str, Any]) -> dict[str, Any]:
             f"(tensors such as {sorted(_PER_CALL & set(inspect.signature(function).parameters))} "
             "go to forward)"
         )
-    LossSettings(**{_SETTINGS[k]: v for k, v in kwargs.items() if k in _SETTINGS})
+    LossSettings.of(kwargs)
+    check_backward_dtype(kwargs.get("backward_dtype"))
     return dict(kwargs)
 
 

@@ -1,12 +1,20 @@
-"""The scalar settings of a distillation loss: one frozen value the public functions build and
-validate once (with checks.py) and every layer below reads."""
+"""The scalar settings of a distillation loss: one frozen value, built from the public keywords
+by `LossSettings.of` alone (functions, modules and compat wrappers all call it) and validated
+once (with checks.py), that every layer below reads."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from vpd_kernels.checks import DIVERGENCES, REDUCTIONS, TOPK_SOURCES, check_temperature
+
+# Public keywords whose setting has another name: `topk_tail` (distill_loss) and `tail`
+# (topk_distill_loss) are both the top-k's tail bucket.
+_RENAMED = {"topk_tail": "tail"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,16 @@ class LossSettings:
     teacher_topk: int | None = None
     tail: bool = True
     topk_from: str = "teacher"
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, Any]) -> LossSettings:
+        """The settings among a public function's keywords (others, such as tensors, ignored).
+
+        The public functions call it first thing with `locals()`, so that a keyword is named once,
+        in its signature."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        renamed = {_RENAMED.get(k, k): v for k, v in keywords.items()}
+        return cls(**{k: v for k, v in renamed.items() if k in names})
 
     def __post_init__(self) -> None:
         if self.divergence not in DIVERGENCES:

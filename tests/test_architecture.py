@@ -1,5 +1,5 @@
-"""The layers of `vpd_lightning` and the independence of `vpd_kernels`, checked by import-linter
-with the contracts in pyproject.toml (the same check `make lint` runs)."""
+"""The layers of `vpd_lightning` and of `vpd_kernels`, and the independence of `vpd_kernels`,
+checked by import-linter with the contracts in pyproject.toml (the same check `make lint` runs)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -25,13 +27,34 @@ def test_the_import_contracts_hold():
     assert "0 broken" in result.stdout
 
 
-def test_an_upward_import_breaks_the_contracts(tmp_path):
-    """The contracts can fail: a copy of the package where the policy imports the trainer."""
-    copy = tmp_path / "vpd_lightning"
-    subprocess.run(["cp", "-r", str(ROOT / "vpd_lightning"), str(copy)], check=True)
+# (file to plant the import in, the upward import, the line import-linter reports)
+UPWARD = {
+    "policy imports the trainer": (
+        "vpd_lightning/policy/roles.py",
+        "import vpd_lightning.trainer.module",
+        "vpd_lightning.policy.roles -> vpd_lightning.trainer.module",
+    ),
+    "a Triton launcher imports the backend choice": (
+        "vpd_kernels/ops/distill.py",
+        "import vpd_kernels.backend",
+        "vpd_kernels.ops.distill -> vpd_kernels.backend",
+    ),
+    "the rows import an autograd Function": (
+        "vpd_kernels/rows.py",
+        "import vpd_kernels.functions",
+        "vpd_kernels.rows -> vpd_kernels.functions",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UPWARD)
+def test_an_upward_import_breaks_the_contracts(tmp_path, case):
+    """The contracts can fail: a copy of the packages with one import planted upward."""
+    path, line, reported = UPWARD[case]
+    subprocess.run(["cp", "-r", str(ROOT / "vpd_lightning"), str(tmp_path)], check=True)
     subprocess.run(["cp", "-r", str(ROOT / "kernels"), str(tmp_path / "vpd_kernels")], check=True)
-    roles = copy / "policy" / "roles.py"
-    roles.write_text(roles.read_text() + "\nimport vpd_lightning.trainer.module  # upward\n")
+    planted = tmp_path / path
+    planted.write_text(planted.read_text() + f"\n{line}  # upward\n")
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     result = subprocess.run(
         [str(LINT_IMPORTS), "--no-cache"],
@@ -42,6 +65,4 @@ def test_an_upward_import_breaks_the_contracts(tmp_path):
         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
-    assert "vpd_lightning.policy.roles -> vpd_lightning.trainer.module" in textwrap.dedent(
-        result.stdout
-    )
+    assert reported in textwrap.dedent(result.stdout), result.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vpd_kernels.checks import check_backward_dtype
 from vpd_kernels.compat import divergence_of_beta
 from vpd_kernels.functional import fused_linear_distill
 from vpd_kernels.settings import LossSettings
@@ -37,14 +38,19 @@ class FusedLinearJSDLoss(torch.nn.Module):
         return_soft_hard_loss: bool = False,
         *,
         backend: str = "auto",
+        backward_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.settings = LossSettings(
-            temperature=temperature,
-            ce_coef=weight_hard_loss,
-            div_coef=weight_soft_loss,
-            **divergence_of_beta(beta),
+        self.settings = LossSettings.of(
+            dict(
+                temperature=temperature,
+                ce_coef=weight_hard_loss,
+                div_coef=weight_soft_loss,
+                **divergence_of_beta(beta),
+            )
         )
+        check_backward_dtype(backward_dtype)
+        self.backward_dtype = backward_dtype
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         self.return_soft_hard_loss = return_soft_hard_loss
@@ -86,6 +92,7 @@ class FusedLinearJSDLoss(torch.nn.Module):
             return_stats=self.return_soft_hard_loss,
             chunk_size=self.chunk_size,
             block_v=None,
+            backward_dtype=self.backward_dtype,
         )
         if not self.return_soft_hard_loss:
             return outputs

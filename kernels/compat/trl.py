@@ -43,6 +43,7 @@ def chunked_divergence_loss(
     temperature: float = 1.0,
     *,
     backend: str = "auto",
+    backward_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL's generalised JSD (beta = 0 forward KL, 1 reverse KL) between the heads' distributions
     at `temperature`, after each model's logit scale and softcapping, over the positions where
@@ -51,7 +52,9 @@ def chunked_divergence_loss(
     without it. Gradients reach the student's hidden states, head weight and bias.
 
     Unlike TRL's, the logits and gradients stay float32 from bf16 / fp16 inputs until the
-    outputs, and sharded (DTensor) heads are not gathered here: pass plain tensors.
+    outputs (on CUDA the gradient tile is rounded to the weight's dtype for the backward GEMMs,
+    as TRL's is; `backward_dtype` as in `fused_linear_distill_loss`), and sharded (DTensor)
+    heads are not gathered here: pass plain tensors.
     """
     valid = completion_mask != 0
     loss, stats = fused_linear_distill_loss(
@@ -70,6 +73,7 @@ def chunked_divergence_loss(
         reduction="sum",
         return_stats=True,
         backend=backend,
+        backward_dtype=backward_dtype,
         **divergence_of_beta(beta),
     )
     n_valid = valid.sum()

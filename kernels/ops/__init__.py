@@ -1,8 +1,9 @@
-"""The Triton ops: each file holds its kernels, their launchers and the autograd Function that
-runs them (the Function also runs the torch rows when the backend is "torch").
+"""The Triton backend: each file holds its kernels and their launchers (triton_rows.py names the
+launchers as torch_rows names its functions); tiles.py the helpers they share. Nothing here knows
+autograd or the backend choice: both sit above (functions.py, fused_linear.py, backend.py).
 
 Triton is absent on macOS and Windows. There `triton` and `tl` below are inert stand-ins so that
-the Functions still import and run the torch rows; `backend.resolve` refuses backend="triton".
+the kernels still import and the torch rows run; `backend.resolve` refuses backend="triton".
 """
 
 from __future__ import annotations

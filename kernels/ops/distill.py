@@ -1,5 +1,4 @@
-"""Distillation over the full vocabulary: the Triton kernel, its launcher, and the autograd
-Function that every distillation loss (full or top-k teacher, either backend) runs through.
+"""Distillation over the full vocabulary: the Triton kernel and its launcher.
 
 One program owns a block of rows and walks the vocabulary in tiles:
 - pass 1 keeps the running max of each distribution's raw logits apart from its sum of
@@ -15,8 +14,6 @@ torch_rows.distill_rows states the same math in plain torch.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -34,7 +31,7 @@ from vpd_kernels.ops.tiles import (
     times,
     weighted_sum,
 )
-from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_coefficients, scale_grad
+from vpd_kernels.rows import RowOutputs, n_rows
 from vpd_kernels.settings import LossSettings
 
 DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
@@ -275,27 +272,3 @@ def distill_rows_triton(
         num_warps=num_warps,
     )
     return outputs
-
-
-class DistillFunction(torch.autograd.Function):
-    """Loss and gradient in one forward; backward only multiplies by grad_output.
-
-    `compute_rows(student, coef, grad)` runs the rows (either backend, full or top-k teacher) and
-    writes coef-scaled gradients into `grad`, an (outer, inner, V) buffer like the student.
-    """
-
-    @staticmethod
-    def forward(ctx, student, weights, reduction: str, compute_rows: Callable[..., RowOutputs]):
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty(student.shape, device=student.device, dtype=student.dtype)
-        rows = compute_rows(student, row_coefficients(weights, reduction), grad)
-        ctx.save_for_backward(grad)
-        stats = rows[1:]
-        ctx.mark_non_differentiable(*stats)
-        return (reduce_rows(rows.loss, weights, reduction), *stats)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_stats_grads):
-        (grad,) = ctx.saved_tensors
-        return scale_grad(grad, grad_loss), None, None, None

@@ -1,5 +1,5 @@
-"""Token log-probabilities under softmax(logits / T): the Triton kernels (forward and gradient),
-their launchers and the autograd Function.
+"""Token log-probabilities under softmax(logits / T): the Triton kernels (forward and gradient)
+and their launchers.
 
 The forward reads each row once (running max and sum of exp((x - max) / T), plus one gathered
 logit) and keeps only the per-row normaliser (max, log-sum), kept apart so that large logits lose
@@ -150,23 +150,3 @@ def token_logprobs_backward_triton(
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-
-
-class TokenLogprobsFunction(torch.autograd.Function):
-    """Forward keeps only the per-row normaliser; backward re-reads the logits (either backend)."""
-
-    @staticmethod
-    def forward(ctx, logits, tokens, temperature: float, backend):
-        logp, norm = backend.logprobs(logits, tokens, temperature)
-        ctx.save_for_backward(logits, tokens, norm)
-        ctx.temperature, ctx.backend = temperature, backend
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        logits, tokens, norm = ctx.saved_tensors
-        grad = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
-        ctx.backend.logprobs_backward(
-            logits, tokens, norm, grad_logp.contiguous(), ctx.temperature, grad
-        )
-        return grad, None, None, None

@@ -1,5 +1,4 @@
-"""Distillation from the teacher's top-k tokens: the Triton kernel and its launcher (the autograd
-Function is ops/distill.py's DistillFunction).
+"""Distillation from the teacher's top-k tokens: the Triton kernel and its launcher.
 
 The teacher is k ids per token with their log-probabilities, given (an inference server's
 top-k) or taken from the teacher's logits, which the kernel then normalises over the full

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vpd_kernels as vk
+from vpd_kernels.fused_linear import gradient_tile
 
 from .helpers import (
     BACKENDS,
@@ -187,3 +188,40 @@ def test_sliced_hidden_states(backend):
     assert_rel_close(loss.detach(), expected.detach())
     assert_rel_close(h.grad[:, 1:], h64.grad)
     assert not h.grad[:, 0].any()
+
+
+def test_a_float16_gradient_tile_is_scaled_not_flushed():
+    """A mean over many tokens makes gradient entries of ~1e-9, below float16's smallest
+    subnormal: the tile is scaled by a power of two before rounding, and alpha undoes it."""
+    grad = torch.randn(7, 300, dtype=torch.float32) * 1e-9
+    tile, alpha = gradient_tile(grad.clone(), torch.float16)
+    assert tile.dtype == torch.float16 and tile.abs().max() < 2**14
+    restored = tile.float() * alpha
+    assert ((restored - grad).abs() <= 2**-11 * grad.abs() + 1e-30).all()
+    tile, alpha = gradient_tile(grad.clone(), torch.bfloat16)  # float32's range: no scaling
+    assert alpha == 1.0 and torch.equal(tile, grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_dtype_default_on_cpu_is_the_exact_float32_path(backend):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 16, generator=g).bfloat16()
+    w = (torch.randn(50, 16, generator=g) * 0.3).bfloat16()
+    th = (h.float() + 0.01 * torch.randn(9, 16, generator=g)).bfloat16()
+    grads = {}
+    for backward_dtype in (None, torch.float32, torch.bfloat16):
+        sh, sw = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        vk.fused_linear_distill_loss(
+            sh, sw, th, backend=backend, chunk_size=4, backward_dtype=backward_dtype
+        ).backward()
+        grads[backward_dtype] = (sh.grad, sw.grad)
+    assert all(torch.equal(a, b) for a, b in zip(grads[None], grads[torch.float32], strict=True))
+    assert not torch.equal(grads[None][1], grads[torch.bfloat16][1])  # the rounding is real
+
+
+def test_backward_dtype_must_be_a_float_dtype():
+    h, w = torch.randn(3, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"backward_dtype must be None .* got torch.int8"):
+        vk.fused_linear_distill_loss(h, w, h, backward_dtype=torch.int8)
+    with pytest.raises(ValueError, match="backward_dtype must be None"):
+        vk.FusedLinearDistillLoss(backward_dtype="bf16")

@@ -83,3 +83,29 @@ def test_teacher_topk_at_production_vocab():
         assert max_rel_err(loss, expected.mean()) < 5e-5
         grads.append(student.grad.float())
     assert max_rel_err(grads[0], grads[1]) < 1e-2  # both round the same fp32 gradient to bf16
+
+
+def test_the_rounded_gradient_tile_is_the_cuda_default_and_at_the_floor():
+    """On CUDA backward_dtype=None rounds the tile to the weight's bf16 and multiplies with
+    float32-output GEMMs (torch.addmm(..., out_dtype=float32)): within 2x of the output floor of
+    the float64 gradient of the same bf16 inputs, as the float32 tile is within 1.5x."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, h, v = 600, 512, 32000
+    hidden = torch.randn(n, h, device="cuda", generator=g)
+    weight = (torch.randn(v, h, device="cuda", generator=g) * 3 * h**-0.5).bfloat16()
+    teacher = (hidden + 1e-3 * torch.randn(n, h, device="cuda", generator=g)).bfloat16()
+    hidden = hidden.bfloat16()
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    log_s = torch.log_softmax(h64 @ w64.T, -1)
+    log_t = torch.log_softmax(teacher.double() @ weight.double().T, -1)
+    (log_s.exp() * (log_s - log_t)).sum(-1).mean().backward()
+    grads = {}
+    for tile, bar in ((None, 2.0), (torch.bfloat16, 2.0), (torch.float32, 1.5)):
+        x, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        vk.fused_linear_distill_loss(x, w, teacher, backward_dtype=tile).backward()
+        grads[tile] = (x.grad, w.grad)
+        for ours, exact in ((x.grad, h64.grad), (w.grad, w64.grad)):
+            err = float((ours.double() - exact).norm() / exact.norm())
+            floor = float((exact.bfloat16().double() - exact).norm() / exact.norm())
+            assert err <= bar * floor, (tile, err, floor)
+    assert torch.equal(grads[None][1], grads[torch.bfloat16][1])  # the default is bf16 here

@@ -1,15 +1,17 @@
 """Fused-linear losses: the autograd Functions that make logits = hidden @ weight.T (+ bias)
-chunk by chunk, exactly in bf16 and fp16.
+chunk by chunk, exactly in bf16 and fp16, around either backend's rows.
 
 There is no kernel of its own here: each chunk's logits come from a torch matmul with a float32
-result, the distillation (or log-prob) rows of the chosen backend turn them into per-row values
-and overwrite the chunk with its (float32) gradient, and more matmuls fold that into grad_hidden,
-grad_weight (and grad_bias), all accumulated in float32 and cast once, at the end, after the
-scaling by the incoming gradient. Low-precision rounding therefore happens only where the
-inputs already are low precision and in the final outputs: self-distillation, where teacher and
-student differ by ~1e-3, needs it (bf16 logits would round away the very difference the loss
-measures). Peak memory is a few float32 chunks of logits plus the float32 gradients, never
-(N, V). With `teacher_topk` the top-k is taken chunk by chunk too.
+result, the distillation (or log-prob) rows of the chosen `Backend` turn them into per-row values
+and overwrite the chunk with its float32 gradient, and two more matmuls fold that into
+grad_hidden and grad_weight (grad_bias is a float32 sum), accumulated in float32 and cast once, at
+the end, after the scaling by the incoming gradient. The logits are never rounded: self-
+distillation, where teacher and student differ by ~1e-3, needs it (bf16 logits would round away
+the very difference the loss measures). The gradient tile may be: `backward_dtype` bf16 / fp16
+rounds the tile (p_s - p_t, whose relative precision survives the rounding) once, so that the two
+backward GEMMs run on tensor cores with float32 accumulation, as TRL 1.16 does; float32 keeps it
+exact at the price of float32 GEMMs. Peak memory is a few float32 chunks of logits plus the
+float32 gradients, never (N, V). With `teacher_topk` the top-k is taken chunk by chunk too.
 
 Heads may transform their logits, as Cohere (`logit_scale`) and Gemma 2/3
 (`final_logit_softcapping`) do: z = cap * tanh(scale * logits / cap) (just scale * logits
@@ -18,10 +20,12 @@ without a cap). The rows see z; the gradient is chained back through dz/dlogits 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from vpd_kernels.backend import Backend, Targets
 from vpd_kernels.rows import RowOutputs, n_rows, reduce_rows, row_chunk, row_coefficients
 from vpd_kernels.settings import LossSettings
 
@@ -45,6 +49,43 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _fp32_out(a, b):
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
+
+
+def addmm32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha * a @ b for a float32 `acc`, the product never rounded to the inputs' dtype:
+    one float32-output GEMM (tensor cores, float32 accumulation) where the device has one, else
+    on float32 copies (callers keep one operand small: a vocabulary tile or a chunk of rows)."""
+    if _fp32_out(a, b):
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float(), alpha=alpha)
+
+
+def backward_dtype_for(requested: torch.dtype | None, weight: torch.Tensor) -> torch.dtype:
+    """The gradient tile's dtype in the backward GEMMs: `requested`, or by default the weight's
+    low-precision dtype where a float32-output GEMM makes that fast (CUDA, torch >= 2.8), else
+    float32 (on a CPU rounding the tile only costs precision)."""
+    if requested is not None:
+        return requested
+    fast = _MM_OUT_DTYPE and weight.is_cuda and weight.dtype != torch.float32
+    return weight.dtype if fast else torch.float32
+
+
+def gradient_tile(grad: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """The float32 gradient tile in `dtype`, and the factor that undoes its scaling (alpha).
+
+    bfloat16 has float32's range: one rounding. float16 does not (a mean over 16k tokens puts
+    entries near 1e-9, below its smallest subnormal 6e-8), so the tile is first scaled in place by
+    a power of two that brings its largest entry just under 2**14 (exact; one host read).
+    """
+    if dtype == torch.float32:
+        return grad, 1.0
+    if dtype == torch.float16:
+        largest = float(grad.abs().max())
+        if largest > 0 and math.isfinite(largest):
+            shift = 14 - math.frexp(largest)[1]
+            return grad.mul_(2.0**shift).to(dtype), 2.0**-shift
+    return grad.to(dtype), 1.0
 
 
 def _vocab_tiles(a: torch.Tensor, weight: torch.Tensor):
@@ -92,23 +133,29 @@ class Head:
             grad_z *= slope
         return grad_z.mul_(self.scale) if self.scale != 1.0 else grad_z
 
-    def backprop(self, grad_logits, hidden, grad_h, grad_w, grad_b, lo: int, hi: int) -> None:
-        """Fold float32 d loss / d logits of rows lo..hi into the float32 gradient buffers."""
-        if grad_h is not None:
-            acc = grad_h[lo:hi]
-            for cols in _vocab_tiles(grad_logits, self.weight):
-                acc += mm32(grad_logits[:, cols], self.weight[cols])
-        if grad_w is not None:
-            grad_w.addmm_(grad_logits.T, hidden.float())
+    def backprop(self, grad_logits, hidden, grads, lo: int, hi: int, dtype: torch.dtype) -> None:
+        """Fold float32 d loss / d logits of rows lo..hi into the float32 gradient buffers
+        (grad_hidden, grad_weight, grad_bias; None where not wanted), the tile in `dtype` in the
+        two GEMMs (see gradient_tile; it may overwrite `grad_logits`)."""
+        grad_h, grad_w, grad_b = grads
         if grad_b is not None:
             grad_b += grad_logits.sum(0)
+        if grad_h is None and grad_w is None:
+            return
+        tile, alpha = gradient_tile(grad_logits, dtype)
+        if grad_h is not None:
+            for cols in _vocab_tiles(tile, self.weight):
+                addmm32(grad_h[lo:hi], tile[:, cols], self.weight[cols], alpha)
+        if grad_w is not None:
+            addmm32(grad_w, tile.T, hidden, alpha)
 
 
 @dataclass(frozen=True)
 class Constants:
     """What the student's gradient does not flow into: teacher and ref (hidden rows as
     (outer, inner, H) views, heads), labels (N,) for the cross-entropy, and the settings. The
-    student's transform (scale, softcap) rides here too; its weight and bias are inputs."""
+    student's transform (scale, softcap) rides here too; its weight and bias are inputs.
+    `backward_dtype` is the gradient tile's dtype in the backward GEMMs (backward_dtype_for)."""
 
     teacher_hidden: torch.Tensor
     teacher: Head
@@ -116,8 +163,9 @@ class Constants:
     ref: Head
     labels: torch.Tensor | None
     settings: LossSettings
-    backend: object  # backend.Backend
+    backend: Backend
     chunk: int
+    backward_dtype: torch.dtype
     student_scale: float = 1.0
     student_softcap: float | None = None
 
@@ -128,7 +176,8 @@ def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> R
     total = n_rows(sh)
     out = RowOutputs.empty(total, sh.device)
     student = Head(sw, sb, c.student_scale, c.student_softcap)
-    write_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    grads = (grad_h, grad_w, grad_b)
+    write_grad = any(g is not None for g in grads)
     for lo in range(0, total, c.chunk):
         hi = min(lo + c.chunk, total)
         hidden = row_chunk(sh, lo, hi)
@@ -137,11 +186,10 @@ def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> R
         ref = None
         if c.ref_hidden is not None:
             ref = c.ref.logits(row_chunk(c.ref_hidden, lo, hi))[0][:, None]
-        rows = c.backend.distill_rows(
+        labels = c.labels[lo:hi] if c.labels is not None else None
+        rows = c.backend.rows(
             logits[:, None],
-            teacher[:, None],
-            ref,
-            c.labels[lo:hi] if c.labels is not None else None,
+            Targets(teacher[:, None], ref, labels),
             coef[lo:hi],
             logits[:, None] if write_grad else None,  # the gradient overwrites the logits
             c.settings,
@@ -150,7 +198,8 @@ def _distill_chunks(sh, sw, sb, coef, c: Constants, grad_h, grad_w, grad_b) -> R
         for dst, src in zip(out, rows, strict=True):
             dst[lo:hi] = src
         if write_grad:
-            student.backprop(student.chain(logits, slope), hidden, grad_h, grad_w, grad_b, lo, hi)
+            grad_logits = student.chain(logits, slope)
+            student.backprop(grad_logits, hidden, grads, lo, hi, c.backward_dtype)
     return out
 
 
@@ -214,7 +263,18 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Forward keeps only the per-row normaliser; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, transform, temperature: float, backend, chunk):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        tokens,
+        transform,
+        temperature: float,
+        backend: Backend,
+        chunk: int,
+        backward_dtype: torch.dtype,
+    ):
         total = n_rows(hidden)
         logp = torch.empty(total, device=hidden.device, dtype=torch.float32)
         norm = torch.empty(total, 2, device=hidden.device, dtype=torch.float32)
@@ -224,12 +284,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             z, _ = head.logits(row_chunk(hidden, lo, hi))
             logp[lo:hi], norm[lo:hi] = backend.logprobs(z[:, None], tokens[lo:hi], temperature)
         ctx.save_for_backward(hidden, weight, bias, tokens, norm)
-        ctx.transform, ctx.temperature, ctx.backend, ctx.chunk = (
-            transform,
-            temperature,
-            backend,
-            chunk,
-        )
+        ctx.transform, ctx.temperature, ctx.backend = transform, temperature, backend
+        ctx.chunk, ctx.backward_dtype = chunk, backward_dtype
         return logp
 
     @staticmethod
@@ -251,5 +307,5 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 ctx.temperature,
                 z[:, None],
             )  # the float32 gradient overwrites the logits chunk in place
-            head.backprop(head.chain(z, slope), chunk_hidden, *grads, lo, hi)
-        return *_finish(grads, (hidden, weight, bias), None), None, None, None, None, None
+            head.backprop(head.chain(z, slope), chunk_hidden, grads, lo, hi, ctx.backward_dtype)
+        return *_finish(grads, (hidden, weight, bias), None), None, None, None, None, None, None
