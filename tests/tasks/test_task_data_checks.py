@@ -44,7 +44,6 @@ def write(path: Path, rows: list[dict | bytes]) -> str:
         # an entry point that is not a name: verify raised, which would crash the training step
         ({"entry_point": 3}, "`entry_point` = 3: must be the name"),
         ({"entry_point": ["f"]}, "must be the name"),
-        ({"entry_point": None}, "`entry_point` = None: must be the name"),
         ({"entry_point": "def"}, "must be the name"),
     ],
 )
@@ -60,9 +59,10 @@ def test_jsonl_tests_that_verify_are_accepted(tmp_path):
         {"prompt": "p", "tests": ["assert f(1) == 2", "assert f(2) == 3"], "entry_point": "f"},
         {"prompt": "p", "tests": "if f(1) != 2:\n    raise AssertionError('f(1)')"},
         {"prompt": "p", "tests": "x = 1\nassert x == 1"},  # script mode: the response's globals
+        {"prompt": "p", "tests": "assert g() == 1", "entry_point": None},  # null: script mode
     ]
     task = JsonlTask(path=write(tmp_path / "ok.jsonl", rows))
-    assert len(task.records("train")) + len(task.records("test")) == 4
+    assert len(task.records("train")) + len(task.records("test")) == 5
 
 
 def test_a_50_mb_line_is_refused_before_it_is_read_whole(tmp_path):
@@ -88,7 +88,9 @@ def test_a_record_of_too_many_values_is_refused_before_it_is_parsed(tmp_path):
     many = tmp_path / "many.jsonl"
     write(many, [b'{"prompt": "q", "answer": "1", "x": [' + b"[]," * 1_200_000 + b"[]]}"])
     start = time.monotonic()
-    with pytest.raises(UserInputError, match=r"many\.jsonl:1: a record of \d+ JSON values or more"):
+    with pytest.raises(
+        UserInputError, match=r"many\.jsonl:1: a record of more than 100000 JSON values"
+    ):
         JsonlTask(path=str(many))
     assert time.monotonic() - start < 2.0
     # commas and brackets inside strings are text, not values

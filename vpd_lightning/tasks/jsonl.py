@@ -40,7 +40,6 @@ from vpd_lightning.tasks.sandbox.judge import run_judged
 from vpd_lightning.tasks.sandbox.runner import SandboxLimits, launch_plan
 
 MATCH_MODES = ("auto", "exact", "numeric")
-_ABSENT = object()  # a record without `entry_point` (null is refused, not taken for absent)
 FEEDBACK_LEVELS = ("outcome", "solution")
 
 
@@ -163,13 +162,14 @@ def check_record(record: Record) -> str | None:
     if ("answer" in record) == ("tests" in record):
         return "needs exactly one of `answer` and `tests`"
     if "tests" in record:
-        return _tests_problem(record["tests"], record.get("entry_point", _ABSENT))
+        return _tests_problem(record["tests"], record.get("entry_point"))
     return None
 
 
 def _tests_problem(tests: object, entry_point: object) -> str | None:
-    """What makes ``tests`` (and ``entry_point``) unusable for verification, or None."""
-    if entry_point is not _ABSENT and not (
+    """What makes ``tests`` (and ``entry_point``; None or absent: the script mode) unusable for
+    verification, or None."""
+    if entry_point is not None and not (
         isinstance(entry_point, str) and entry_point.isidentifier() and not iskeyword(entry_point)
     ):
         return (
@@ -195,7 +195,7 @@ def _tests_problem(tests: object, entry_point: object) -> str | None:
             f"`tests` = {_short(source)}: assert nothing (no `assert` or `raise` statement), "
             "so every answer would pass; write asserts on the answer's results"
         )
-    if entry_point is not _ABSENT and not any(
+    if entry_point is not None and not any(
         isinstance(node, ast.Name) and node.id == entry_point for node in nodes
     ):
         return (

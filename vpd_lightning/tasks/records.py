@@ -51,8 +51,8 @@ def jsonl_line_problem(raw: bytes, cost: _Cost) -> str | None:
     values = count_values(raw, MAX_RECORD_VALUES)
     if values > MAX_RECORD_VALUES:
         return (
-            f"a record of {values} JSON values or more; one record may hold at most "
-            f"{MAX_RECORD_VALUES}: shorten it"
+            f"a record of more than {MAX_RECORD_VALUES} JSON values (counted on its text), the "
+            "most one record may hold: shorten it"
         )
     cost.values += values
     if cost.values > MAX_FILE_VALUES:

@@ -287,7 +287,7 @@ def unpack(body: bytes, budget: Budget | None = None) -> dict:
 
     budget = budget or Budget()
     values = count_values(body, budget.left)
-    budget.spend(values, f"a message of {values} values or more")
+    budget.spend(values, f"a message of more than {budget.left} values (counted on its text)")
     try:
         parsed = json.loads(body.decode("utf-8", "surrogatepass"), parse_constant=_no_constants)
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:
