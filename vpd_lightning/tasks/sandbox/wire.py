@@ -154,6 +154,20 @@ class Budget:
         self.left -= units
 
 
+# A long int or string compares digit by digit (two equal-hash ints of 60,000 bits: about 60 times
+# the cost of comparing two small ones): each 1 KiB of it costs one more comparison.
+_BYTES_PER_COST = 10  # log2(1024)
+
+
+def _scalar_cost(value: object) -> int:
+    kind = type(value)
+    if kind is int:
+        return 1 + (value.bit_length() >> (_BYTES_PER_COST + 3))
+    if kind is str:
+        return 1 + (len(value) >> _BYTES_PER_COST)
+    return 1
+
+
 def decode(data: object, budget: Budget | None = None) -> object:
     """The plain value that ``data`` (parsed JSON) encodes; WireError if it is not valid,
     WireTooLarge if building its sets and dicts would cost more than ``budget`` has left."""
@@ -167,7 +181,7 @@ def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
         raise WireError("nested too deeply")
     kind = type(data)
     if data is None or kind in _SCALARS:
-        return data, 1
+        return data, _scalar_cost(data)
     if kind is list:
         return _decode_items(data, depth, budget)
     if kind is not dict or len(data) != 1:
@@ -194,9 +208,11 @@ def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
         if tag == "float":
             return _decode_float(data), 1
         if tag == "int" and type(body) is str:
-            return int(body, 16), 1
+            value = int(body, 16)
+            return value, _scalar_cost(value)
         if tag == "bytes" and type(body) is str:
-            return bytes.fromhex(body), 1
+            value = bytes.fromhex(body)
+            return value, 1 + (len(value) >> _BYTES_PER_COST)
         if tag == "complex" and type(body) is list and len(body) == 2:
             return complex(_decode_float(body[0]), _decode_float(body[1])), 1
     except WireError:
@@ -215,7 +231,7 @@ def _decode_items(
     for item in data:
         if item is None or type(item) in _SCALARS:  # most items: no call
             items.append(item)
-            cost = 1
+            cost = _scalar_cost(item)
         else:
             value, cost = _decode(item, depth + 1, budget)
             items.append(value)
