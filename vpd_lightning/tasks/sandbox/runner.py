@@ -13,7 +13,9 @@ Model output is untrusted code. Where the OS allows unprivileged user namespaces
   nested user namespace without capabilities over its mounts; ``no_new_privs``; nosuid binds.
 
 Every run also gets a scrubbed environment, rlimits (CPU, address space, file size, open files,
-processes), stdout+stderr merged and capped, and a wall-clock timeout that kills every process.
+processes), a seccomp filter (no new session, so one CPU group per run; no shared memory outside
+the address space: ``REFUSED_SYSCALLS``), stdout+stderr merged and capped, and a wall-clock timeout
+that kills every process.
 
 Without namespaces the run is **weak**: a private temp dir (mode 0700) on the host file system, the
 same limits, ``nobody`` when the trainer is root and ``nobody`` can run the interpreter; the program
