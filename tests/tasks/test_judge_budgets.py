@@ -118,14 +118,23 @@ def test_long_colliding_ints_are_charged_for_their_length():
     assert wire.loads(wire.dump(honest)) == honest
 
 
+# nested_sets(36, 1400) written by the response itself (small source: the hostile run starts as
+# fast as its neighbour, so its reply arrives while the neighbour is still being checked)
+NESTED_IN_SANDBOX = (
+    "'{\"set\":[' + ','.join('{\"frozenset\":[' + ','.join(str(i * P) for i in "
+    "[*range(1400), 1400 + j]) + ']}' for j in range(36)) + ']}'"
+).replace("P", str(P))
+
+
 def test_a_hostile_reply_cannot_change_a_neighbours_reward_or_stall_the_step():
-    # Before: the neighbour (a right answer verified beside it) timed out, reward 0.
-    limits = SandboxLimits.for_tests(2.0, 1024, True)
+    # Before: the neighbour (a right answer verified beside it, busy for 1.6 s of its 3 s) timed
+    # out, reward 0, while the judge built the hostile reply's set for 5 s holding the GIL.
+    limits = SandboxLimits.for_tests(3.0, 1024, True)
     honest = (
         "import time\ndef f(x):\n    time.sleep(0.4)\n    return x + 1\n",
-        "assert f(1) == 2\nassert f(2) == 3",
+        "\n".join(f"assert f({i}) == {i + 1}" for i in range(4)),
     )
-    hostile = (FORGED_REPLY.format(value=repr(nested_sets(36, 1400))), "assert f() == 0")
+    hostile = (FORGED_REPLY.format(value=NESTED_IN_SANDBOX), "assert f() == 0")
     alone = judged(*honest, limits=limits)[1]  # this machine's time for the neighbour, now
     with ThreadPoolExecutor(2) as pool:
         bad, good = (pool.submit(judged, *pair, limits=limits) for pair in (hostile, honest))
