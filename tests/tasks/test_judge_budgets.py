@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -76,6 +77,89 @@ def test_collision_budget_is_checked_before_the_set_is_built():
         wire.decode({"frozenset": big})
 
 
+def nested_sets(sets: int, members: int) -> str:
+    """JSON of a set of ``sets`` frozensets of ``members`` + 1 colliding ints, alike but for one
+    member: each frozenset fits a per-set budget, but comparing two costs about members**2 / 4."""
+    inner = (
+        '{"frozenset":[' + ",".join(str(i * P) for i in [*range(members), members + j]) + "]}"
+        for j in range(sets)
+    )
+    return '{"set":[' + ",".join(inner) + "]}"
+
+
+def test_sets_of_sets_of_colliding_values_are_charged_for_comparing_them():
+    # Before: 4.7 s building the outer set of 36 (1.2 MB) in one C call, each inner set within
+    # its own budget; the work is now charged to one budget for the whole message.
+    start = time.monotonic()
+    with pytest.raises(wire.WireTooLarge, match=r"hashes collide.*a message may cost"):
+        wire.loads(nested_sets(36, 1400))
+    assert time.monotonic() - start < 0.5
+    # two inner sets that each fit the budget alone do not fit it together
+    wire.loads(nested_sets(1, 1000))
+    with pytest.raises(wire.WireTooLarge):
+        wire.loads(nested_sets(2, 1000))
+    # honest nested values decode as before
+    honest = {frozenset(range(i, i + 10)) for i in range(1000)} | {frozenset({-1, -2})}
+    assert wire.loads(wire.dump(honest)) == honest
+    pairs = {(i, frozenset({-1, -2, i})): [i] for i in range(1000)}
+    assert wire.loads(wire.dump(pairs)) == pairs
+
+
+def test_long_colliding_ints_are_charged_for_their_length():
+    # Before: 1,400 ints of 45,000 bits that hash alike and differ only in their low digits
+    # (15.8 MB) took 2.5 s in one C call, charged as if they were small.
+    top = 1 << 40_000
+    members = ",".join(wire.dump((top + j) * P) for j in range(1000))  # {"int": "0x..."}
+    start = time.monotonic()
+    with pytest.raises(wire.WireTooLarge, match="hashes collide"):
+        wire.loads('{"set":[' + members + "]}")
+    assert time.monotonic() - start < 1.0
+    honest = {7**20000 + j for j in range(1000)}  # long but distinct hashes: no comparisons
+    assert wire.loads(wire.dump(honest)) == honest
+
+
+# nested_sets(36, 1400) written by the response itself (small source: the hostile run starts as
+# fast as its neighbour, so its reply arrives while the neighbour is still being checked)
+NESTED_IN_SANDBOX = (
+    "'{\"set\":[' + ','.join('{\"frozenset\":[' + ','.join(str(i * P) for i in "
+    "[*range(1400), 1400 + j]) + ']}' for j in range(36)) + ']}'"
+).replace("P", str(P))
+
+
+def test_a_hostile_reply_cannot_change_a_neighbours_reward_or_stall_the_step():
+    # Before: the neighbour (a right answer verified beside it, busy for 1.6 s of its 3 s) timed
+    # out, reward 0, while the judge built the hostile reply's set for 5 s holding the GIL.
+    limits = SandboxLimits.for_tests(3.0, 1024, True)
+    honest = (
+        "import time\ndef f(x):\n    time.sleep(0.4)\n    return x + 1\n",
+        "\n".join(f"assert f({i}) == {i + 1}" for i in range(4)),
+    )
+    hostile = (FORGED_REPLY.format(value=NESTED_IN_SANDBOX), "assert f() == 0")
+    alone = judged(*honest, limits=limits)[1]  # this machine's time for the neighbour, now
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = (pool.submit(judged, *pair, limits=limits) for pair in (hostile, honest))
+        (bad, bad_s), (good, good_s) = bad.result(), good.result()
+    assert good.passed, good.feedback
+    assert not bad.passed and "too costly to check" in bad.feedback
+    assert max(bad_s, good_s) < alone + 1.0, (alone, bad_s, good_s)
+
+
+def test_a_16_mb_string_of_backslashes_costs_the_judge_little():
+    # Before: 13 s and 940 MB in the backtracking value-count regex, for an honest string.
+    text = "\\" * (8 * 1024 * 1024 - 20)
+    body = b'{"kind":"returned","value":' + wire.dump(text).encode() + b"}"
+    assert len(body) <= wire.MAX_MESSAGE
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        assert wire.unpack(body)["value"] == text
+        elapsed, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2.0 and peak < 3 * len(body), (elapsed, peak)
+    assert wire.count_values(body, limit=10) == 5  # the string's marks are not counted
+
+
 def test_a_16_mb_message_of_nested_lists_is_refused_before_it_is_parsed():
     # Before: 11 s of judge CPU and about 800 MB of memory for each concurrent check.
     body = b'{"kind":"returned","value":[' + b",".join([b"[]"] * 5_500_000) + b"]}"
@@ -83,7 +167,7 @@ def test_a_16_mb_message_of_nested_lists_is_refused_before_it_is_parsed():
     tracemalloc.start()
     start = time.monotonic()
     try:
-        with pytest.raises(wire.WireTooLarge, match="more than 1000000 values"):
+        with pytest.raises(wire.WireTooLarge, match="a message of more than 1000000 values"):
             wire.unpack(body)
         elapsed, peak = time.monotonic() - start, tracemalloc.get_traced_memory()[1]
     finally:
@@ -111,10 +195,9 @@ def test_the_value_count_is_an_upper_bound_that_ignores_strings(text):
             return 1 + sum(1 + values(v) for v in node.values())
         return 1
 
-    counted = wire.count_values(text.encode())
-    assert values(json.loads(text)) <= counted
-    if text.startswith('"'):
-        assert counted == 1  # brackets, commas and escaped quotes inside a string are not values
+    assert values(json.loads(text)) <= wire.count_values(text.encode())
+    if text.startswith('"'):  # brackets, commas and escaped quotes inside a string are not values
+        assert wire.count_values(text.encode(), limit=1) == 1
 
 
 def test_counting_values_is_linear_even_for_strings_that_never_close():

@@ -79,7 +79,10 @@ def _daemon(marker: str) -> str:
     return (
         "import os, sys\n"
         "if os.fork() == 0:\n"
-        "    os.setsid()\n"
+        "    try:\n"
+        "        os.setsid()  # refused, but the PID namespace must end the child anyway\n"
+        "    except PermissionError:\n"
+        "        pass\n"
         "    if os.fork() == 0:\n"
         f"        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {marker!r}])\n"
         "    os._exit(0)\n"
@@ -272,6 +275,80 @@ def test_no_privileges_to_regain():
         "setuid refused",
     ]
     assert lines[5] != "uid 0", result.output
+
+
+# Holds memory outside every process's address space: SysV shared memory (attached, touched,
+# detached: the segment stays) and memfds (allocated, kept open). Prints the MB it held.
+SHARED_MEMORY = """
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+MB = 1024 * 1024
+held, refused = 0, set()
+for _ in range(4):
+    seg = libc.shmget(0, 64 * MB, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if seg < 0:
+        refused.add(("shmget", errno.errorcode[ctypes.get_errno()]))
+        break
+    address = libc.shmat(seg, None, 0)
+    ctypes.memset(address, 1, 64 * MB)
+    libc.shmdt(ctypes.c_void_p(address))
+    held += 64
+fds = []
+for _ in range(16):
+    try:
+        fd = os.memfd_create("hold")
+        os.posix_fallocate(fd, 0, 16 * MB)
+    except OSError as exc:
+        refused.add(("memfd", errno.errorcode[exc.errno]))
+        break
+    fds.append(fd)
+    held += 16
+print("held", held, sorted(refused))
+"""
+
+
+def test_a_run_holds_no_memory_outside_its_limits():
+    # Before: 512 MB held at memory_mb=128 (the issue: 3 GB of SysV shm, 750 MB of memfds).
+    result = run_python(SHARED_MEMORY, limits=SandboxLimits(timeout_s=10, memory_mb=128))
+    assert result.output.split("\n")[-2:] == [
+        "held 0 [('memfd', 'EPERM'), ('shmget', 'EPERM')]",
+        "",
+    ], result.output
+
+
+# Forks children that try to leave the run's session (setsid) or process group (setpgid); each
+# says what happened, its session and its CPU group (the kernel's autogroup is per session).
+LEAVE_SESSION = """
+import os
+def group():
+    try:
+        with open("/proc/self/autogroup") as handle:
+            return handle.read().split()[0]
+    except OSError:
+        return "no autogroup"
+print("parent", os.getsid(0), group(), flush=True)
+for call in (os.setsid, lambda: os.setpgid(0, 0)):
+    if os.fork() == 0:
+        try:
+            call()
+            how = "left"
+        except PermissionError:
+            how = "refused"
+        print("child", how, os.getsid(0), group(), flush=True)
+        os._exit(0)
+    os.wait()
+"""
+
+
+def test_no_process_of_a_run_can_leave_its_cpu_group():
+    # Before: setsid gave each child a session and an autogroup of its own, so 16 spinners got
+    # 16 CPU shares and 3 right answers verified beside them timed out.
+    result = run_python(LEAVE_SESSION, limits=FAST)
+    (parent, *children) = [line.split() for line in result.output.splitlines()]
+    assert len(children) == 2, result.output
+    for child in children:
+        assert child == ["child", "refused", *parent[1:]], result.output
 
 
 @pytest.fixture

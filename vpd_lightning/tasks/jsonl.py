@@ -16,7 +16,9 @@ Records with both or neither are rejected when loaded.
 
 from __future__ import annotations
 
+import ast
 import math
+from keyword import iskeyword
 from pathlib import Path
 from typing import Literal
 
@@ -148,7 +150,10 @@ class JsonlTask(Task):
 
 
 def check_record(record: Record) -> str | None:
-    """What is wrong with one JSONL record, or None."""
+    """What is wrong with one JSONL record, or None. Tests are checked as verification will use
+    them: records whose tests pay a wrong answer (they assert nothing), fail every answer (they do
+    not compile) or would crash the training step (an ``entry_point`` that is not a name) are
+    refused here, when the file is read."""
     prompt = record.get("prompt")
     if not (isinstance(prompt, str) and prompt.strip()) and not (
         isinstance(prompt, list) and prompt
@@ -156,4 +161,50 @@ def check_record(record: Record) -> str | None:
         return "needs `prompt`: a non-empty string or a non-empty list of chat messages"
     if ("answer" in record) == ("tests" in record):
         return "needs exactly one of `answer` and `tests`"
+    if "tests" in record:
+        return _tests_problem(record["tests"], record.get("entry_point"))
     return None
+
+
+def _tests_problem(tests: object, entry_point: object) -> str | None:
+    """What makes ``tests`` (and ``entry_point``; None or absent: the script mode) unusable for
+    verification, or None."""
+    if entry_point is not None and not (
+        isinstance(entry_point, str) and entry_point.isidentifier() and not iskeyword(entry_point)
+    ):
+        return (
+            f"`entry_point` = {_short(entry_point)}: must be the name of the function under "
+            "test (a Python identifier, as a string); drop the key to run the tests as a script"
+        )
+    lines_ok = isinstance(tests, list) and all(isinstance(line, str) for line in tests)
+    if not (isinstance(tests, str) or lines_ok):
+        return (
+            f"`tests` = {_short(tests)}: must be Python source, a string or a list of strings "
+            "(lines)"
+        )
+    source = "\n".join(tests) if isinstance(tests, list) else tests
+    try:
+        tree = ast.parse(source, "<tests>")
+    except (SyntaxError, ValueError) as exc:  # ValueError: a null byte
+        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        why = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        return f"`tests` do not compile{where}: {why}; every answer would fail them"
+    nodes = list(ast.walk(tree))
+    if not any(isinstance(node, ast.Assert | ast.Raise) for node in nodes):
+        return (
+            f"`tests` = {_short(source)}: assert nothing (no `assert` or `raise` statement), "
+            "so every answer would pass; write asserts on the answer's results"
+        )
+    if entry_point is not None and not any(
+        isinstance(node, ast.Name) and node.id == entry_point for node in nodes
+    ):
+        return (
+            f"`tests` never use the `entry_point` {entry_point!r}, so every answer would get the "
+            "same reward; call it in the asserts"
+        )
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -5,21 +5,76 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from vpd_lightning.errors import UserInputError, require
 from vpd_lightning.tasks.base import Record, Task, option
+from vpd_lightning.tasks.sandbox.wire import count_values
 
 T = TypeVar("T")
 
 
+# What one JSONL file may expand to, checked on its text before it is parsed: parsed, a record
+# takes up to about 25 times its text in memory (``[{},{},...]``), so the bound is on the text
+# and on its JSON values (each at most about 75 bytes of Python objects).
+MAX_LINE_BYTES = 4 * 1024 * 1024
+MAX_RECORD_VALUES = 100_000
+MAX_FILE_BYTES = 512 * 1024 * 1024
+MAX_FILE_VALUES = 5_000_000
+MAX_DEPTH = 32  # nesting of a parsed record
+
+
+@dataclass
+class _Cost:
+    """What a file has cost so far: bytes read and JSON values parsed."""
+
+    bytes: int = 0
+    values: int = 0
+
+
+def jsonl_line_problem(raw: bytes, cost: _Cost) -> str | None:
+    """What is too large about the next line of a JSONL file (``raw``, read with at most
+    ``MAX_LINE_BYTES + 1`` bytes), checked before it is parsed, or None; adds it to ``cost``."""
+    cost.bytes += len(raw)
+    if len(raw) > MAX_LINE_BYTES:
+        return (
+            f"a line of more than {MAX_LINE_BYTES} bytes; one record may hold at most "
+            f"{MAX_LINE_BYTES // 2**20} MiB of JSON: shorten it"
+        )
+    if cost.bytes > MAX_FILE_BYTES:
+        return (
+            f"the file passes {MAX_FILE_BYTES} bytes here, the most one data file may hold: "
+            "split it into several files"
+        )
+    values = count_values(raw, MAX_RECORD_VALUES)
+    if values > MAX_RECORD_VALUES:
+        return (
+            f"a record of more than {MAX_RECORD_VALUES} JSON values (counted on its text), the "
+            "most one record may hold: shorten it"
+        )
+    cost.values += values
+    if cost.values > MAX_FILE_VALUES:
+        return (
+            f"the file passes {MAX_FILE_VALUES} JSON values here, the most one data file may "
+            "hold: split it into several files"
+        )
+    return None
+
+
 def read_jsonl(path: Path, check: Callable[[Record], str | None] | None = None) -> list[Record]:
-    """One JSON object per non-blank line of UTF-8 text. Errors name the file and the line number
+    """One JSON object per non-blank line of UTF-8 text, each line's size checked before it is
+    read whole or parsed (:func:`jsonl_line_problem`). Errors name the file and the line number
     in it; `check(record)` returns what is wrong with a record, or None."""
     records = []
+    cost = _Cost()
     with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
+        lines = iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b"")
+        for lineno, raw in enumerate(lines, 1):
+            problem = jsonl_line_problem(raw, cost)
+            if problem:
+                raise UserInputError(f"{path}:{lineno}: {problem}")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -48,11 +103,14 @@ def read_jsonl(path: Path, check: Callable[[Record], str | None] | None = None) 
 
 
 def _not_text(record: Record) -> str | None:
-    """What in a record is not valid Unicode text: a JSON escape such as ``"\\ud800"`` decodes to
-    a lone surrogate, which no tokenizer or UTF-8 writer accepts."""
-    stack: list[tuple[str, object]] = [(key, value) for key, value in record.items()]
+    """What in a record is not valid Unicode text (a JSON escape such as ``"\\ud800"`` decodes
+    to a lone surrogate, which no tokenizer or UTF-8 writer accepts) or nested deeper than
+    ``MAX_DEPTH``."""
+    stack: list[tuple[str, object, int]] = [(key, value, 1) for key, value in record.items()]
     while stack:
-        key, value = stack.pop()
+        key, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"`{key}` is nested more than {MAX_DEPTH} deep; flatten it"
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
@@ -62,9 +120,10 @@ def _not_text(record: Record) -> str | None:
                     f"{exc.start + 1}), which is not text; write the character itself or drop it"
                 )
         elif isinstance(value, dict):
-            stack += [(key, k) for k in value] + [(key, v) for v in value.values()]
+            stack += [(key, k, depth + 1) for k in value]
+            stack += [(key, v, depth + 1) for v in value.values()]
         elif isinstance(value, list):
-            stack += [(key, item) for item in value]
+            stack += [(key, item, depth + 1) for item in value]
     return None
 
 

@@ -14,8 +14,10 @@ With ``plan["isolate"]`` the processes are:
   nothing else of the host (no home, no project, no ``/tmp``, no sockets); ``pivot_root`` into it and
   drops the old root. Forks G, waits for it, then exits, which kills every process left in the
   namespace. C and C1 die with their parent (``PR_SET_PDEATHSIG``), so killing P ends everything.
-- **G**: drops every privilege (to an unmapped-to-root uid, or into a nested user namespace), sets the
-  rlimits, and runs the program from the bundle. This is the only process that runs untrusted code.
+- **G**: drops every privilege (to an unmapped-to-root uid, or into a nested user namespace), refuses
+  the system calls that would leave the run's limits (a seccomp filter: new sessions, shared memory
+  outside the address space), sets the rlimits, and runs the program from the bundle. This is the
+  only process that runs untrusted code.
 
 Without ``isolate`` (the OS does not allow the namespaces) P itself becomes G in a private temp dir the
 trainer made, optionally as ``nobody``: the weak mode that ``runner.py`` names in every result.
@@ -49,6 +51,12 @@ MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_EPERM = 0x00050000 | 1  # SECCOMP_RET_ERRNO | EPERM
+X32_SYSCALL_BIT = 0x40000000
+BPF_LOAD, BPF_JEQ, BPF_JGE, BPF_RET = 0x20, 0x15, 0x35, 0x06  # ld [k]; jeq, jge #k; ret #k
 AT_FDCWD = -100
 AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY = 0x1
@@ -237,6 +245,45 @@ def _drop_privileges():
         # A nested user namespace: capabilities only there, none over this mount namespace.
         _check(LIBC.unshare(CLONE_NEWUSER), "unshare nested user namespace")
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _refuse_syscalls(PLAN["refused_syscalls"])
+
+
+def _refuse_syscalls(refused):
+    """A seccomp filter, inherited by every process of the run and never removable: the calls in
+    ``refused`` ((audit arch, syscall numbers), from the trainer; None: none known for this
+    machine) fail with EPERM, and so does every call of another ABI (i386 or x32 on x86_64)."""
+    if refused is None:
+        return
+    arch, numbers = refused
+    n = len(numbers)
+    program = [
+        (BPF_LOAD, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ, 1, 0, arch),
+        (BPF_RET, 0, 0, SECCOMP_RET_EPERM),
+        (BPF_LOAD, 0, 0, 0),  # seccomp_data.nr
+        (BPF_JGE, n + 1, 0, X32_SYSCALL_BIT),  # to the last instruction
+        *((BPF_JEQ, n - i, 0, number) for i, number in enumerate(numbers)),
+        (BPF_RET, 0, 0, SECCOMP_RET_ALLOW),
+        (BPF_RET, 0, 0, SECCOMP_RET_EPERM),
+    ]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(program))(*(SockFilter(*op) for op in program))
+    fprog = SockFprog(len(program), filters)
+    result = LIBC.prctl(
+        PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0
+    )
+    _check(result, "seccomp filter")
 
 
 def _run_program(keep):

@@ -185,13 +185,14 @@ class Candidate:
             **fields,
         }
 
-    def receive(self, phase: str) -> dict:
-        """One message from the sandbox, or _Abort (timeout, exit, garbage, too large)."""
+    def receive(self, phase: str, budget: wire.Budget | None = None) -> dict:
+        """One message from the sandbox, or _Abort (timeout, exit, garbage, too large); parsing it
+        is charged to ``budget``, the judge's work on this message."""
         try:
             size = wire.size_of(self._process.receive(wire.HEADER_SIZE))
             if size > wire.MAX_MESSAGE:  # the program half never sends these: garbage
                 raise _Abort(self._report("garbled", phase=phase))
-            return wire.unpack(self._process.receive(size))
+            return wire.unpack(self._process.receive(size), budget)
         except wire.WireTooLarge as exc:
             raise _Abort(self._too_costly(exc, phase)) from None
         except TimeoutError:
@@ -233,11 +234,12 @@ class Candidate:
             raise _Abort(self._report("timeout", phase="tests")) from None
         except SandboxClosed:
             raise _Abort(self._report("died", phase="tests")) from None
-        reply = self.receive("tests")
+        budget = wire.Budget()  # one for the whole reply: parsing, decoding, building its sets
+        reply = self.receive("tests", budget)
         kind = reply.get("kind")
         if kind == "returned":
             try:
-                value = wire.decode(reply.get("value"))
+                value = wire.decode(reply.get("value"), budget)
             except wire.WireTooLarge as exc:
                 raise _Abort(self._too_costly(exc, "tests")) from None
             except (wire.WireError, RecursionError):

@@ -13,7 +13,9 @@ Model output is untrusted code. Where the OS allows unprivileged user namespaces
   nested user namespace without capabilities over its mounts; ``no_new_privs``; nosuid binds.
 
 Every run also gets a scrubbed environment, rlimits (CPU, address space, file size, open files,
-processes), stdout+stderr merged and capped, and a wall-clock timeout that kills every process.
+processes), a seccomp filter (no new session, so one CPU group per run; no shared memory outside
+the address space: ``REFUSED_SYSCALLS``), stdout+stderr merged and capped, and a wall-clock timeout
+that kills every process.
 
 Without namespaces the run is **weak**: a private temp dir (mode 0700) on the host file system, the
 same limits, ``nobody`` when the trainer is root and ``nobody`` can run the interpreter; the program
@@ -51,6 +53,26 @@ SETUP_FAILED = 125  # exit status of the boot code when the sandbox could not be
 WORKDIR = "/sandbox"  # the program's working directory and HOME inside the namespaces
 ISOLATED = "namespaces"
 log = logging.getLogger(__name__)
+# Refused (EPERM) to every process of every run, by a seccomp filter that ``boot.py`` installs:
+# a new session or process group would leave the run's CPU group (the kernel's autogroup is per
+# session; 16 setsid'd spinners took 16 shares) and the weak mode's kill; SysV shared memory,
+# message queues and semaphores, POSIX message queues and memfds hold memory that no process's
+# address space limit counts (3 GB of shm at memory_mb=128).
+REFUSED_SYSCALLS = (
+    "setsid",
+    "setpgid",
+    "shmget",
+    "msgget",
+    "semget",
+    "mq_open",
+    "memfd_create",
+    "memfd_secret",
+)
+_SYSCALL_TABLES = {  # machine: (AUDIT_ARCH_*, the numbers of REFUSED_SYSCALLS, in order)
+    "x86_64": (0xC000003E, (112, 109, 29, 68, 64, 240, 319, 447)),
+    "aarch64": (0xC00000B7, (157, 154, 194, 186, 190, 180, 279, 447)),
+    "riscv64": (0xC00000F3, (157, 154, 194, 186, 190, 180, 279, 447)),
+}
 
 
 @dataclass(frozen=True)
@@ -138,7 +160,10 @@ class LaunchPlan:
 
     @property
     def isolation(self) -> str:
-        return ISOLATED if self.isolated else f"weak: {self.reason}"
+        mode = ISOLATED if self.isolated else f"weak: {self.reason}"
+        if os.uname().machine not in _SYSCALL_TABLES:
+            mode += f"; no syscall filter on {os.uname().machine} (setsid, shared memory allowed)"
+        return mode
 
 
 @dataclass(frozen=True)
@@ -353,6 +378,7 @@ class SandboxProcess:
             "rlimits": rlimits,
             "executable": _executable(),
             "program_fds": [to_program_r, from_program_w],
+            "refused_syscalls": _SYSCALL_TABLES.get(os.uname().machine),
         }
         if plan.isolated:
             fs = _file_system()

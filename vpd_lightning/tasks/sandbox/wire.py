@@ -8,11 +8,13 @@ the judge gets data, not objects with behaviour (no pickle, no ``__eq__`` that a
 subclasses). JSON arrays are lists; every other container or special value is a one-key object
 (``{"tuple": [...]}``, ``{"dict": [[k, v], ...]}``, ``{"float": "nan"}``).
 
-The judge bounds its work on whatever arrives, before doing it: a message holds at most
-``MAX_VALUES`` JSON values (counted on the text before it is parsed), and a set or dict whose
-members hash alike (``hash(i * (2**61 - 1)) == 0`` for every int ``i``; building it compares each
-pair) is refused before it is built when those comparisons would exceed ``MAX_COLLISION_WORK``.
-Both raise :class:`WireTooLarge`.
+The judge bounds its work on whatever arrives, before doing it, with one :class:`Budget` per
+message (``MAX_WORK`` units): every JSON value costs a unit (counted on the text before it is
+parsed), and building a set or dict costs the comparisons among members whose hashes collide
+(``hash(i * (2**61 - 1)) == 0`` for every int ``i``), each weighted by what comparing those members
+may cost: their own size and the comparisons inside them, so sets of sets of colliding values are
+charged for what comparing them costs, not for their length. The charge is made before the set is
+built; past the budget, :class:`WireTooLarge`.
 
 Messages are length-prefixed (4 bytes, big-endian). The judge's messages to the sandbox (call
 arguments from the trusted tests) are ``marshal`` data, which only the sandbox reads; the sandbox's
@@ -29,8 +31,9 @@ import math
 
 MAX_DEPTH = 100
 MAX_MESSAGE = 16 * 1024 * 1024
-MAX_VALUES = 1_000_000  # JSON values in one message: bounds the judge's memory and decoding time
-MAX_COLLISION_WORK = 1_000_000  # element comparisons among set members or dict keys hashing alike
+# The judge's work on one message, in values parsed plus element comparisons to build its sets and
+# dicts: bounds its memory and its time (about 0.3 s at most; a C call that builds a set holds the GIL).
+MAX_WORK = 1_000_000
 HEADER_SIZE = 4
 _INT_BITS = 4000  # larger ints travel as hex: int(str) is capped at 4300 digits
 
@@ -138,48 +141,78 @@ def _decode_float(data: object) -> float:
     raise WireError("bad float")
 
 
-def decode(data: object) -> object:
+class Budget:
+    """The judge's work left for one message: charged before each piece of work is done, so no
+    value, however nested, costs more than ``MAX_WORK`` in all."""
+
+    def __init__(self, units: int = MAX_WORK) -> None:
+        self.units, self.left = units, units
+
+    def spend(self, units: int, what: str) -> None:
+        if units > self.left:
+            raise WireTooLarge(f"{what}, more than the {self.units} a message may cost")
+        self.left -= units
+
+
+# A long int or string compares digit by digit (two equal-hash ints of 60,000 bits: about 60 times
+# the cost of comparing two small ones): each 1 KiB of it costs one more comparison.
+_BYTES_PER_COST = 10  # log2(1024)
+
+
+def _scalar_cost(value: object) -> int:
+    kind = type(value)
+    if kind is int:
+        return 1 + (value.bit_length() >> (_BYTES_PER_COST + 3))
+    if kind is str:
+        return 1 + (len(value) >> _BYTES_PER_COST)
+    return 1
+
+
+def decode(data: object, budget: Budget | None = None) -> object:
     """The plain value that ``data`` (parsed JSON) encodes; WireError if it is not valid,
-    WireTooLarge if building a set or dict of it would cost more than ``MAX_COLLISION_WORK``."""
-    return _decode(data, 0)[0]
+    WireTooLarge if building its sets and dicts would cost more than ``budget`` has left."""
+    return _decode(data, 0, budget or Budget())[0]
 
 
-def _decode(data: object, depth: int) -> tuple[object, int]:
-    """The value and its size in values (what comparing it with another may cost)."""
+def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
+    """The value and its cost: an upper bound on the element comparisons that comparing it with
+    another value may take (its size, plus the comparisons that looking up its members take)."""
     if depth > MAX_DEPTH:
         raise WireError("nested too deeply")
     kind = type(data)
     if data is None or kind in _SCALARS:
-        return data, 1
+        return data, _scalar_cost(data)
     if kind is list:
-        return _decode_items(data, depth)
+        return _decode_items(data, depth, budget)
     if kind is not dict or len(data) != 1:
         raise WireError("bad value")
     ((tag, body),) = data.items()
     try:
         if tag in ("tuple", "set", "frozenset") and type(body) is list:
-            sizes: list[int] | None = None if tag == "tuple" else []
-            items, size = _decode_items(body, depth, sizes)
-            if sizes is not None:
-                _check_hashes(items, sizes)
-            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), size
+            costs: list[int] | None = None if tag == "tuple" else []
+            items, cost = _decode_items(body, depth, budget, costs)
+            if costs is not None:
+                cost += _charge_hashes(items, costs, budget)
+            return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), cost
         if tag == "dict" and type(body) is list:
-            pairs, key_sizes, size = [], [], 1
+            pairs, key_costs, cost = [], [], 1
             for pair in body:
                 if type(pair) is not list or len(pair) != 2:
                     raise WireError("bad dict item")
-                (key, key_size), (item, item_size) = (_decode(p, depth + 1) for p in pair)
+                (key, key_cost), (item, item_cost) = (_decode(p, depth + 1, budget) for p in pair)
                 pairs.append((key, item))
-                key_sizes.append(key_size)
-                size += key_size + item_size
-            _check_hashes([key for key, _ in pairs], key_sizes)
-            return dict(pairs), size
+                key_costs.append(key_cost)
+                cost += key_cost + item_cost
+            cost += _charge_hashes([key for key, _ in pairs], key_costs, budget)
+            return dict(pairs), cost
         if tag == "float":
             return _decode_float(data), 1
         if tag == "int" and type(body) is str:
-            return int(body, 16), 1
+            value = int(body, 16)
+            return value, _scalar_cost(value)
         if tag == "bytes" and type(body) is str:
-            return bytes.fromhex(body), 1
+            value = bytes.fromhex(body)
+            return value, 1 + (len(value) >> _BYTES_PER_COST)
         if tag == "complex" and type(body) is list and len(body) == 2:
             return complex(_decode_float(body[0]), _decode_float(body[1])), 1
     except WireError:
@@ -189,65 +222,88 @@ def _decode(data: object, depth: int) -> tuple[object, int]:
     raise WireError(f"bad value tagged {tag!r}")
 
 
-def _decode_items(data: list, depth: int, sizes: list[int] | None = None) -> tuple[list, int]:
-    """The decoded items and their total size; each item's size is appended to ``sizes``."""
+def _decode_items(
+    data: list, depth: int, budget: Budget, costs: list[int] | None = None
+) -> tuple[list, int]:
+    """The decoded items and their total cost; each item's cost is appended to ``costs``."""
     items: list = []
     total = 1
     for item in data:
         if item is None or type(item) in _SCALARS:  # most items: no call
             items.append(item)
-            size = 1
+            cost = _scalar_cost(item)
         else:
-            value, size = _decode(item, depth + 1)
+            value, cost = _decode(item, depth + 1, budget)
             items.append(value)
-        total += size
-        if sizes is not None:
-            sizes.append(size)
+        total += cost
+        if costs is not None:
+            costs.append(cost)
     return items, total
 
 
-def _check_hashes(members: list, sizes: list[int]) -> None:
-    """Refuse, before a set or dict is built, members whose hashes collide so much that building
-    it would cost more than MAX_COLLISION_WORK: each member is compared with every earlier one of
-    the same hash, at up to its size in values per comparison. Counting hashes is linear."""
+def _charge_hashes(members: list, costs: list[int], budget: Budget) -> int:
+    """Charge ``budget``, before a set or dict of ``members`` is built, for the comparisons that
+    building it takes: each member is compared with every earlier one of the same hash, each
+    comparison costing up to the larger member's cost. Returns twice that work: what looking up
+    every member of one such set in another may take (so a set of such sets is charged for it).
+    Counting hashes is linear."""
     hashes = list(map(hash, members))  # TypeError for an unhashable member
     if len(set(hashes)) == len(hashes):  # distinct hashes (ints hash to themselves): no work
-        return
+        return 0
     groups: dict[int, list[int]] = {}
-    for key, size in zip(hashes, sizes, strict=True):
+    for key, cost in zip(hashes, costs, strict=True):
         group = groups.setdefault(key, [0, 0])
         group[0] += 1
-        group[1] = max(group[1], size)
-    work = sum(n * (n - 1) // 2 * size for n, size in groups.values())
-    if work > MAX_COLLISION_WORK:
-        raise WireTooLarge(
-            f"a set or dict of {len(members)} members whose hashes collide "
-            f"(about {work} comparisons to build it, more than {MAX_COLLISION_WORK})"
-        )
+        group[1] = max(group[1], cost)
+    work = sum(n * (n - 1) // 2 * cost for n, cost in groups.values())
+    budget.spend(
+        work,
+        f"a set or dict of {len(members)} members whose hashes collide "
+        f"(about {work} comparisons to build it)",
+    )
+    return 2 * work
 
 
-def count_values(body: bytes) -> int:
-    """An upper bound on the JSON values in ``body``, without parsing it: every value but the
-    first follows a ``[``, ``{``, ``,`` or ``:`` outside a string. Linear: a string's closing
-    quote is optional, so no match fails after a long scan (``"\\"\\"\\"...`` never closes); JSON
-    parsing stops at an unclosed string, so what follows one is never parsed."""
+_MARKS = (b"[", b"{", b",", b":")
+# A JSON string, its closing quote optional (what follows an unclosed one is never parsed);
+# possessive, so matching keeps no backtracking state: linear time and constant memory even for
+# 16 MB of backslashes in one string (the backtracking form took 13 s and 940 MB).
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?'
+
+
+def count_values(body: bytes, limit: int = MAX_WORK) -> int:
+    """An upper bound on the JSON values in ``body`` without parsing it, exact enough to decide
+    whether there are more than ``limit``: every value but the first follows a ``[``, ``{``, ``,``
+    or ``:`` outside a string. Marks inside strings are only told apart (one scan over the
+    strings) when the plain count of marks is over ``limit``; that scan stops once it passes
+    ``limit``. Linear time, constant memory (no copy of ``body``)."""
+    count = 1 + sum(map(body.count, _MARKS))
+    if count <= limit:
+        return count
     import re  # the judge's side only
 
-    bare = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', b'""', body, flags=re.DOTALL)
-    return 1 + sum(bare.count(mark) for mark in (b"[", b"{", b",", b":"))
+    count, start = 1, 0
+    # each string is a value: at most ``limit`` of them in a message that fits
+    for strings, match in enumerate(re.finditer(_STRING, body, re.DOTALL), 1):
+        count += sum(body.count(mark, start, match.start()) for mark in _MARKS)
+        if count > limit or strings > limit:
+            return max(count, strings)
+        start = match.end()
+    return count + sum(body.count(mark, start) for mark in _MARKS)
 
 
 def _no_constants(name: str) -> object:
     raise WireError(f"bare {name} is not valid here")
 
 
-def unpack(body: bytes) -> dict:
-    """The JSON object of one message body; WireError if it is not one."""
+def unpack(body: bytes, budget: Budget | None = None) -> dict:
+    """The JSON object of one message body; WireError if it is not one, WireTooLarge if its values
+    (counted before it is parsed) are more than ``budget`` has left."""
     import json  # the judge's side only
 
-    values = count_values(body)
-    if values > MAX_VALUES:
-        raise WireTooLarge(f"a message of more than {MAX_VALUES} values ({values})")
+    budget = budget or Budget()
+    values = count_values(body, budget.left)
+    budget.spend(values, f"a message of more than {budget.left} values (counted on its text)")
     try:
         parsed = json.loads(body.decode("utf-8", "surrogatepass"), parse_constant=_no_constants)
     except (UnicodeDecodeError, RecursionError, ValueError) as exc:
@@ -260,4 +316,5 @@ def unpack(body: bytes) -> dict:
 def loads(text: str | bytes) -> object:
     """The plain value of JSON text written by :func:`dump`."""
     body = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    return decode(unpack(b'{"v":' + body + b"}")["v"])
+    budget = Budget()
+    return decode(unpack(b'{"v":' + body + b"}", budget)["v"], budget)
