@@ -16,6 +16,35 @@ def extract_tagged_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+_INT = r"[-+]?\d[\d,]*(?:\.0+)?"
+_NOT_AN_OPERAND = r"(?![\d.,]*\d)(?!\s*[-+*/×÷^x]\s*[(\d])"
+# Statements a grader reads as the final result, each capturing one integer.
+_STATEMENTS = (
+    re.compile(rf"\\boxed\{{\s*({_INT})\s*\}}"),
+    re.compile(
+        rf"(?:answer|result)\s*(?:is|:|=)\s*[:=]?\s*[*$\\(\[]*\s*({_INT}){_NOT_AN_OPERAND}",
+        re.IGNORECASE,
+    ),
+    re.compile(rf"=\s*[*$\\(\[]*\s*({_INT}){_NOT_AN_OPERAND}"),
+)
+_ONLY_A_NUMBER = re.compile(rf"\W*({_INT})\W*")
+
+
+def stated_answer(text: str) -> str | None:
+    """The integer a grader would read as the response's final result, or None when unsure.
+
+    The last of: ``\\boxed{n}``, "answer is n" / "result is n" / "answer: n", or ``= n`` that
+    ends a computation (n not followed by another operator), by position; a response that is only
+    a number is that number. A trailing restatement of the question ("Compute 2*3*4.") is no
+    statement, so its numbers are never quoted back as the answer.
+    """
+    found = [(m.start(1), m.group(1)) for pattern in _STATEMENTS for m in pattern.finditer(text)]
+    if found:
+        return max(found)[1]
+    only = _ONLY_A_NUMBER.fullmatch(text)
+    return only.group(1) if only else None
+
+
 def parse_number(text: str) -> float | None:
     """A number written plainly (``-1,234``, ``3.5``, ``1e3``, ``$12``), or None."""
     cleaned = text.strip().strip("$").replace(",", "").replace(" ", "")
