@@ -121,7 +121,7 @@ class TeacherContextBuilder:
                 raise ValueError(f"{len(group)} completions but {len(judged)} verdicts in a group")
         raw = self._raw_contexts(records, completions, verdicts)
         return [
-            [self._render(record, text, source) for text, source in group]
+            [self.render(record, text, source) for text, source in group]
             for record, group in zip(records, raw, strict=True)
         ]
 
@@ -187,7 +187,9 @@ class TeacherContextBuilder:
         keep = max(budget - mark, 0)
         return self.tokenizer.decode(ids[:keep]) + TRUNCATION_MARK
 
-    def _render(self, record: Record, text: str | tuple[str, str], source: str) -> TeacherContext:
+    def render(self, record: Record, text: str | tuple[str, str], source: str) -> TeacherContext:
+        """One teacher context from its text (a (solution, feedback) pair for SDPO's reprompt)
+        under `source`'s header, cut to the token budget; empty text: masked."""
         if isinstance(text, tuple):  # (sibling solution, feedback): each part gets its own header
             return self._render_parts(record, *text, source)
         context = self._truncate(text.strip()) if text.strip() else ""
@@ -219,7 +221,7 @@ class TeacherContextBuilder:
             budget -= len(self.tokenizer(cut, add_special_tokens=False)["input_ids"])
             blocks.append(f"{header}\n{cut}")
         if not blocks:
-            return self._render(record, "", source)
+            return self.render(record, "", source)
         teacher_text = "\n\n".join([question_text(record), *blocks, INSTRUCTION])
         ids = render_messages(self.tokenizer, with_question(record, teacher_text))
         return TeacherContext("\n\n".join(blocks), True, ids, source)
