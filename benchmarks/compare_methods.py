@@ -982,15 +982,18 @@ def main() -> None:
         model=args.model, task=choice["task"], max_new_tokens=choice["max_new_tokens"], **overrides
     )
     gate = result.get("gate")
+    resuming = args.resume and bool(result.get("runs"))
     if args.no_gate:
         gate = {"skipped": "--no-gate: a smoke test of the pipeline, not a study", "chosen": None}
+    elif resuming:  # the runs were planned with the gate they had
+        gate = gate or {"skipped": "a study from before the gate", "chosen": None}
     elif gate is None or gate.get("skipped"):
         rule = GateRule(items=args.gate_items) if args.gate_items else GateRule()
         gate = gate_phase(setup, rule, args.device)
         result = {"calibration": result["calibration"], "gate": gate}
         write(args.output, result)
         print(f"gate: {gate['verdict']}", flush=True)
-    if not args.no_gate and gate["chosen"] is None:
+    if not args.no_gate and not resuming and gate["chosen"] is None:
         raise SystemExit(f"the study stops at the gate ({args.output}): {gate['verdict']}")
     setup = replace(setup, context=gate["chosen"] or "diagnostic")
     kept_plan = result.get("plan") if args.resume else None
@@ -1091,8 +1094,8 @@ def plan_of(setup: Setup, result: dict, previous: dict | None, kept: dict | None
         "intervals": "per arm and per paired difference: a 95% t-interval across seeds of the "
         "per-seed means (df = seeds - 1), and per seed a 95% t-interval over items",
         "rollout_budget_per_run": setup.steps * setup.prompts_per_step * setup.num_generations,
-        "power": kept["power"] if kept else power_plan(setup, previous),
-        "sizing": kept["sizing"] if kept else sizing(setup, result, previous),
+        "power": (kept or {}).get("power") or power_plan(setup, previous),
+        "sizing": (kept or {}).get("sizing") or sizing(setup, result, previous),
     }
 
 

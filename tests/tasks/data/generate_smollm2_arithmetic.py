@@ -1,8 +1,9 @@
 """Writes `smollm2_arithmetic.jsonl`: real SmolLM2-135M-Instruct answers to arithmetic prompts,
 the fixture the answer parser is checked on (`tests/tasks/test_arithmetic_answers.py`).
 
-Run once (about 5 minutes on 2 CPU cores); each line's `label` is then set by hand to the answer a
-grader reads from the response (null: no answer that a grader could quote).
+Run once (minutes on 2 idle CPU cores; the committed responses took 20 under a load average of
+9); each line's `label` is then set by hand to the answer a grader reads from the response (null:
+none a grader could quote, or the response was cut off at the cap and is never parsed).
 
     .venv/bin/python tests/tasks/data/generate_smollm2_arithmetic.py
 """
