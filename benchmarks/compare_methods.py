@@ -1,5 +1,6 @@
-"""Does training the teacher help? grpo, sdpo, vpd-no-estep and vpd on SmolLM2-135M-Instruct +
-LoRA, arithmetic with diagnostic feedback, decided in advance (issue 23).
+"""Does training the teacher help? vpd against vpd-no-estep (the primary pair), vpd with its own
+teacher adapter, sdpo and grpo as their authors run them, on SmolLM2-135M-Instruct + LoRA,
+arithmetic, decided in advance (issues 23 and 32).
 
 Phases, each written into the JSON before the next starts:
 1. `calibration` (`--calibrate`): the task is fixed from the untrained model on the training split
@@ -7,25 +8,38 @@ Phases, each written into the JSON before the next starts:
    prompts with a generous cap. `max_new_tokens` is the smallest candidate cap within which at
    least 95% of the responses finish; the difficulty is the candidate whose accuracy at that cap
    (a response cut off scores 0) lies in the target band, nearest its middle.
-2. `plan`: arms, learning rate, seeds, steps, E-step interval, measures and the primary endpoint,
-   with the run's expected duration sized from measured step times. Runs only ever read it.
-3. `baseline`: the untrained student on the held-out prompts (LoRA starts as the identity, so every
-   arm starts from this model) and the fixed teacher probe set drawn from its answers.
-4. `runs`: every arm for every seed (the same seed gives every arm the same prompt order and
-   rollout seeds), teacher probes every `probe_every` steps, the held-out measures at the end.
-5. `summary`: per arm and per paired difference, the mean and its 95% bootstrap interval.
+2. `gate` (`gate.py`): can the untrained model's teacher use a context at all? Training proceeds
+   only with a context whose teacher beats the student alone and a shuffled control by the
+   margin fixed in advance; otherwise the study stops here and says so.
+3. `plan`: arms, seeds, steps, the gate's context, measures, the primary endpoint with its minimum
+   detectable effect (`power.py`, from the previous study's seed-to-seed spread), and every
+   part's expected duration, priced from the previous study's measured times. Runs only read it.
+4. `baseline`: the untrained student on the held-out prompts (LoRA starts as the identity, so every
+   arm starts from this model), the teacher probe set and the sample bank drawn from its answers.
+5. `runs`: every arm for each of its seeds (the same seed gives every arm the same prompt order
+   and rollout seeds), teacher probes at the end, the held-out measures.
+6. `summary`: per arm and per paired difference, the mean, a 95% t-interval across seeds (seeds
+   are the unit: 3 degrees of freedom with 4 seeds) and, per seed, one over prompts.
 
 Arms differ from their neighbour in one setting: `vpd-no-estep` is `vpd` with `estep.every: 0`
-(same contexts, divergence, vocabulary and teacher weights), the thesis's control; `sdpo` keeps
-its reference settings (sibling solution + feedback reprompt, EMA teacher, top-100 + tail, JSD).
+(same contexts, divergence, vocabulary and teacher weights), the thesis's control;
+`vpd-adapter` is `vpd` with `teacher_mode: adapter`, so its E-step can only change the teacher,
+not the student (with shared weights the E-step is also an update of the student by the verifier's
+labels); `sdpo` keeps its reference settings (sibling solution, else feedback; EMA teacher;
+top-100 + tail; JSD) and `grpo` the paper's baseline (no std normalisation). The last training
+step is never an E-step (`Setup` refuses such a schedule): the trainer runs a due E-step after
+the M-step of the same step (`trainer/module.py`, `training_step`), which would change the
+student just before evaluation with no M-step after it.
 
     .venv/bin/python benchmarks/compare_methods.py --calibrate   # phase 1 (about 5 min)
-    .venv/bin/python benchmarks/compare_methods.py               # phases 2-5 (the plan's time)
-    .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 2 \
-        --val-size 4 --probe-size 2 --seeds 0 --calibration-prompts 2 --accuracy-band 0 1 \
-        --finish-target 0 --output /tmp/compare-smoke.json --calibrate --run
+    .venv/bin/python benchmarks/compare_methods.py --gate        # phases 2-3 (about 15 min)
+    .venv/bin/python benchmarks/compare_methods.py               # phases 2-6 (the plan's time)
+    .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 3 \
+        --estep-every 2 --val-size 4 --probe-size 2 --seeds 0 --calibration-prompts 2 \
+        --accuracy-band 0 1 --finish-target 0 --no-gate --output /tmp/smoke.json --calibrate --run
 
-`--resume` keeps the runs already in the JSON, and refuses when its plan differs.
+`--no-gate` (smoke tests of the pipeline) records that the gate was skipped. `--resume` keeps the
+runs already in the JSON, and refuses when its plan differs.
 """
 
 from __future__ import annotations
@@ -33,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -43,11 +56,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from gate import CONTEXTS, GateRule, run_gate
 from lightning.pytorch.loggers import Logger
+from power import minimum_detectable_effect, sd_upper_bound, t_interval
 
 from vpd_lightning.options import (
     DistillOptions,
     EStepOptions,
+    GrpoOptions,
     LoraOptions,
     RolloutOptions,
     SamplingParams,
@@ -60,15 +76,21 @@ from vpd_lightning.trainer.data import VPDDataModule
 from vpd_lightning.trainer.module import VPDModule
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("grpo", "sdpo", "vpd-no-estep", "vpd", "vpd-fixed-prior")
+ARMS = ("grpo", "sdpo", "vpd-no-estep", "vpd", "vpd-adapter", "vpd-fixed-prior")
+PRIMARY = ("vpd", "vpd-no-estep")
 COMPARISONS = (
-    ("vpd", "vpd-no-estep"),
+    PRIMARY,
+    ("vpd-adapter", "vpd-no-estep"),
+    ("vpd", "vpd-adapter"),
     ("vpd", "sdpo"),
     ("vpd", "grpo"),
     ("vpd-no-estep", "sdpo"),
     ("sdpo", "grpo"),
     ("vpd-fixed-prior", "vpd"),
 )
+CONTEXT_SOURCE = {"diagnostic": "verifier", "binary": "verifier", "sibling": "sibling"}
+"""The gate's context -> vpd's `feedback_source` (the task's feedback level is the context's
+name for the verifier ones); `reference` is its own source."""
 TRAIN_KEYS = (
     "train/reward_mean",
     "train/truncated_fraction",
@@ -80,7 +102,7 @@ TRAIN_KEYS = (
     "time/update_s",
 )
 FEEDBACKS = ("diagnostic", "binary")
-BOOTSTRAP_SAMPLES = 4000
+ALPHA, POWER = 0.05, 0.8
 
 
 @dataclass
@@ -117,7 +139,8 @@ class Setup:
     """ArithmeticTask keywords, from the calibration."""
     max_new_tokens: int
     """Rollout and evaluation cap, from the calibration."""
-    steps: int = 20
+    steps: int = 21
+    """Not a multiple of `estep_every`: the last step is an M-step (see the module docstring)."""
     prompts_per_step: int = 3
     """With `num_generations`: 12 rollouts a step, sized so the whole run fits the CPU budget."""
     num_generations: int = 4
@@ -129,11 +152,19 @@ class Setup:
     lora_r: int = 16
     lora_alpha: int = 32
     estep_every: int = 4
-    """vpd's E-step interval: 5 E-steps in 20 steps, each over 4 steps' rollouts."""
+    """vpd's E-step interval: E-steps after steps 4, 8, 12, 16 and 20, each over 4 steps'
+    rollouts; step 21 is the last M-step."""
     micro_batch_size: int = 8
     max_context_tokens: int = 128
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    arms: list[str] = field(default_factory=lambda: ["grpo", "sdpo", "vpd-no-estep", "vpd"])
+    context: str = "diagnostic"
+    """The teacher context of the vpd arms, from the gate (one of `gate.CONTEXTS`)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """Seeds of the primary pair."""
+    secondary_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Seeds of the other arms (each also a seed of the primary pair, so differences pair)."""
+    arms: list[str] = field(
+        default_factory=lambda: ["vpd-no-estep", "vpd", "vpd-adapter", "sdpo", "grpo"]
+    )
     val_size: int = 128
     """Held-out prompts: the first `val_size` of the test split."""
     val_samples: int = 2
@@ -141,31 +172,60 @@ class Setup:
     probe_size: int = 32
     """Teacher probe items: held-out prompts where the untrained student had a finished wrong
     attempt and a right one (its first of each)."""
-    probe_every: int = 5
-    """Teacher log-margins every this many steps (and at step 0)."""
+    probe_every: int = 0
+    """Teacher log-margins every this many steps besides step 0 and the last; 0: only those."""
     repair_samples: int = 1
     """Samples per probe item for the repair and self-fix rates (at `val_temperature`)."""
+
+    def __post_init__(self) -> None:
+        trains_teacher = any(a.startswith("vpd") and a != "vpd-no-estep" for a in self.arms)
+        if trains_teacher and self.estep_every and self.steps % self.estep_every == 0:
+            raise ValueError(
+                f"steps = {self.steps} is a multiple of estep_every = {self.estep_every}: the last "
+                "training step would be an E-step, changing the student (shared weights) or the "
+                "teacher just before evaluation with no M-step after it; use steps = "
+                f"{self.steps + 1} (or one that leaves a remainder)"
+            )
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context = {self.context!r}: must be one of {CONTEXTS}")
+        missing = sorted(set(self.secondary_seeds) - set(self.seeds))
+        if missing:
+            raise ValueError(
+                f"secondary_seeds {missing} are not seeds of the primary pair {self.seeds}: the "
+                "other arms' differences to vpd would have no paired run; use a subset"
+            )
+
+    def seeds_of(self, arm: str) -> list[int]:
+        return self.seeds if arm in PRIMARY else self.secondary_seeds
 
     @property
     def primary_endpoint(self) -> str:
         return (
             f"student accuracy (mean over {self.val_samples} samples at T={self.val_temperature}) "
             f"on the {self.val_size} held-out prompts after {self.steps} steps: the paired "
-            "difference vpd - vpd-no-estep, 95% bootstrap interval over prompts and seeds"
+            f"difference vpd - vpd-no-estep over {len(self.seeds)} seeds, 95% t-interval across "
+            f"seeds ({len(self.seeds) - 1} degrees of freedom; the held-out prompts are fixed)"
         )
 
     def arithmetic(self, feedback: str = "diagnostic") -> ArithmeticTask:
         return ArithmeticTask(**self.task, feedback=feedback, answer_format="last_number", seed=0)
 
+    def feedback_level(self, arm: str) -> str:
+        """The task's feedback: binary when vpd's context is the one-bit feedback, else
+        diagnostic (sdpo and grpo keep the task's diagnostic feedback whatever the gate says)."""
+        return "binary" if arm.startswith("vpd") and self.context == "binary" else "diagnostic"
+
 
 MEASURES = {
     "student_accuracy": "per held-out prompt, the mean reward of its samples (cut off: 0)",
-    "student_logp_correct": "per held-out prompt, log p(reference solution | prompt) under the "
-    "student, in nats per token of the reference (the task's worked steps and <answer>)",
-    "teacher_margin": "per probe item, log q(right attempt | x, C) - log q(wrong attempt | x, C) "
-    "under the teacher the method distils from (grpo: its policy; sdpo: its EMA weights), C the "
-    "verifier's feedback on the wrong attempt (diagnostic, or binary: 'Your answer is "
-    "incorrect.'); sums over tokens, in nats",
+    "student_bank_margin": "per held-out prompt of the bank (the untrained model's own finished "
+    "samples, with a right and a wrong one), the mean per-token log-probability of its right "
+    "samples minus that of its wrong ones under the trained student, in nats per token: one fixed "
+    "bank scored under every student, so the arms' values pair",
+    "teacher_margin": "per probe item, log q(right attempt | x, C) / its tokens - log q(wrong "
+    "attempt | x, C) / its tokens under the teacher the method distils from (grpo: its policy; "
+    "sdpo: its EMA weights), C the verifier's feedback on the wrong attempt (diagnostic, or "
+    "binary: 'Your answer is incorrect.'); length-normalised, in nats per token",
     "teacher_repair": "per probe item, the fraction of that teacher's samples given (x, C) that "
     "are right",
     "student_self_fix": "per probe item, the fraction of the student's samples on x alone that are "
@@ -181,7 +241,11 @@ def build_module(setup: Setup, arm: str, seed: int, task: ArithmeticTask) -> VPD
     return VPDModule(
         model=setup.model,
         method=method,
+        teacher_mode="adapter" if arm == "vpd-adapter" else "shared",
         lora=LoraOptions(r=setup.lora_r, alpha=setup.lora_alpha),
+        feedback_source=CONTEXT_SOURCE.get(setup.context, setup.context)
+        if method == "vpd"
+        else None,
         max_context_tokens=setup.max_context_tokens,
         rollout=RolloutOptions(
             num_generations=setup.num_generations,
@@ -195,6 +259,9 @@ def build_module(setup: Setup, arm: str, seed: int, task: ArithmeticTask) -> VPD
             every=0 if arm == "vpd-no-estep" else setup.estep_every,
             prior="initial" if arm == "vpd-fixed-prior" else "student",
         ),
+        # The paper's GRPO baseline follows SDPO's configs: no std normalisation
+        # (lasgroup/SDPO verl/trainer/config/baseline_grpo.yaml:20).
+        grpo=GrpoOptions(normalize_std=False),
         micro_batch_size=setup.micro_batch_size,
         student_optimizer=lambda params: torch.optim.AdamW(params, lr=setup.lr),
         verify_workers=1,
@@ -228,7 +295,8 @@ class StepLogger(Logger):
 
 
 class TeacherProbes(pl.Callback):
-    """Teacher log-margins on the probe set every `every` steps, timed apart from training."""
+    """Teacher log-margins on the probe set every `every` steps (0: none before the last) and
+    at the last step, timed apart from training."""
 
     def __init__(self, probe: list[dict], setup: Setup, every: int) -> None:
         self.probe, self.setup, self.every = probe, setup, every
@@ -245,7 +313,7 @@ class TeacherProbes(pl.Callback):
         self._train += time.perf_counter() - self._started
         step = trainer.global_step
         self.train_seconds[step] = self._train
-        if step % self.every == 0 or step == trainer.max_steps:
+        if (self.every and step % self.every == 0) or step == trainer.max_steps:
             start = time.perf_counter()
             self.margins[step] = teacher_margins(pl_module, self.setup, self.probe)
             self.probe_seconds += time.perf_counter() - start
@@ -255,7 +323,7 @@ def run_arm(setup: Setup, arm: str, seed: int, baseline: dict, accelerator: str)
     """Train one arm for `setup.steps` steps; its curves and end-of-run measures."""
     pl.seed_everything(seed, workers=True, verbose=False)
     started = time.perf_counter()
-    task = setup.arithmetic()
+    task = setup.arithmetic(setup.feedback_level(arm))
     module = build_module(setup, arm, seed, task)
     data = VPDDataModule(task, prompts_per_step=setup.prompts_per_step, val_size=1, seed=seed)
     probes, logger = TeacherProbes(baseline["probe"], setup, setup.probe_every), StepLogger()
@@ -281,7 +349,7 @@ def run_arm(setup: Setup, arm: str, seed: int, baseline: dict, accelerator: str)
     ]
     eval_start = time.perf_counter()
     module = standalone(module, accelerator)  # fit's teardown may have moved it to the CPU
-    student = student_measures(module, setup, seed)
+    student = student_measures(module, setup, seed, baseline["bank"])
     teacher = teacher_repair(module, baseline["probe"], setup, seed)
     return {
         "arm": arm,
@@ -334,24 +402,61 @@ def sequence_logprobs(
     return out
 
 
-def reference_completion(module: VPDModule, task: ArithmeticTask, record: dict) -> list[int]:
-    ids = module.tokenizer(task.reference_solution(record), add_special_tokens=False)["input_ids"]
-    return [*ids, module.tokenizer.eos_token_id]
+def per_token(logps: Sequence[float], completions: Sequence[Sequence[int]]) -> list[float]:
+    """Sequence log-probs divided by their lengths (nats per token): arms whose responses differ
+    in length stay comparable."""
+    return [lp / max(len(c), 1) for lp, c in zip(logps, completions, strict=True)]
 
 
-def student_measures(module: VPDModule, setup: Setup, seed: int) -> dict:
-    """Held-out accuracy (mean over samples, per prompt) and log p(reference) per token."""
+def sample_bank(attempts: Attempts) -> list[dict]:
+    """The untrained model's finished samples of the held-out prompts that have a right and a
+    wrong one: per prompt, its prompt ids and its right and wrong completions."""
+    bank = []
+    for i, group in enumerate(attempts.groups()):
+        finished = [
+            (attempts.completion_ids[j], attempts.verdicts[j].reward >= 1)
+            for j in range(group.start, group.stop)
+            if not attempts.verdicts[j].info.get("truncated")
+        ]
+        right = [c for c, ok in finished if ok]
+        wrong = [c for c, ok in finished if not ok]
+        if right and wrong:
+            bank.append({"prompt_ids": attempts.prompt_ids[i], "right": right, "wrong": wrong})
+    return bank
+
+
+def bank_margins(module: VPDModule, bank: list[dict]) -> list[float]:
+    """Per bank prompt: mean per-token log p(right samples) - mean per-token log p(wrong ones)
+    under the live weights."""
+    prompts, completions, owners = [], [], []
+    for k, entry in enumerate(bank):
+        for label in ("right", "wrong"):
+            for completion in entry[label]:
+                prompts.append(entry["prompt_ids"])
+                completions.append(completion)
+                owners.append((k, label))
+    scores = per_token(sequence_logprobs(module, prompts, completions), completions)
+    by: dict[tuple[int, str], list[float]] = {}
+    for owner, score in zip(owners, scores, strict=True):
+        by.setdefault(owner, []).append(score)
+    return [
+        statistics.fmean(by[(k, "right")]) - statistics.fmean(by[(k, "wrong")])
+        for k in range(len(bank))
+    ]
+
+
+def student_measures(module: VPDModule, setup: Setup, seed: int, bank: list[dict]) -> dict:
+    """Held-out accuracy (mean over samples, per prompt) and the sample bank's margins."""
     task, records = module.task, held_out_records(setup)
     params = SamplingParams(
         setup.val_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 10_000 + seed
     )
     with module.policy.student():
         attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
-        references = [reference_completion(module, task, r) for r in records]
-        logps = sequence_logprobs(module, attempts.prompt_ids, references)
+        margins = bank_margins(module, bank)
     return {
         "accuracy": attempts.rewards().mean(1).tolist(),
-        "logp_correct": [lp / len(ref) for lp, ref in zip(logps, references, strict=True)],
+        "bank_margin": margins,
         "finished_fraction": 1.0
         - statistics.fmean(bool(v.info.get("truncated")) for v in attempts.verdicts),
     }
@@ -374,13 +479,15 @@ def contexts_of(
 
 
 def teacher_margins(module: VPDModule, setup: Setup, probe: list[dict]) -> dict[str, list[float]]:
-    """Per feedback kind and probe item: log q(right | x, C) - log q(wrong | x, C)."""
+    """Per feedback kind and probe item: log q(right | x, C) - log q(wrong | x, C), each per
+    token of its own attempt."""
     out = {}
+    rights, wrongs = [i["right_ids"] for i in probe], [i["wrong_ids"] for i in probe]
     with module.policy.distilled_teacher():
         for feedback in FEEDBACKS:
             prompts = contexts_of(module, setup, probe, feedback)
-            right = sequence_logprobs(module, prompts, [i["right_ids"] for i in probe])
-            wrong = sequence_logprobs(module, prompts, [i["wrong_ids"] for i in probe])
+            right = per_token(sequence_logprobs(module, prompts, rights), rights)
+            wrong = per_token(sequence_logprobs(module, prompts, wrongs), wrongs)
             out[feedback] = [r - w for r, w in zip(right, wrong, strict=True)]
     return out
 
@@ -431,11 +538,12 @@ def baseline(setup: Setup, accelerator: str) -> dict:
     params = SamplingParams(setup.val_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 0)
     with module.policy.student():
         attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
-    probe = probe_items(attempts, setup.probe_size)
-    student = student_measures(module, setup, seed=-1)
+    probe, bank = probe_items(attempts, setup.probe_size), sample_bank(attempts)
+    student = student_measures(module, setup, -1, bank)
     return {
         "student": student,
         "probe": probe,
+        "bank": bank,
         "teacher_margin": teacher_margins(module, setup, probe),
         "teacher": teacher_repair(module, probe, setup, seed=-1),
         "seconds": time.perf_counter() - start,
@@ -540,108 +648,87 @@ def choose(rows: list[dict], calibration: Calibration) -> dict:
 
 
 # ----------------------------------------------------------------------------- statistics
-def bootstrap(
-    a: list[list[float]],
-    b: list[list[float]] | None = None,
-    samples: int = BOOTSTRAP_SAMPLES,
-) -> list[float]:
-    """95% percentile interval of mean(a), or of the paired mean(a - b): a and b are seeds x
-    items matrices with matched seeds (same prompt order and rollout seeds) and the same items,
-    so seeds and items are resampled once for both. No items (an empty probe set): NaN."""
-    rng = random.Random(0)
-    seeds, items = len(a), len(a[0])
-    if items == 0:
-        return [float("nan"), float("nan")]
-    diff = (
-        a
-        if b is None
-        else [[x - y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=False)]
+def run_measures(run: dict, last_step: int) -> dict[str, list[float]]:
+    """One run's per-item values of every measure."""
+    out = {
+        "student_accuracy": run["student"]["accuracy"],
+        "student_bank_margin": run["student"]["bank_margin"],
+    }
+    teacher = run["teacher"]
+    for feedback in FEEDBACKS:
+        repair = teacher[f"repair_{feedback}"]
+        out[f"teacher_skill_{feedback}"] = [
+            t - s for t, s in zip(repair, teacher["self_fix"], strict=True)
+        ]
+        out[f"teacher_margin_{feedback}"] = run["teacher_margin_curve"][str(last_step)][feedback]
+    return out
+
+
+def baseline_measures(base: dict) -> dict[str, list[float]]:
+    """The untrained model's per-item values, in the runs' layout."""
+    return run_measures(
+        {
+            "student": base["student"],
+            "teacher": base["teacher"],
+            "teacher_margin_curve": {"0": base["teacher_margin"]},
+        },
+        0,
     )
-    values = []
-    for _ in range(samples):
-        picked_seeds = [rng.randrange(seeds) for _ in range(seeds)]
-        picked_items = [rng.randrange(items) for _ in range(items)]
-        values.append(statistics.fmean(diff[s][i] for s in picked_seeds for i in picked_items))
-    values.sort()
-    return [values[int(0.025 * samples)], values[int(0.975 * samples) - 1]]
 
 
-def measure_matrices(runs: list[dict], last_step: int) -> dict[str, list[list[float]]]:
-    """Per measure, the seeds x items matrix of one arm's runs (in seed order)."""
-    runs = sorted(runs, key=lambda r: r["seed"])
-    out = {
-        "student_accuracy": [r["student"]["accuracy"] for r in runs],
-        "student_logp_correct": [r["student"]["logp_correct"] for r in runs],
+def seed_stats(rows: dict[int, list[float]]) -> dict:
+    """Per-seed values (rows over items) -> the mean of the seed means, their 95% t-interval
+    across seeds (the seed is the unit), and each seed's own 95% t-interval over items."""
+    seed_means = [_mean([rows[s]]) for s in sorted(rows)]
+    return {
+        "mean": statistics.fmean(seed_means) if seed_means else float("nan"),
+        "ci95": t_interval(seed_means),
+        "seed_means": seed_means,
+        "within_seed_ci95": [t_interval(rows[s]) for s in sorted(rows)],
     }
-    for feedback in FEEDBACKS:
-        out[f"teacher_skill_{feedback}"] = [
-            [
-                t - s
-                for t, s in zip(
-                    r["teacher"][f"repair_{feedback}"], r["teacher"]["self_fix"], strict=True
-                )
-            ]
-            for r in runs
-        ]
-        out[f"teacher_margin_{feedback}"] = [
-            r["teacher_margin_curve"][str(last_step)][feedback] for r in runs
-        ]
-    return out
-
-
-def baseline_matrices(base: dict) -> dict[str, list[list[float]]]:
-    out = {
-        "student_accuracy": [base["student"]["accuracy"]],
-        "student_logp_correct": [base["student"]["logp_correct"]],
-    }
-    for feedback in FEEDBACKS:
-        t = base["teacher"]
-        out[f"teacher_skill_{feedback}"] = [
-            [a - b for a, b in zip(t[f"repair_{feedback}"], t["self_fix"], strict=True)]
-        ]
-        out[f"teacher_margin_{feedback}"] = [base["teacher_margin"][feedback]]
-    return out
 
 
 def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
-    """Per arm and measure: mean and interval; per comparison: the paired difference."""
-    matrices = {
-        arm: measure_matrices([r for r in runs if r["arm"] == arm], setup.steps)
-        for arm in setup.arms
-        if any(r["arm"] == arm for r in runs)
-    }
-    before = baseline_matrices(base)
-    summary = {"before": {}, "arms": {}, "differences": []}
-    for measure, matrix in before.items():
-        summary["before"][measure] = {"mean": _mean(matrix), "ci95": bootstrap(matrix)}
-    for arm, by_measure in matrices.items():
+    """Per arm and measure: mean and intervals; per comparison, over the seeds both arms ran:
+    the paired difference (item by item within a seed, then across seeds)."""
+    by_arm: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], {})[run["seed"]] = run_measures(run, setup.steps)
+    summary: dict = {"before": {}, "arms": {}, "differences": []}
+    for measure, values in baseline_measures(base).items():  # one model: over items
+        summary["before"][measure] = {"mean": _mean([values]), "ci95": t_interval(values)}
+    for arm in [a for a in setup.arms if a in by_arm]:
+        seeds = by_arm[arm]
         summary["arms"][arm] = {
-            measure: {
-                "mean": _mean(m),
-                "ci95": bootstrap(m),
-                "seed_means": [_mean([row]) for row in m],
-            }
-            for measure, m in by_measure.items()
+            m: seed_stats({s: seeds[s][m] for s in seeds}) for m in seeds[min(seeds)]
         }
     for a, b in COMPARISONS:
-        if (
-            a in matrices
-            and b in matrices
-            and len(matrices[a]["student_accuracy"]) == len(matrices[b]["student_accuracy"])
-        ):
-            for measure in matrices[a]:
-                ma, mb = matrices[a][measure], matrices[b][measure]
-                low, high = bootstrap(ma, mb)
-                summary["differences"].append(
-                    {
-                        "a": a,
-                        "b": b,
-                        "measure": measure,
-                        "difference": _mean(ma) - _mean(mb),
-                        "ci95": [low, high],
-                        "excludes_0": low > 0 or high < 0,
-                    }
-                )
+        if a not in by_arm or b not in by_arm:
+            continue
+        common = sorted(set(by_arm[a]) & set(by_arm[b]))
+        if not common:
+            continue
+        for measure in by_arm[a][common[0]]:
+            rows = {
+                s: [
+                    x - y for x, y in zip(by_arm[a][s][measure], by_arm[b][s][measure], strict=True)
+                ]
+                for s in common
+            }
+            stats = seed_stats(rows)
+            low, high = stats["ci95"]
+            summary["differences"].append(
+                {
+                    "a": a,
+                    "b": b,
+                    "measure": measure,
+                    "seeds": common,
+                    "difference": stats["mean"],
+                    "ci95": [low, high],
+                    "within_seed_ci95": stats["within_seed_ci95"],
+                    "excludes_0": low > 0 or high < 0,
+                }
+            )
     return summary
 
 
@@ -651,25 +738,32 @@ def _mean(matrix: list[list[float]]) -> float:
 
 
 # ----------------------------------------------------------------------------- report
+TABLE_HEADS = {
+    "student_accuracy": "student accuracy",
+    "student_logp_correct": "student log p(ref)/token",
+    "student_bank_margin": "student bank margin (nats/token)",
+    "teacher_skill_diagnostic": "teacher skill (diag.)",
+    "teacher_skill_binary": "teacher skill (binary)",
+    "teacher_margin_diagnostic": "teacher margin (diag.)",
+    "teacher_margin_binary": "teacher margin (binary)",
+}
+"""Column heads of the measures a study recorded (the 20-step study had log p(reference); the
+studies since, the sample bank's margin)."""
+
+
+def interval_kind(result: dict) -> str:
+    """How the study's intervals were computed, as its plan recorded it."""
+    plan = result["plan"]
+    if "bootstrap" in plan:
+        return "95% bootstrap intervals over prompts and seeds"
+    return "95% t-intervals across seeds"
+
+
 def markdown_tables(result: dict) -> str:
     """Per arm the end-of-run measures with intervals, then the paired differences."""
     summary, setup = result["summary"], result["plan"]["setup"]
-    shown = (
-        "student_accuracy",
-        "student_logp_correct",
-        "teacher_skill_diagnostic",
-        "teacher_skill_binary",
-        "teacher_margin_diagnostic",
-        "teacher_margin_binary",
-    )
-    heads = (
-        "student accuracy",
-        "student log p(ref)/token",
-        "teacher skill (diag.)",
-        "teacher skill (binary)",
-        "teacher margin (diag.)",
-        "teacher margin (binary)",
-    )
+    shown = [m for m in TABLE_HEADS if m in summary["before"]]
+    heads = [TABLE_HEADS[m] for m in shown]
     lines = [
         "| arm | seeds | " + " | ".join(heads) + " |",
         "|---|---|" + "---|" * len(shown),
@@ -686,7 +780,7 @@ def markdown_tables(result: dict) -> str:
         lines.append(f"| {arm} | {seeds} | " + " | ".join(cell(stats[m]) for m in shown) + " |")
     lines += [
         "",
-        f"Paired differences after {setup['steps']} steps (95% bootstrap intervals; **bold**: "
+        f"Paired differences after {setup['steps']} steps ({interval_kind(result)}; **bold**: "
         "the interval excludes 0):",
         "",
         "| difference | " + " | ".join(heads) + " |",
@@ -714,7 +808,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = dict(
-        zip(ARMS, ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:purple"), strict=True)
+        zip(
+            ARMS,
+            ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:olive", "tab:purple"),
+            strict=True,
+        )
     )
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
     summary = result["summary"]
@@ -751,7 +849,7 @@ def plot(result: dict, path: Path) -> None:
     )
     axes[0].set(xlabel="training step", ylabel="train reward (mean over rollouts)")
     for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
-        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong), nats ({feedback} C)")
+        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong) ({feedback} C)")
         ax.set_title(f"teacher margin, {feedback} feedback")
     axes[3].set_ylabel("held-out accuracy (95% CI)")
     axes[3].tick_params(axis="x", labelrotation=20)
@@ -770,23 +868,41 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--output", type=Path, default=RESULTS / "compare-cpu.json")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=RESULTS / "compare-cpu.json",
+        help="the previous study, read before anything is written: the plan's minimum "
+        "detectable effect and prices come from its seeds and times",
+    )
     parser.add_argument("--calibrate", action="store_true", help="phase 1 only (unless --run)")
     parser.add_argument("--run", action="store_true", help="with --calibrate: go on to the runs")
+    parser.add_argument("--gate", action="store_true", help="the gate and the plan, no training")
+    parser.add_argument(
+        "--calibration-from", type=Path, help="take phase 1 from this JSON instead of --output"
+    )
+    parser.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="pipeline smoke tests only: skip the gate (recorded) and use the diagnostic context",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the JSON's finished runs")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG of --output")
     parser.add_argument(
         "--summarize-only",
         action="store_true",
-        help="summarize the runs in --output over the seeds every arm finished (a cut-short run)",
+        help="summarize the runs in --output (a cut-short run)",
     )
     parser.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--val-size", type=int)
     parser.add_argument("--probe-size", type=int)
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--secondary-seeds", nargs="+", type=int)
     parser.add_argument("--arms", nargs="+", choices=ARMS)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--estep-every", type=int)
+    parser.add_argument("--gate-items", type=int)
     parser.add_argument("--calibration-prompts", type=int)
     parser.add_argument("--accuracy-band", nargs=2, type=float, metavar=("LOW", "HIGH"))
     parser.add_argument("--finish-target", type=float)
@@ -801,12 +917,34 @@ def write(path: Path, result: dict) -> None:
     os.replace(partial, path)
 
 
+def machine_load() -> dict:
+    """The machine's load when a phase ends (shared machines: timings are not comparable)."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),
+    }
+
+
+def gate_phase(setup: Setup, rule: GateRule, accelerator: str) -> dict:
+    """The gate on the held-out prompts with the untrained model (the task's diagnostic
+    feedback: the gate shows each context itself)."""
+    task = setup.arithmetic()
+    module = standalone(build_module(setup, "vpd", 0, task), accelerator)
+    gate = run_gate(module, task, held_out_records(setup), rule, setup.max_new_tokens)
+    return {**gate, "machine": machine_load()}
+
+
 def main() -> None:
     args = parse_args()
     result = json.loads(args.output.read_text()) if args.output.exists() else {}
+    previous = json.loads(args.previous.read_text()) if args.previous.exists() else None
     if args.replot:
         plot(result, args.output.with_suffix(".png"))
         return
+    if args.calibration_from:
+        source = json.loads(args.calibration_from.read_text())
+        result = {"calibration": source["calibration"] | {"from": str(args.calibration_from)}}
     if args.calibrate:
         calibration = Calibration()
         if args.calibration_prompts:
@@ -833,6 +971,7 @@ def main() -> None:
             val_size=args.val_size,
             probe_size=args.probe_size,
             seeds=args.seeds,
+            secondary_seeds=args.secondary_seeds,
             arms=args.arms,
             lr=args.lr,
             estep_every=args.estep_every,
@@ -842,7 +981,23 @@ def main() -> None:
     setup = Setup(
         model=args.model, task=choice["task"], max_new_tokens=choice["max_new_tokens"], **overrides
     )
-    plan = plan_of(setup, result)
+    gate = result.get("gate")
+    resuming = args.resume and bool(result.get("runs"))
+    if args.no_gate:
+        gate = {"skipped": "--no-gate: a smoke test of the pipeline, not a study", "chosen": None}
+    elif resuming:  # the runs were planned with the gate they had
+        gate = gate or {"skipped": "a study from before the gate", "chosen": None}
+    elif gate is None or gate.get("skipped"):
+        rule = GateRule(items=args.gate_items) if args.gate_items else GateRule()
+        gate = gate_phase(setup, rule, args.device)
+        result = {"calibration": result["calibration"], "gate": gate}
+        write(args.output, result)
+        print(f"gate: {gate['verdict']}", flush=True)
+    if not args.no_gate and not resuming and gate["chosen"] is None:
+        raise SystemExit(f"the study stops at the gate ({args.output}): {gate['verdict']}")
+    setup = replace(setup, context=gate["chosen"] or "diagnostic")
+    kept_plan = result.get("plan") if args.resume else None
+    plan = plan_of(setup, result, previous, kept_plan)
     kept = []
     if args.resume and result.get("runs"):
         changed = plan_changes(result.get("plan") or {}, plan)
@@ -855,11 +1010,15 @@ def main() -> None:
         kept = result["runs"]
     result = {
         "calibration": result["calibration"],
+        "gate": gate,
         "plan": plan,
         "baseline": result.get("baseline") if kept else None,
         "runs": kept,
     }
     write(args.output, result)  # the plan is on disk before any run
+    if args.gate:
+        print(json.dumps({"power": plan["power"], "sizing": plan["sizing"]}, indent=1))
+        return
     started = time.perf_counter()
     if result["baseline"] is None:
         result["baseline"] = baseline(setup, args.device)
@@ -867,7 +1026,9 @@ def main() -> None:
         print(f"baseline: {summary_line(result['baseline'])}", flush=True)
     for seed in setup.seeds:
         for arm in setup.arms:
-            if any(r["arm"] == arm and r["seed"] == seed for r in result["runs"]):
+            if seed not in setup.seeds_of(arm) or any(
+                r["arm"] == arm and r["seed"] == seed for r in result["runs"]
+            ):
                 continue
             run = run_arm(setup, arm, seed, result["baseline"], args.device)
             result["runs"].append(run)
@@ -893,19 +1054,15 @@ def plan_changes(old: dict, new: dict) -> list[str]:
 
 
 def finish(result: dict, output: Path, stopped_early: bool) -> None:
-    """Summary over the seeds every arm finished (paired differences need matched seeds), the
-    plot and the tables. `stopped_early`: the runs were cut short; the plan stays as written."""
+    """Summary over the runs there are (each difference over the seeds both arms ran), the plot
+    and the tables. `stopped_early`: the runs were cut short; the plan stays as written."""
     setup = Setup(**result["plan"]["setup"])
-    done = {
-        seed
-        for seed in setup.seeds
-        if all(any(r["arm"] == a and r["seed"] == seed for r in result["runs"]) for a in setup.arms)
+    result["summary"] = summarize(setup, result["baseline"], result["runs"])
+    result["summary"]["seeds"] = {
+        arm: sorted(r["seed"] for r in result["runs"] if r["arm"] == arm) for arm in setup.arms
     }
-    summarized = [r for r in result["runs"] if r["seed"] in done]
-    result["summary"] = summarize(setup, result["baseline"], summarized)
-    result["summary"]["seeds"] = sorted(done)
     result["summary"]["stopped_early"] = stopped_early
-    result["machine"] = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result["machine"] = machine_load()
     # summed from the records, not timed here: a resumed invocation times only its own runs
     result["seconds"] = result["baseline"]["seconds"] + sum(
         r["total_seconds"] for r in result["runs"]
@@ -922,57 +1079,115 @@ def summary_line(measured: dict) -> str:
     curve = measured.get("teacher_margin_curve")
     margins = curve[max(curve, key=int)] if curve else measured["teacher_margin"]
     margin = _mean([margins["diagnostic"]])
-    return f"student accuracy {accuracy:.3f}, teacher margin (diagnostic) {margin:+.2f}"
+    return f"student accuracy {accuracy:.3f}, teacher margin (diagnostic) {margin:+.3f}/token"
 
 
-def plan_of(setup: Setup, result: dict) -> dict:
-    """The plan as written before any run: setup, measures, endpoint, comparisons, sizing."""
+def plan_of(setup: Setup, result: dict, previous: dict | None, kept: dict | None) -> dict:
+    """The plan as written before any run: setup, measures, endpoint and its power, comparisons,
+    intervals, prices. A resumed study keeps its plan's power and prices (the previous study's
+    file may since have been replaced by this one)."""
     return {
         "setup": asdict(setup),
         "primary_endpoint": setup.primary_endpoint,
         "measures": MEASURES,
         "comparisons": [f"{a} - {b}" for a, b in COMPARISONS],
-        "bootstrap": f"{BOOTSTRAP_SAMPLES} percentile resamples of seeds and items; a paired "
-        "difference resamples the same seeds and items for both arms",
+        "intervals": "per arm and per paired difference: a 95% t-interval across seeds of the "
+        "per-seed means (df = seeds - 1), and per seed a 95% t-interval over items",
         "rollout_budget_per_run": setup.steps * setup.prompts_per_step * setup.num_generations,
-        "sizing": sizing(setup, result["calibration"]),
+        "power": (kept or {}).get("power") or power_plan(setup, previous),
+        "sizing": (kept or {}).get("sizing") or sizing(setup, result, previous),
     }
 
 
-def sizing(setup: Setup, calibration: dict) -> dict:
-    """Expected minutes, from measured times: per-step phases of `train_step.py --compare`
-    (its JSON: 48-token cap, 16 rollouts) scaled by the chosen task's median response length
-    over that run's mean and by the rollouts per step, and the calibration's seconds per sampled response for the evaluations."""
-    path = RESULTS / "train-step-vs-trl-cpu.json"
-    if not path.exists():
-        return {"note": f"no {path.name}: run benchmarks/train_step.py --compare to size the run"}
-    phases = {row["name"]: row for row in json.loads(path.read_text())["results"]}
-    chosen = next(
-        r for r in calibration["candidates"] if r["task"] == calibration["choice"]["task"]
-    )
-    vpd = phases["vpd (cached)"]
-    measured_rollouts = 16  # train_step.py --compare: 4 prompts x 4 rollouts
-    rollouts = setup.prompts_per_step * setup.num_generations
-    scale = chosen["median_length"] / (vpd["completion_tokens"] / measured_rollouts)
-    scale *= rollouts / measured_rollouts
-    per_step = {
-        "grpo": phases["grpo (cached)"]["rollout_s"] + phases["grpo (cached)"]["mstep_s"],
-        "sdpo": phases["sdpo (cached)"]["rollout_s"] + phases["sdpo (cached)"]["mstep_s"],
-        "vpd-no-estep": vpd["rollout_s"] + vpd["mstep_s"],
-        "vpd": vpd["rollout_s"] + vpd["mstep_s"] + vpd["estep_s"],
-        "vpd-fixed-prior": vpd["rollout_s"] + vpd["mstep_s"] + vpd["estep_s"],
-    }
-    rule = calibration["rule"]
-    per_response = chosen["seconds"] / (rule["prompts"] * rule["samples"])
-    responses = setup.val_size * setup.val_samples + 3 * setup.probe_size * setup.repair_samples
-    eval_s = per_response * responses
-    train_s = sum(per_step[a] * scale * setup.steps for a in setup.arms) * len(setup.seeds)
-    minutes = (train_s + eval_s * (len(setup.arms) * len(setup.seeds) + 1)) / 60
+def primary_seed_differences(study: dict) -> dict[int, float]:
+    """Per seed, vpd's mean held-out accuracy minus vpd-no-estep's, in a study's runs."""
+    means: dict[str, dict[int, float]] = {}
+    for run in study.get("runs", []):
+        means.setdefault(run["arm"], {})[run["seed"]] = statistics.fmean(run["student"]["accuracy"])
+    a, b = (means.get(arm, {}) for arm in PRIMARY)
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
+def power_plan(setup: Setup, previous: dict | None) -> dict:
+    """The primary endpoint's minimum detectable effect at this plan's seeds, from the previous
+    study's seed-to-seed spread of the same paired difference. That spread is measured on few
+    seeds, so the plan uses its one-sided 80% upper confidence bound."""
+    differences = primary_seed_differences(previous or {})
+    if len(differences) < 3:
+        return {
+            "note": "no previous study with 3 or more seeds of the primary pair: run a pilot of "
+            "the primary pair first and give it as --previous"
+        }
+    sd = statistics.stdev(differences.values())
+    df, n = len(differences) - 1, len(setup.seeds)
+    planning_sd = sd_upper_bound(sd, df, 0.8)
     return {
-        "step_seconds_at_48_tokens": per_step,
-        "length_scale": scale,
+        "source": "previous study (--previous): per-seed vpd - vpd-no-estep held-out accuracy",
+        "seed_differences": differences,
+        "sd": sd,
+        "sd_upper_80": planning_sd,
+        "alpha": ALPHA,
+        "power": POWER,
+        "seeds": n,
+        "mde_at_sd": minimum_detectable_effect(sd, n, ALPHA, POWER),
+        "mde": minimum_detectable_effect(planning_sd, n, ALPHA, POWER),
+        "rule": f"two-sided t-test across {n} seeds (df {n - 1}) at alpha {ALPHA}: a true "
+        f"difference of at least `mde` is detected with probability about {POWER}; smaller "
+        "ones may be missed, and an interval that includes 0 then says only that",
+    }
+
+
+def sizing(setup: Setup, result: dict, previous: dict | None) -> dict:
+    """Expected minutes of every part, from the previous study's measured times (same machine
+    kind): seconds per training step of each arm (vpd-adapter and vpd-fixed-prior at vpd's:
+    not measured), per teacher-probe pass, per end-of-run evaluation (plus one probe pass for
+    the sample bank) and for the baseline; the gate's own measured time when it has run, else
+    the calibration's seconds per sampled response times the gate's responses."""
+    if not previous or not previous.get("runs"):
+        return {"note": "no previous study with runs to price from: give one as --previous"}
+    runs = previous["runs"]
+
+    def per_arm(key) -> dict[str, float]:
+        out: dict[str, list[float]] = {}
+        for r in runs:
+            out.setdefault(r["arm"], []).append(key(r))
+        return {arm: statistics.fmean(v) for arm, v in out.items()}
+
+    step_s = per_arm(lambda r: r["train_seconds"] / r["steps"])
+    for arm in ("vpd-adapter", "vpd-fixed-prior"):
+        step_s.setdefault(arm, step_s["vpd"])
+    probe_pass_s = statistics.fmean(
+        r["probe_seconds"] / max(len(r["teacher_margin_curve"]) - 1, 1) for r in runs
+    )
+    eval_s = statistics.fmean(r["eval_seconds"] for r in runs) + probe_pass_s
+    probes_per_run = (setup.steps // setup.probe_every if setup.probe_every else 0) + 1
+    gate = result.get("gate") or {}
+    if "seconds" in gate:
+        gate_s = gate["seconds"]
+    else:
+        calibration, rule = result["calibration"], GateRule()
+        chosen = next(
+            r for r in calibration["candidates"] if r["task"] == calibration["choice"]["task"]
+        )
+        per_response = chosen["seconds"] / (
+            calibration["rule"]["prompts"] * calibration["rule"]["samples"]
+        )
+        responses = setup.val_size * rule.draws + rule.items * rule.samples * 8
+        gate_s = per_response * responses
+    parts = {
+        "gate": gate_s,
+        "baseline": previous["baseline"]["seconds"] + probe_pass_s,
+    }
+    for arm in setup.arms:
+        per_run = step_s[arm] * setup.steps + probes_per_run * probe_pass_s + eval_s
+        parts[f"{arm} x {len(setup.seeds_of(arm))} seeds"] = per_run * len(setup.seeds_of(arm))
+    return {
+        "seconds_per_step": step_s,
+        "probe_pass_seconds": probe_pass_s,
+        "probes_per_run": probes_per_run,
         "eval_seconds_per_run": eval_s,
-        "expected_minutes": minutes,
+        "part_minutes": {k: v / 60 for k, v in parts.items()},
+        "expected_minutes": sum(parts.values()) / 60,
     }
 
 

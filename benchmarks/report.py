@@ -32,6 +32,7 @@ def load(name: str) -> dict | None:
 MEASURE_NAMES = {
     "student_accuracy": "student accuracy",
     "student_logp_correct": "student log p(reference) per token",
+    "student_bank_margin": "student bank margin (right minus wrong samples, nats per token)",
     "teacher_skill_diagnostic": "teacher skill with diagnostic feedback",
     "teacher_skill_binary": "teacher skill with binary feedback",
     "teacher_margin_diagnostic": "teacher margin with diagnostic feedback",
@@ -97,29 +98,94 @@ def stopped_lines(compare: dict) -> list[str]:
     ]
 
 
+def gate_lines(gate: dict) -> list[str]:
+    """The gate's table and verdict (studies since issue 32)."""
+    if gate.get("skipped"):
+        return [f"**No gate:** {gate['skipped']}.", ""]
+    rule = gate["rule"]
+    lines = [
+        f"The gate, before any training: on {gate['items']} held-out prompts where the untrained "
+        f"model had a finished wrong and a right attempt (of {gate['prompts']} prompts x "
+        f"{rule['draws']} samples; its accuracy {gate['student_accuracy']:.2f}), the untrained "
+        f"teacher's repair rate over {rule['samples']} samples per item and context at "
+        f"T={rule['temperature']}, against the student alone and against the same kind of "
+        f"context from another prompt; a context passes when it leads both by >= "
+        f"{rule['margin']} with the 95% t-interval over items above 0. Load average at the end "
+        f"{gate['machine']['load_average_1_5_15'][0]:.1f} on {gate['machine']['cpu_count']} "
+        "cores (a correctness result, not a timing).",
+        "",
+    ]
+    if gate["contexts"]:
+        lines += [
+            "| context | repair rate | lead over the student alone | lead over its shuffled "
+            "control | passes |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, c in gate["contexts"].items():
+            cells = [
+                f"{c[k]['mean']:+.3f} [{c[k]['ci95'][0]:+.3f}, {c[k]['ci95'][1]:+.3f}]"
+                for k in ("over_student", "over_shuffled")
+            ]
+            lines.append(
+                f"| {kind} | {c['repair']:.3f} | {cells[0]} | {cells[1]} | "
+                f"{'yes' if c['passes'] else 'no'} |"
+            )
+        lines.append("")
+    lines += [f"Gate verdict: {gate['verdict']}.", ""]
+    return lines
+
+
+def power_lines(plan: dict) -> list[str]:
+    """The primary endpoint's minimum detectable effect, as planned (studies since issue 32)."""
+    power = plan.get("power")
+    if not power or "mde" not in power:
+        return []
+    return [
+        f"Power, fixed before the runs: from the previous study's per-seed vpd − vpd-no-estep "
+        f"accuracy differences (sd {power['sd']:.4f} over {len(power['seed_differences'])} "
+        f"seeds; its 80% upper bound {power['sd_upper_80']:.4f}), {power['seeds']} seeds detect "
+        f"a true difference of {power['mde']:.3f} with probability {power['power']} at alpha "
+        f"{power['alpha']} ({power['mde_at_sd']:.3f} at the point estimate of the spread).",
+        "",
+    ]
+
+
+def timing_sentence(compare: dict) -> str:
+    minutes, sizing = compare["seconds"] / 60, compare["plan"]["sizing"]
+    planned = sizing["expected_minutes"]
+    if "part_minutes" in sizing:
+        return (
+            f"The baseline and the {len(compare['runs'])} runs took {minutes:.0f} min on "
+            f"{compare['machine']['cpu_count']} CPU cores, against {planned:.0f} min in the "
+            "plan, which priced every part (gate, baseline, training, probes, evaluations)."
+        )
+    probe_minutes = sum(r["probe_seconds"] for r in compare["runs"]) / 60
+    return (
+        f"The baseline and the {len(compare['runs'])} runs took {minutes:.0f} min on "
+        f"{compare['machine']['cpu_count']} CPU cores, against {planned:.0f} min in the plan's "
+        "sizing, which priced the end-of-run evaluations but left out the teacher-margin probes "
+        f"during training ({probe_minutes:.0f} min of the runs)."
+    )
+
+
 def compare_section(compare: dict, device: str) -> list[str]:
     plan = compare["plan"]
     s = plan["setup"]
-    minutes = compare["seconds"] / 60
-    probe_minutes = sum(r["probe_seconds"] for r in compare["runs"]) / 60
-    planned = plan["sizing"]["expected_minutes"]
     base = compare["baseline"]
     return [
-        f"#### Does training the teacher help? grpo, sdpo, vpd-no-estep, vpd ({device})",
+        f"#### Does training the teacher help? {', '.join(s['arms'])} ({device})",
         "",
         f"`benchmarks/compare_methods.py`: {s['model']} with LoRA r={s['lora_r']}, arithmetic "
         f"{s['task']} with diagnostic feedback, {s['steps']} steps of {s['prompts_per_step']} "
         f"prompts x {s['num_generations']} rollouts, lr {s['lr']:g} for every arm, vpd's E-step "
         f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
-        f"gives every arm the same prompt order and rollout seeds). The baseline and the "
-        f"{len(compare['runs'])} runs took {minutes:.0f} min on {compare['machine']['cpu_count']} "
-        f"CPU cores, against {planned:.0f} min in the plan's sizing, which priced the "
-        "end-of-run evaluations but left out the teacher-margin probes during training "
-        f"({probe_minutes:.0f} min of the runs).",
+        f"gives every arm the same prompt order and rollout seeds). {timing_sentence(compare)}",
         "",
         *stopped_lines(compare),
         *calibration_lines(compare["calibration"]),
         "",
+        *(gate_lines(compare["gate"]) if "gate" in compare else []),
+        *power_lines(plan),
         f"Primary endpoint, fixed before the runs: {plan['primary_endpoint']}. Student measures "
         f"on {s['val_size']} held-out prompts; teacher measures on the {len(base['probe'])} "
         "probe items (held-out prompts where the untrained student had a wrong and a right "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,21 +26,15 @@ def compare(monkeypatch):
     return importlib.import_module("compare_methods")
 
 
-def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(tmp_path, monkeypatch):
+def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
+    compare, tmp_path, monkeypatch
+):
     output = tmp_path / "compare-cpu.json"
     command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--model"]
-    command += ["builtin:tiny-random", "--steps", "2", "--val-size", "4", "--probe-size", "2"]
-    command += ["--seeds", "0", "1", "--calibration-prompts", "2", "--accuracy-band", "0", "1"]
-    command += [
-        "--finish-target",
-        "0",
-        "--estep-every",
-        "1",
-        "--output",
-        str(output),
-        "--calibrate",
-        "--run",
-    ]
+    command += ["builtin:tiny-random", "--steps", "3", "--val-size", "4", "--probe-size", "2"]
+    command += ["--seeds", "0", "1", "--secondary-seeds", "0", "--calibration-prompts", "2"]
+    command += ["--accuracy-band", "0", "1", "--finish-target", "0", "--estep-every", "2"]
+    command += ["--no-gate", "--output", str(output), "--calibrate", "--run"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())
@@ -47,14 +43,18 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(tmp_path,
     setup = result["plan"]["setup"]
     assert setup["task"] == result["calibration"]["choice"]["task"]
     assert "vpd - vpd-no-estep" in result["plan"]["primary_endpoint"]
-    arms = ["grpo", "sdpo", "vpd-no-estep", "vpd"]
-    assert {(r["arm"], r["seed"]) for r in result["runs"]} == {(a, s) for a in arms for s in (0, 1)}
+    assert result["gate"]["skipped"].startswith("--no-gate")
+    assert result["plan"]["power"]["seeds"] == 2 and result["plan"]["sizing"]["expected_minutes"]
+    expected = {(a, s) for a in compare.PRIMARY for s in (0, 1)}
+    expected |= {(a, 0) for a in ("vpd-adapter", "sdpo", "grpo")}
+    assert {(r["arm"], r["seed"]) for r in result["runs"]} == expected
     for run in result["runs"]:
-        assert run["steps"] == 2 and len(run["student"]["accuracy"]) == 4
-        assert sorted(run["teacher_margin_curve"], key=int) == ["0", "2"]
-        assert [row["step"] for row in run["train_curve"]] == [1, 2]
-    vpd_runs = [r for r in result["runs"] if r["arm"] == "vpd"]
-    assert all("estep/loss" in row for r in vpd_runs for row in r["train_curve"])
+        assert run["steps"] == 3 and len(run["student"]["accuracy"]) == 4
+        assert sorted(run["teacher_margin_curve"], key=int) == ["0", "3"]
+        assert [row["step"] for row in run["train_curve"]] == [1, 2, 3]
+    for arm in ("vpd", "vpd-adapter"):  # the E-step after step 2, none on the last step
+        for r in (r for r in result["runs"] if r["arm"] == arm):
+            assert [row["step"] for row in r["train_curve"] if "estep/loss" in row] == [2]
     no_estep = [r for r in result["runs"] if r["arm"] == "vpd-no-estep"]
     assert all("estep/loss" not in row for r in no_estep for row in r["train_curve"])
     pairs = {(d["a"], d["b"]) for d in result["summary"]["differences"]}
@@ -89,6 +89,15 @@ def test_vpd_no_estep_is_vpd_with_only_the_estep_off(compare):
         k for k in vpd.hparams if k != "estep" and str(vpd.hparams[k]) != str(control.hparams[k])
     }
     assert differing <= {"student_optimizer"}  # a lambda each: same lr, different object
+    adapter = compare.build_module(setup, "vpd-adapter", 0, task)
+    differing = {k for k in vpd.hparams if str(vpd.hparams[k]) != str(adapter.hparams[k])}
+    assert differing <= {"student_optimizer", "teacher_mode"}
+    assert adapter.hparams["teacher_mode"] == "adapter"
+    grpo, sdpo = (compare.build_module(setup, arm, 0, task) for arm in ("grpo", "sdpo"))
+    assert not grpo.opts.grpo.normalize_std  # the paper's GRPO baseline
+    assert sdpo.feedback_source == "sibling_and_feedback" and sdpo.opts.sdpo.teacher == "ema"
+    sibling = compare.build_module(compare.replace(setup, context="sibling"), "vpd", 0, task)
+    assert sibling.feedback_source == "sibling"
 
 
 def test_calibration_picks_the_smallest_cap_then_the_accuracy_nearest_the_band_middle(compare):
@@ -134,17 +143,107 @@ def test_probe_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
     assert item["right_ids"] == [21] and item["feedback"] == "too high"
 
 
-def test_bootstrap_is_paired_over_seeds_and_items(compare):
-    assert compare.bootstrap([[1.0] * 20, [1.0] * 20], samples=200) == [1.0, 1.0]
-    noisy = [[float(i % 2) for i in range(40)], [float(i % 3 == 0) for i in range(40)]]
-    shifted = [[x + 0.1 for x in row] for row in noisy]
-    low, high = compare.bootstrap(shifted, noisy, samples=400)
-    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)  # paired: the noise cancels
-    low, high = compare.bootstrap([noisy[0]], samples=400)
-    assert 0.3 < low < 0.5 < high < 0.7  # item sampling alone: about 0.5 +- 0.15
-    low, high = compare.bootstrap([[1.0] * 40, [0.0] * 40], samples=400)
-    assert low == 0.0 and high == 1.0  # seeds disagree completely: the interval must see it
-    assert all(math.isnan(x) for x in compare.bootstrap([[]]))
+def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(compare):
+    run = {"student": {"accuracy": [], "bank_margin": []}, "teacher": {"self_fix": []}}
+    run["teacher"] |= {f"repair_{f}": [] for f in compare.FEEDBACKS}
+
+    def arm_run(arm, seed, accuracy):
+        curve = {"3": {f: [] for f in compare.FEEDBACKS}}
+        student = {"accuracy": accuracy, "bank_margin": [0.0, 0.0]}
+        return {**run, "arm": arm, "seed": seed, "student": student, "teacher_margin_curve": curve}
+
+    noise = [[0.2, 0.6], [0.5, 0.1], [0.9, 0.3], [0.4, 0.4]]  # seed x prompt
+    runs = [arm_run("vpd-no-estep", s, row) for s, row in enumerate(noise)]
+    runs += [arm_run("vpd", s, [x + 0.1 for x in row]) for s, row in enumerate(noise)]
+    runs.append(arm_run("sdpo", 0, [0.0, 0.0]))  # secondary arm: one seed
+    setup = compare.Setup(
+        model="m", task={}, max_new_tokens=8, steps=3, estep_every=2, secondary_seeds=[0]
+    )
+    base = {"student": runs[0]["student"], "teacher": run["teacher"],
+            "teacher_margin": runs[0]["teacher_margin_curve"]["3"]}  # fmt: skip
+    summary = compare.summarize(setup, base, runs)
+    primary = next(d for d in summary["differences"]
+                   if (d["a"], d["b"]) == compare.PRIMARY and d["measure"] == "student_accuracy")  # fmt: skip
+    assert primary["difference"] == pytest.approx(0.1)  # paired: the shared noise cancels
+    assert primary["ci95"] == pytest.approx([0.1, 0.1]) and primary["seeds"] == [0, 1, 2, 3]
+    control = summary["arms"]["vpd-no-estep"]["student_accuracy"]
+    means = [0.4, 0.3, 0.6, 0.4]
+    half = 3.182446 * statistics.stdev(means) / 2  # t(0.975, 3 df) * sd / sqrt(4)
+    assert control["ci95"] == pytest.approx([0.425 - half, 0.425 + half], abs=1e-5)
+    assert len(control["within_seed_ci95"]) == 4
+    versus_sdpo = [d for d in summary["differences"] if d["b"] == "sdpo"]
+    assert versus_sdpo and all(d["seeds"] == [0] for d in versus_sdpo)
+    assert all(math.isnan(x) for x in versus_sdpo[0]["ci95"])  # one seed: no interval claimed
+
+
+def test_the_last_training_step_is_never_an_estep(compare):
+    with pytest.raises(ValueError, match=r"steps = 20 is a multiple of estep_every = 4: the last"):
+        compare.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4)
+    assert compare.Setup(model="m", task={}, max_new_tokens=8).steps == 21
+    passive = ["grpo", "sdpo", "vpd-no-estep"]  # no trained teacher: no E-step to avoid
+    compare.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4, arms=passive)
+    with pytest.raises(ValueError, match="secondary_seeds"):
+        compare.Setup(model="m", task={}, max_new_tokens=8, secondary_seeds=[7])
+
+
+def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_study(compare):
+    import power
+
+    assert power.t_quantile(0.975, 3) == pytest.approx(3.182446, abs=1e-5)  # tables
+    assert power.t_quantile(0.8, 3) == pytest.approx(0.978472, abs=1e-5)
+    assert power.t_quantile(0.025, 10) == pytest.approx(-2.228139, abs=1e-5)
+    assert power.chi2_quantile(0.2, 2) == pytest.approx(-2 * math.log(0.8), abs=1e-6)
+    assert power.chi2_quantile(0.05, 3) == pytest.approx(0.351846, abs=1e-5)
+    mde = power.minimum_detectable_effect(1.0, 4)
+    rng = random.Random(0)  # a true effect of mde is found about 80% of the time
+    found = sum(
+        power.t_interval([rng.gauss(mde, 1.0) for _ in range(4)])[0] > 0 for _ in range(4000)
+    )
+    assert 0.76 < found / 4000 < 0.84
+    assert power.minimum_detectable_effect(1.0, 8) < mde  # more seeds, smaller effects
+
+    previous = json.loads((BENCHMARKS / "results" / "compare-cpu.json").read_text())
+    setup = compare.Setup(model="m", task={}, max_new_tokens=8)
+    plan = compare.power_plan(setup, previous)
+    assert len(plan["seed_differences"]) >= 3  # the committed study's primary pair
+    assert plan["sd_upper_80"] > plan["sd"] and plan["mde"] > plan["mde_at_sd"]
+    assert plan["mde"] == pytest.approx(power.minimum_detectable_effect(plan["sd_upper_80"], 4))
+    assert "pilot" in compare.power_plan(setup, None)["note"]
+
+
+def test_gate_passes_only_a_context_that_beats_the_student_and_its_shuffled_control():
+    import gate
+
+    n = 10
+    rates = {"student": [0.0] * n, "binary": [0.5] * n}
+    rates |= {"diagnostic": [0.5] * n, "shuffled_diagnostic": [0.5] * n}  # reads no content
+    rates |= {"sibling": [1.0] * n, "shuffled_sibling": [0.2] * n}
+    rates |= {"reference": [0.05] * n, "shuffled_reference": [0.0] * n}  # below the margin
+    decision = gate.decide(rates, margin=0.1)
+    assert decision["passed"] == ["sibling"] and decision["chosen"] == "sibling"
+    assert not decision["contexts"]["binary"]["passes"]  # its control is itself
+    assert decision["contexts"]["diagnostic"]["over_student"]["mean"] == pytest.approx(0.5)
+    rates["sibling"] = [0.2] * n
+    refused = gate.decide(rates, margin=0.1)
+    assert refused["chosen"] is None and refused["verdict"].startswith("stop: no context")
+
+
+def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_path):
+    """The tiny random model never answers right, so no held-out prompt has a right and a wrong
+    attempt: the gate says this model cannot test the method, and nothing trains."""
+    output = tmp_path / "compare.json"
+    command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--model"]
+    command += ["builtin:tiny-random", "--val-size", "4", "--calibration-prompts", "2"]
+    command += ["--accuracy-band", "0", "1", "--finish-target", "0", "--steps", "3"]
+    command += ["--estep-every", "2", "--output", str(output), "--calibrate", "--run"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "the study stops at the gate" in done.stderr
+    assert "this model cannot test the method" in done.stderr
+    result = json.loads(output.read_text())
+    assert set(result) == {"calibration", "gate"}  # no plan, no baseline, no runs
+    assert result["gate"]["chosen"] is None and result["gate"]["items"] == 0
+    assert "load_average_1_5_15" in result["gate"]["machine"]
 
 
 def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
@@ -180,7 +279,8 @@ def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, t
         [*command, "--output", str(output), "--resume"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode != 0
-    assert "differs from this invocation's in setup.steps," in done.stderr
+    assert "differs from this invocation's in setup." in done.stderr
+    assert " setup.steps," in done.stderr
     assert output.read_text() == before
 
 

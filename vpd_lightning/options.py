@@ -216,8 +216,10 @@ class SdpoOptions:
     `interpolate` initial and current logits."""
     ema_decay: float = 0.05
     """lambda of the EMA teacher: ema <- (1 - lambda) * ema + lambda * current, in (0, 1]."""
-    interpolation: float = 0.5
-    """a of the interpolated teacher: logits = a * initial + (1 - a) * current, in [0, 1]."""
+    interpolation: float = 0.95
+    """a of the interpolated teacher: logits = a * initial + (1 - a) * current, in [0, 1]. 0.95
+    is SDPO's trust-region teacher: `torch.lerp(ref, student, teacher_update_rate)` with rate 0.05
+    (lasgroup/SDPO verl/workers/actor/dp_actor.py:51-64, actor.yaml:105)."""
 
     def __post_init__(self) -> None:
         require_choice("model.sdpo.teacher", self.teacher, SdpoTeacher)
@@ -237,7 +239,9 @@ class GrpoOptions:
     """The ratio is clipped above at 1 + clip_high, >= 0."""
     normalize_std: bool = True
     """Divide each group's advantages by the group's unbiased reward standard deviation + 1e-4
-    (TRL's default, `scale_rewards="group"`; false: Dr. GRPO's unscaled advantages)."""
+    (TRL's default, `scale_rewards="group"`); false: unscaled advantages, the GRPO baseline of
+    SDPO's and the VPD paper's runs (lasgroup/SDPO verl/trainer/config/baseline_grpo.yaml:20,
+    `norm_adv_by_std_in_grpo: False`)."""
 
     def __post_init__(self) -> None:
         require_finite("model.grpo.clip_low", self.clip_low, 0.0, 1 - 1e-12, "must be in [0, 1)")

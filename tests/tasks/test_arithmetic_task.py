@@ -165,3 +165,18 @@ def test_last_number_format_reads_untagged_answers_and_tags_still_win():
     assert strict.verify(record, f"so the result is {expected}.").reward == 0.0
     with pytest.raises(ValueError, match="answer_format"):
         ArithmeticTask(answer_format="first")
+
+
+def test_last_number_format_quotes_the_stated_result_not_the_last_integer():
+    """The issue's case: a response that ends by restating another question is told about the
+    result it stated (11), never about a number in the restatement (4); with no stated result
+    there is nothing to quote, so nothing is."""
+    from vpd_lightning.tasks import ArithmeticTask
+
+    task = ArithmeticTask(num_ops=1, max_operand=9, answer_format="last_number", seed=3)
+    record = {**task.records("test")[0], "answer": 13, "intermediates": [13]}
+    verdict = task.verify(record, "8 + 5 = 11\nCompute 2*3*4.")
+    assert verdict.info["answer"] == 11 and "Your answer 11 is incorrect" in verdict.feedback
+    assert task.verify(record, "The answer is 13. Now compute 2*3*4.").reward == 1.0
+    assert task.verify(record, "x = 8 + 5").feedback.startswith("Format error")
+    assert task.verify(record, "\\boxed{13}").reward == 1.0

@@ -70,31 +70,44 @@ def test_sibling_spreads_over_successes(tiny_tokenizer):
     assert "A correct solution to this question:" in decode(tiny_tokenizer, contexts[1].prompt_ids)
 
 
-def test_sibling_and_feedback_is_sdpos_reprompt(tiny_tokenizer):
-    """A successful sibling's solution (never the rollout's own) and the rollout's feedback, each
-    under its header, in that order; a group without a success shows the feedback alone."""
+def test_sibling_and_feedback_follows_sdpos_reference_rule(tiny_tokenizer):
+    """SDPO's reference (environment_feedback_only_without_solution: True): a rollout with a
+    successful sibling (never itself) sees that solution alone; without one, its own feedback."""
     builder = TeacherContextBuilder(tiny_tokenizer, source="sibling_and_feedback")
     contexts = builder.build(RECORD, ["a", "b", "c"], [OK, BAD, BAD])
     texts = [decode(tiny_tokenizer, c.prompt_ids) for c in contexts]
     assert all(c.has_context and c.source == "sibling_and_feedback" for c in contexts)
     assert "A correct solution" not in texts[0]  # the only success is the rollout itself
-    assert "Feedback on an earlier attempt at this question:\nCorrect." in texts[0]
-    for text in texts[1:]:
-        solution = text.index("A correct solution to this question:\na")
-        feedback = text.index("Feedback on an earlier attempt at this question:\nYour answer 14")
-        assert text.index(QUESTION) < solution < feedback < text.index("Using the information")
+    assert contexts[0].context == "Feedback on an earlier attempt at this question:\nCorrect."
+    for context, text in zip(contexts[1:], texts[1:], strict=True):
+        assert context.context == "A correct solution to this question:\na"
+        assert "Your answer 14" not in text  # its feedback is left out: a solution exists
+        assert text.index(QUESTION) < text.index("A correct solution") < text.index("Using the")
     alone = builder.build(RECORD, ["x", "y"], [BAD, BAD])
-    assert all("A correct solution" not in c.context for c in alone)
     assert [c.context for c in alone] == ["Feedback on an earlier attempt at this question:\n"
                                           "Your answer 14 is incorrect."] * 2  # fmt: skip
     empty = builder.build(RECORD, ["x", "y"], [Verdict(0.0, ""), Verdict(0.0, " ")])
     assert not any(c.has_context for c in empty)  # nothing to show: masked, as the reference does
 
 
+def test_sibling_and_feedback_always_shows_both_blocks(tiny_tokenizer):
+    """The option that keeps the earlier rule: the sibling's solution, then the rollout's own
+    feedback, each under its header."""
+    builder = TeacherContextBuilder(tiny_tokenizer, source="sibling_and_feedback_always")
+    contexts = builder.build(RECORD, ["a", "b", "c"], [OK, BAD, BAD])
+    texts = [decode(tiny_tokenizer, c.prompt_ids) for c in contexts]
+    assert all(c.source == "sibling_and_feedback_always" for c in contexts)
+    assert "A correct solution" not in texts[0]
+    for text in texts[1:]:
+        solution = text.index("A correct solution to this question:\na")
+        feedback = text.index("Feedback on an earlier attempt at this question:\nYour answer 14")
+        assert text.index(QUESTION) < solution < feedback < text.index("Using the information")
+
+
 def test_sibling_and_feedback_share_one_token_budget(tiny_tokenizer):
     """The solution comes first; the feedback gets what it leaves of max_context_tokens."""
     builder = TeacherContextBuilder(
-        tiny_tokenizer, source="sibling_and_feedback", max_context_tokens=24
+        tiny_tokenizer, source="sibling_and_feedback_always", max_context_tokens=24
     )
     contexts = builder.build(RECORD, ["step " * 100, "b"], [OK, Verdict(0.0, "wrong " * 100)])
     header, body = contexts[1].context.split("\n", 1)

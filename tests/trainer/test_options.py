@@ -157,3 +157,28 @@ def test_each_method_gets_its_own_defaults_when_options_are_null():
     assert tiny_module(method="sdpo", feedback_source="verifier").feedback_source == "verifier"
     with pytest.raises(UserInputError, match=r"model\.distill\.topk = -1: must be an integer >= 0"):
         DistillOptions(topk=-1)
+
+
+def test_the_interpolated_teacher_defaults_to_sdpos_trust_region_teacher():
+    """SDPO's trust-region teacher is torch.lerp(initial logits, current logits, 0.05)
+    (lasgroup/SDPO verl/workers/actor/dp_actor.py:51-64 with teacher_update_rate 0.05): by default
+    the interpolated teacher is 0.95 initial + 0.05 current, not an even mix."""
+    from vpd_lightning.policy.packing import pack
+
+    module = tiny_module(method="sdpo", sdpo=SdpoOptions(teacher="interpolate"))
+    policy = module.policy
+    with torch.no_grad():  # the student moves away from its initial snapshot
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = pack([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]], pad_id=0)
+
+    def logits(hidden, weight=None):
+        return hidden @ (policy.head_weight if weight is None else weight).T
+
+    hidden, weight = policy.teacher_features(batch)
+    with torch.no_grad():
+        current = logits(policy.hidden(batch))
+        with policy.snapshot.swapped_in():
+            initial = logits(policy.hidden(batch), policy.head_weight.detach().clone())
+    assert not torch.allclose(initial, current, atol=1e-3)
+    torch.testing.assert_close(logits(hidden, weight), torch.lerp(initial, current, 0.05))

@@ -21,7 +21,12 @@ from vpd_lightning.rollout.prompts import question_text, render_messages, with_q
 from vpd_lightning.tasks.base import TRUNCATION_MARK, Record, Task, Verdict
 
 FeedbackSource = Literal[
-    "verifier", "sibling", "sibling_and_feedback", "self_critique", "reference"
+    "verifier",
+    "sibling",
+    "sibling_and_feedback",
+    "sibling_and_feedback_always",
+    "self_critique",
+    "reference",
 ]
 SOURCES: tuple[str, ...] = get_args(FeedbackSource)
 HEADERS = {
@@ -64,10 +69,12 @@ class TeacherContextBuilder:
 
     Sources: ``verifier`` (the rollout's own verdict feedback), ``sibling`` (the response of another
     successful rollout of the same prompt, never the rollout itself; falls back to the verifier
-    feedback when none succeeded), ``sibling_and_feedback`` (SDPO's reprompt: that sibling's
-    response when there is one, and the rollout's own verifier feedback, each under its own
-    header), ``self_critique`` (the model's critique of its own response given
-    the outcome, produced by ``critique_fn``), ``reference`` (``task.reference_solution``).
+    feedback when none succeeded), ``sibling_and_feedback`` (SDPO's reprompt as its reference code
+    runs it: that sibling's response when there is one, else the rollout's own verifier feedback,
+    each under SDPO's header), ``sibling_and_feedback_always`` (both blocks whenever each exists:
+    SDPO's ``environment_feedback_only_without_solution: False``), ``self_critique`` (the model's
+    critique of its own response given the outcome, produced by ``critique_fn``), ``reference``
+    (``task.reference_solution``).
 
     ``critique_fn`` receives critique prompts, each the plain text of one user message (the caller
     renders it with the chat template and generates), and returns one critique per prompt, in order.
@@ -114,7 +121,7 @@ class TeacherContextBuilder:
                 raise ValueError(f"{len(group)} completions but {len(judged)} verdicts in a group")
         raw = self._raw_contexts(records, completions, verdicts)
         return [
-            [self._render(record, text, source) for text, source in group]
+            [self.render(record, text, source) for text, source in group]
             for record, group in zip(records, raw, strict=True)
         ]
 
@@ -143,10 +150,9 @@ class TeacherContextBuilder:
         """(context text, source) per rollout, before truncation."""
         if self.source == "verifier":
             return [[(v.feedback, "verifier") for v in group] for group in verdicts]
-        if self.source in ("sibling", "sibling_and_feedback"):
-            both = self.source == "sibling_and_feedback"
+        if self.source.startswith("sibling"):
             return [
-                _siblings(group, judged, self.success_threshold, both)
+                _siblings(group, judged, self.success_threshold, self.source)
                 for group, judged in zip(completions, verdicts, strict=True)
             ]
         if self.source == "reference":
@@ -181,9 +187,11 @@ class TeacherContextBuilder:
         keep = max(budget - mark, 0)
         return self.tokenizer.decode(ids[:keep]) + TRUNCATION_MARK
 
-    def _render(self, record: Record, text: str | tuple[str, str], source: str) -> TeacherContext:
+    def render(self, record: Record, text: str | tuple[str, str], source: str) -> TeacherContext:
+        """One teacher context from its text (a (solution, feedback) pair for SDPO's reprompt)
+        under `source`'s header, cut to the token budget; empty text: masked."""
         if isinstance(text, tuple):  # (sibling solution, feedback): each part gets its own header
-            return self._render_parts(record, *text)
+            return self._render_parts(record, *text, source)
         context = self._truncate(text.strip()) if text.strip() else ""
         if not context:  # masked; the ids are the plain student prompt, for callers that want them
             return TeacherContext(
@@ -196,7 +204,9 @@ class TeacherContextBuilder:
         ids = render_messages(self.tokenizer, with_question(record, teacher_text))
         return TeacherContext(context, True, ids, source)
 
-    def _render_parts(self, record: Record, solution: str, feedback: str) -> TeacherContext:
+    def _render_parts(
+        self, record: Record, solution: str, feedback: str, source: str
+    ) -> TeacherContext:
         """SDPO's reprompt: the sibling's solution block, then the feedback block (either may be
         absent); the token budget is shared, the solution first."""
         blocks, budget = [], self.max_context_tokens
@@ -211,27 +221,32 @@ class TeacherContextBuilder:
             budget -= len(self.tokenizer(cut, add_special_tokens=False)["input_ids"])
             blocks.append(f"{header}\n{cut}")
         if not blocks:
-            return self._render(record, "", "sibling_and_feedback")
+            return self.render(record, "", source)
         teacher_text = "\n\n".join([question_text(record), *blocks, INSTRUCTION])
         ids = render_messages(self.tokenizer, with_question(record, teacher_text))
-        return TeacherContext("\n\n".join(blocks), True, ids, "sibling_and_feedback")
+        return TeacherContext("\n\n".join(blocks), True, ids, source)
 
 
 def _siblings(
-    completions: Sequence[str],
-    verdicts: Sequence[Verdict],
-    success_threshold: float,
-    with_feedback: bool = False,
+    completions: Sequence[str], verdicts: Sequence[Verdict], success_threshold: float, source: str
 ) -> list[tuple[str | tuple[str, str], str]]:
-    """Each rollout gets the next successful rollout after it (cyclically), never itself; without
-    one, its own verifier feedback. `with_feedback`: (solution or "", own feedback) pairs."""
+    """Each rollout gets the next successful rollout after it (cyclically), never itself.
+
+    ``sibling``: that solution, else the rollout's own verifier feedback. ``sibling_and_feedback``
+    follows SDPO's reference (lasgroup/SDPO ``verl/trainer/config/actor/actor.yaml:125``,
+    ``environment_feedback_only_without_solution: True``, read in ``_build_teacher_message``,
+    ``verl/trainer/ppo/ray_trainer.py:710-718``): the feedback block only when there is no
+    solution. ``sibling_and_feedback_always``: (solution or "", own feedback) for every rollout.
+    """
     successes = [i for i, v in enumerate(verdicts) if v.reward >= success_threshold]
     out: list[tuple[str | tuple[str, str], str]] = []
     for i, verdict in enumerate(verdicts):
         others = [j for j in successes if j != i]
         solution = completions[next((j for j in others if j > i), others[0])] if others else ""
-        if with_feedback:
-            out.append(((solution, verdict.feedback), "sibling_and_feedback"))
+        if source == "sibling_and_feedback_always":
+            out.append(((solution, verdict.feedback), source))
+        elif source == "sibling_and_feedback":
+            out.append(((solution, "" if solution else verdict.feedback), source))
         elif solution:
             out.append((solution, "sibling"))
         else:

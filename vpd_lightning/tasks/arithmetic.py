@@ -19,7 +19,8 @@ Feedback levels (cumulative after ``binary``; a correct answer always gets "Corr
   the wrong sign.
 - ``solution``: adds the right answer with the worked steps.
 
-A response without an integer inside ``<answer>`` gets reward 0 and a format message.
+A response without an integer inside ``<answer>`` (with ``answer_format="last_number"``: nor a final
+stated result) gets reward 0 and a format message.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from vpd_lightning.tasks.base import (
     option,
     register_task,
 )
-from vpd_lightning.tasks.parsing import extract_tagged_answer, parse_int
+from vpd_lightning.tasks.parsing import extract_tagged_answer, parse_int, stated_answer
 
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 FEEDBACK_LEVELS = ("binary", "outcome", "diagnostic", "solution")
@@ -92,8 +93,11 @@ class ArithmeticTask(Task):
         answer_format: str = "tag",
     ) -> None:
         """``answer_format="last_number"`` also accepts a response without ``<answer>`` tags and
-        reads its last integer: small models that ignore the format still get a learning signal.
-        It is a plain string, checked here, so a wrong one is refused with its key named."""
+        reads its last stated result as a grader would (`parsing.stated_answer`: the last ``= n``,
+        "answer is n" or ``\\boxed{n}``; none: a format error), so small models that ignore the
+        format still get a learning signal and feedback never quotes a number the response did not
+        give as its answer. It is a plain string, checked here, so a wrong one is refused with
+        its key named."""
         check_choice("answer_format", answer_format, ANSWER_FORMATS)
         check_int("num_ops", num_ops, 1)
         check_int("max_operand", max_operand, 2)
@@ -216,8 +220,7 @@ class ArithmeticTask(Task):
         expected = record["answer"]
         raw = extract_tagged_answer(completion)
         if raw is None and self.answer_format == "last_number":
-            integers = _INTEGER.findall(completion)
-            raw = integers[-1] if integers else None
+            raw = stated_answer(completion)
         answer = parse_int(raw) if raw is not None else None
         info: dict[str, object] = {"answer": answer, "expected": expected, "format_ok": True}
         solution = (
@@ -227,7 +230,10 @@ class ArithmeticTask(Task):
             info["format_ok"] = False
             if self.feedback == "binary":
                 return Verdict(0.0, BINARY_FEEDBACK, info)
-            text = "Format error: no integer inside <answer>...</answer>; end with e.g. <answer>42</answer>."
+            text = (
+                "Format error: no integer inside <answer>...</answer>; end with e.g. "
+                "<answer>42</answer>."
+            )
             if self.feedback == "solution":
                 text += " " + solution
             return Verdict(0.0, text, info)

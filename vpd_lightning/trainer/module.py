@@ -84,9 +84,11 @@ class VPDModule(pl.LightningModule):
         lora: LoRA options; null for full fine-tuning.
         dtype: Weights' dtype: `float32`, `bfloat16` or `float16`.
         feedback_source: The teacher's context: `verifier` feedback, a successful `sibling`'s
-            response, both (`sibling_and_feedback`, SDPO's reprompt), a `self_critique`, or the
-            task's `reference` solution; null: the method's own (vpd: verifier, sdpo:
-            sibling_and_feedback, opsd: reference).
+            response, SDPO's reprompt (`sibling_and_feedback`: the sibling's response, or the
+            feedback when no sibling succeeded, as SDPO's reference runs it;
+            `sibling_and_feedback_always`: both), a `self_critique`, or the task's `reference`
+            solution; null: the method's own (vpd: verifier, sdpo: sibling_and_feedback, opsd:
+            reference).
         max_context_tokens: Token budget of the context block (the question is never cut).
         success_threshold: A reward >= this is a success: BCO's labels, `sibling` contexts,
             the critique's outcome, the success fraction and pass@k.
