@@ -68,11 +68,43 @@ REFUSED_SYSCALLS = (
     "memfd_create",
     "memfd_secret",
 )
-_SYSCALL_TABLES = {  # machine: (AUDIT_ARCH_*, the numbers of REFUSED_SYSCALLS, in order)
-    "x86_64": (0xC000003E, (112, 109, 29, 68, 64, 240, 319, 447)),
-    "aarch64": (0xC00000B7, (157, 154, 194, 186, 190, 180, 279, 447)),
-    "riscv64": (0xC00000F3, (157, 154, 194, 186, 190, 180, 279, 447)),
+_GENERIC = {  # the kernel's generic syscall table (aarch64, riscv64)
+    "setsid": 157,
+    "setpgid": 154,
+    "shmget": 194,
+    "msgget": 186,
+    "semget": 190,
+    "mq_open": 180,
+    "memfd_create": 279,
+    "memfd_secret": 447,
 }
+_SYSCALL_TABLES = {  # machine: (AUDIT_ARCH_*, syscall numbers)
+    "x86_64": (
+        0xC000003E,
+        {
+            "setsid": 112,
+            "setpgid": 109,
+            "shmget": 29,
+            "msgget": 68,
+            "semget": 64,
+            "mq_open": 240,
+            "memfd_create": 319,
+            "memfd_secret": 447,
+        },
+    ),
+    "aarch64": (0xC00000B7, _GENERIC),
+    "riscv64": (0xC00000F3, _GENERIC),
+}
+
+
+def _syscall_filter() -> tuple[int, tuple[int, ...]] | None:
+    """What ``boot.py`` refuses on this machine: (audit arch, numbers of REFUSED_SYSCALLS), or
+    None where no table is known (then ``LaunchPlan.isolation`` says so)."""
+    table = _SYSCALL_TABLES.get(os.uname().machine)
+    if table is None:
+        return None
+    arch, numbers = table
+    return arch, tuple(numbers[name] for name in REFUSED_SYSCALLS)
 
 
 @dataclass(frozen=True)
@@ -161,7 +193,7 @@ class LaunchPlan:
     @property
     def isolation(self) -> str:
         mode = ISOLATED if self.isolated else f"weak: {self.reason}"
-        if os.uname().machine not in _SYSCALL_TABLES:
+        if _syscall_filter() is None:
             mode += f"; no syscall filter on {os.uname().machine} (setsid, shared memory allowed)"
         return mode
 
@@ -378,7 +410,7 @@ class SandboxProcess:
             "rlimits": rlimits,
             "executable": _executable(),
             "program_fds": [to_program_r, from_program_w],
-            "refused_syscalls": _SYSCALL_TABLES.get(os.uname().machine),
+            "refused_syscalls": _syscall_filter(),
         }
         if plan.isolated:
             fs = _file_system()

@@ -32,7 +32,7 @@ import math
 MAX_DEPTH = 100
 MAX_MESSAGE = 16 * 1024 * 1024
 # The judge's work on one message, in values parsed plus element comparisons to build its sets and
-# dicts: bounds its memory and its time (about 0.3 s at most; a C call that builds a set holds the GIL).
+# dicts: bounds its memory and time (about 1 s of decoding, at most about 0.3 s in one C call).
 MAX_WORK = 1_000_000
 HEADER_SIZE = 4
 _INT_BITS = 4000  # larger ints travel as hex: int(str) is capped at 4300 digits
