@@ -931,7 +931,8 @@ def gate_phase(setup: Setup, rule: GateRule, accelerator: str) -> dict:
     feedback: the gate shows each context itself)."""
     task = setup.arithmetic()
     module = standalone(build_module(setup, "vpd", 0, task), accelerator)
-    gate = run_gate(module, task, held_out_records(setup), rule, setup.max_new_tokens)
+    budget = dict(max_new_tokens=setup.max_new_tokens, max_context_tokens=setup.max_context_tokens)
+    gate = run_gate(module, task, held_out_records(setup), rule, budget)
     return {**gate, "machine": machine_load()}
 
 

@@ -92,10 +92,13 @@ def teacher_prompts(builder: TeacherContextBuilder, task, items: list[dict], kin
     ]
 
 
-def repair_rates(module, task, items: list[dict], rule: GateRule, max_new_tokens: int, seed: int):
-    """Per condition, per item: the fraction of samples that are right."""
-    builder = TeacherContextBuilder(module.tokenizer, "verifier", max_context_tokens=256)
-    params = SamplingParams(rule.samples, rule.temperature, 1.0, max_new_tokens, seed)
+def repair_rates(module, task, items: list[dict], rule: GateRule, budget: dict, seed: int):
+    """Per condition, per item: the fraction of samples that are right. `budget`: the study's
+    `max_new_tokens` and `max_context_tokens`, so the gate's teacher sees what training's would."""
+    builder = TeacherContextBuilder(
+        module.tokenizer, "verifier", max_context_tokens=budget["max_context_tokens"]
+    )
+    params = SamplingParams(rule.samples, rule.temperature, 1.0, budget["max_new_tokens"], seed)
     records = [item["record"] for item in items]
 
     def rates(attempts: Attempts) -> list[float]:
@@ -153,14 +156,14 @@ def decide(rates: dict[str, list[float]], margin: float) -> dict:
     return {"contexts": out, "passed": passed, "chosen": chosen, "verdict": verdict}
 
 
-def run_gate(module, task, records: list[dict], rule: GateRule, max_new_tokens: int) -> dict:
+def run_gate(module, task, records: list[dict], rule: GateRule, budget: dict) -> dict:
     """The whole gate on `records` (held-out prompts) with the untrained `module`."""
     start = time.perf_counter()
-    params = SamplingParams(rule.draws, rule.temperature, 1.0, max_new_tokens, 0)
+    params = SamplingParams(rule.draws, rule.temperature, 1.0, budget["max_new_tokens"], 0)
     with module.policy.student():
         attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
     items = gate_items(attempts, rule.items)
-    rates = repair_rates(module, task, items, rule, max_new_tokens, seed=1) if items else {}
+    rates = repair_rates(module, task, items, rule, budget, seed=1) if items else {}
     decision = decide(rates or {"student": []}, rule.margin)
     return {
         "rule": asdict(rule),

@@ -35,7 +35,7 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
     command += ["--seeds", "0", "1", "--secondary-seeds", "0", "--calibration-prompts", "2"]
     command += ["--accuracy-band", "0", "1", "--finish-target", "0", "--estep-every", "2"]
     command += ["--no-gate", "--output", str(output), "--calibrate", "--run"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)  # shared CPUs
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(output.read_text())
 
@@ -300,3 +300,24 @@ def test_train_step_compare_runs_each_project_row_at_each_precision_and_trl_once
         ("trl-grpo", None),
     ]
     assert all(r["step_s"] > 0 and r["rollout_s"] > 0 for r in rows)
+
+
+def test_gate_samples_every_condition_for_every_item(compare):
+    """repair_rates on the tiny model: the student alone, each context and each shuffled control
+    (only the plumbing; the tiny model's rates mean nothing)."""
+    import gate
+
+    setup = compare.Setup(
+        model="builtin:tiny-random", task={"num_ops": 1, "max_operand": 5}, max_new_tokens=4
+    )
+    task = setup.arithmetic()
+    module = compare.build_module(setup, "vpd", 0, task)
+    items = [
+        {"record": r, "wrong_text": "1 + 1 = 3", "right_text": "1 + 1 = 2", "feedback": "Too high."}
+        for r in task.records("test")[:2]
+    ]
+    budget = {"max_new_tokens": 4, "max_context_tokens": 16}
+    rates = gate.repair_rates(module, task, items, gate.GateRule(samples=1), budget, seed=0)
+    expected = {"student", *gate.CONTEXTS, *(f"shuffled_{k}" for k in gate.SHUFFLED)}
+    assert set(rates) == expected and all(len(v) == 2 for v in rates.values())
+    assert set(gate.decide(rates, 0.1)["contexts"]) == set(gate.CONTEXTS)

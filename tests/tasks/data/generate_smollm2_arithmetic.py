@@ -21,11 +21,8 @@ from vpd_lightning.tasks import ArithmeticTask
 from vpd_lightning.trainer.module import VPDModule
 
 OUT = Path(__file__).with_name("smollm2_arithmetic.jsonl")
-# The study's task (benchmarks/compare_methods.py's calibration) and a two-operation one.
-TASKS = [
-    (dict(num_ops=1, max_operand=10, operations="+-", num_test=128), 24),
-    (dict(num_ops=2, max_operand=10, operations="+-*"), 12),
-]
+# The study's task (benchmarks/compare_methods.py's calibration): 24 held-out prompts.
+TASKS = [(dict(num_ops=1, max_operand=10, operations="+-", num_test=128), 24)]
 SAMPLES = 2  # per prompt, at the study's evaluation temperature
 
 
