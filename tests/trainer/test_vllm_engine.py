@@ -28,8 +28,8 @@ from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
 from vpd_lightning.rollout.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.slow
-QUESTIONS = ["What is 7 + 5?", "Name a colour of the sky.", "Write the word cat backwards."]
-GREEDY = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=24)
+QUESTIONS = ["What is 7 + 5?", "Name a colour of the sky."]
+GREEDY = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_greedy_equals_generate_token_for_token(smollm2):
 
 
 def test_sampled_tokens_log_probs_equal_the_trainers_and_follow_the_seed(smollm2):
-    params = SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=24, seed=3)
+    params = SamplingParams(num_samples=2, temperature=1.0, max_new_tokens=16, seed=3)
     first = smollm2.engine.generate(smollm2.prompts, params)
     logprobs = smollm2.engine.last_logprobs
     assert smollm2.engine.generate(smollm2.prompts, params) == first
