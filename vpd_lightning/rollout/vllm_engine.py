@@ -31,10 +31,10 @@ from vpd_lightning.rollout.cached import MergedLora
 MAX_NUM_SEQS = 256
 MAX_MODEL_LEN = 4096  # prompt + response, at most (or the model's own limit, if lower)
 PROBE_TOKENS = 32
-# Largest |trainer - vLLM| log-prob on the probe after a push: float32 engines agree to ~1e-5,
-# bf16/fp16 engines differ from a float32 trainer by ~0.1 at worst; a corrupted or half-pushed
-# model differs by whole nats.
-PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1.0, torch.float16: 0.5}
+# Mean |trainer - vLLM| log-prob over the probe after a push: a float32 engine agrees to ~5e-6 on
+# SmolLM2, a bf16 one to ~0.03 (0.44 at worst on a token); a corrupted or half-pushed model is off
+# by whole nats.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.25}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,13 +163,14 @@ class VLLMEngine:
             entry[token].logprob
             for entry, token in zip(out[0].prompt_logprobs[1:], probe[1:], strict=True)
         ]
-        gap = (trainer.cpu().double() - torch.tensor(engine, dtype=torch.float64)).abs().max()
+        gap = (trainer.cpu().double() - torch.tensor(engine, dtype=torch.float64)).abs().mean()
         self.last_probe_gap = float(gap)
         if not gap <= PROBE_TOLERANCE[dtype]:
             raise RuntimeError(
                 f"vLLM engine: after pushing weights its log-probs on a probe differ from the "
-                f"trainer's by up to {float(gap):.3g} nats (tolerance {PROBE_TOLERANCE[dtype]} "
-                f"for {dtype}): the engine does not hold the trainer's weights"
+                f"trainer's by {float(gap):.3g} nats per token (tolerance "
+                f"{PROBE_TOLERANCE[dtype]} for {dtype}): the engine does not hold the trainer's "
+                "weights"
             )
 
     # ------------------------------------------------------------------------- sampling
