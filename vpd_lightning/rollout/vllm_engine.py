@@ -234,8 +234,10 @@ class VLLMEngine:
             used += n
         yield range(start, len(lengths))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Always in inference mode: a push rebuilds vLLM's parameters as inference tensors when it
+        runs under Lightning's validation (inference mode), and later pushes must write them."""
         if not prompts:
             self.last_logprobs = []
             return []
