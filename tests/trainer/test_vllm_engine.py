@@ -133,17 +133,18 @@ def test_a_half_pushed_engine_fails_the_check_loudly(smollm2):
     engine = smollm2.engine
     engine.generate(smollm2.prompts, GREEDY)
     q = smollm2.network.model.layers[0].self_attn.q_proj.weight
-    engine.llm.collective_rpc(
-        "reload_weights",
-        kwargs={
-            "weights_iterator": [("model.layers.0.self_attn.q_proj.weight", q.detach().clone())],
-            "is_checkpoint_format": True,
-        },
-    )
-    engine.llm.reset_prefix_cache()
     try:
-        with pytest.raises(RuntimeError, match="does not hold the trainer's weights"):
-            engine._check_push(smollm2.network, torch.float32)
+        with torch.inference_mode():  # as the engine pushes (its parameters are inference tensors)
+            engine.llm.collective_rpc(
+                "reload_weights",
+                kwargs={
+                    "weights_iterator": [("model.layers.0.self_attn.q_proj.weight", q.detach())],
+                    "is_checkpoint_format": True,
+                },
+            )
+            engine.llm.reset_prefix_cache()
+            with pytest.raises(RuntimeError, match="does not hold the trainer's weights"):
+                engine._check_push(smollm2.network, torch.float32)
     finally:
         engine.pushed = None
     engine.generate(smollm2.prompts, GREEDY)  # a full push repairs it
