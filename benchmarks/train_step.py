@@ -21,6 +21,9 @@ backward; the rest is Python and the optimizer), against one step of TRL's `GRPO
 
     .venv/bin/python benchmarks/train_step.py --compare vpd:generate vpd:cached trl-grpo trl-sdpo
 
+The `vllm` rows (`vpd:vllm`, `grpo:vllm-bf16`, ...) sample with vLLM in the process (`-bf16`: a
+bfloat16 engine beside the float32 trainer); their generate time includes the weight push.
+
 `--precisions 32-true bf16-true` runs each of this project's rows at each Lightning precision, in
 the same run (to results/train-step-precision-cpu.json); TRL's rows stay float32.
 
@@ -391,7 +394,8 @@ def measure_project(
             num_generations=GENERATIONS,
             temperature=TEMPERATURE,
             max_new_tokens=max_new_tokens,
-            engine=engine,
+            engine=engine.removesuffix("-bf16"),
+            sampler_dtype="bfloat16" if engine.endswith("-bf16") else None,
         ),
         estep=EStepOptions(every=1),
         micro_batch_size=8,
@@ -511,6 +515,12 @@ COMPARED = (
     "grpo:cached",
     "sdpo:generate",
     "sdpo:cached",
+    "vpd:vllm",
+    "vpd:vllm-bf16",
+    "grpo:vllm",
+    "grpo:vllm-bf16",
+    "sdpo:vllm",
+    "sdpo:vllm-bf16",
     "trl-grpo",
     "trl-sdpo",
 )

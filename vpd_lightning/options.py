@@ -22,7 +22,7 @@ SdpoTeacher = Literal["current", "ema", "interpolate"]
 EStepPrior = Literal["student", "initial"]
 Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 TopkFrom = Literal["student", "teacher"]
-RolloutEngineName = Literal["generate", "cached"]
+RolloutEngineName = Literal["generate", "cached", "vllm"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
@@ -93,10 +93,30 @@ class RolloutOptions:
     engine: RolloutEngineName = "generate"
     """What samples: `generate` (transformers' `generate`, the reference and fallback) or `cached`
     (`rollout/cached.py`: one prefill per prompt shared by its samples, finished rows dropped,
-    LoRA merged for sampling; not under fsdp2). Same seed semantics, not the same draws."""
+    LoRA merged for sampling; not under fsdp2) or `vllm` (`rollout/vllm_engine.py`: vLLM in each
+    process on a pushed copy of the weights, checked after every push; `make install-vllm`; not
+    under fsdp2). Same seed semantics, not the same draws. Validation, `predict` and the teacher's
+    repair probe sample with the same engine."""
+    sampler_dtype: str | None = None
+    """`vllm` only: the engine's dtype (`float32`, `bfloat16`, `float16`); null: the weights'.
+    bf16 sampling from float32 training is what TRL and verl do on GPUs; GRPO then corrects for
+    the gap (`grpo.importance_sampling_cap`)."""
 
     def __post_init__(self) -> None:
         require_choice("model.rollout.engine", self.engine, RolloutEngineName)
+        if self.sampler_dtype is not None:
+            require(
+                self.sampler_dtype in DTYPE_NAMES,
+                "model.rollout.sampler_dtype",
+                self.sampler_dtype,
+                f"must be one of {', '.join(DTYPE_NAMES)} or null (the weights' dtype)",
+            )
+            require(
+                self.engine == "vllm",
+                "model.rollout.sampler_dtype",
+                self.sampler_dtype,
+                "applies to model.rollout.engine: vllm only; set it to null or use that engine",
+            )
         require_positive_int("model.rollout.num_generations", self.num_generations)
         require_finite("model.rollout.temperature", self.temperature, 0.0, math.inf, "must be >= 0")
         require_finite("model.rollout.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")
@@ -242,9 +262,21 @@ class GrpoOptions:
     (TRL's default, `scale_rewards="group"`); false: unscaled advantages, the GRPO baseline of
     SDPO's and the VPD paper's runs (lasgroup/SDPO verl/trainer/config/baseline_grpo.yaml:20,
     `norm_adv_by_std_in_grpo: False`)."""
+    importance_sampling_cap: float | None = 3.0
+    """With an engine that reports its own log-probs (`vllm`): weight each token's GRPO loss by
+    min(pi_trainer / pi_sampler, cap) at rollout time, the truncated importance-sampling correction
+    of TRL (`vllm_importance_sampling_correction`, token_truncate, cap 3) and verl; null: off."""
 
     def __post_init__(self) -> None:
         require_finite("model.grpo.clip_low", self.clip_low, 0.0, 1 - 1e-12, "must be in [0, 1)")
+        if self.importance_sampling_cap is not None:
+            require_finite(
+                "model.grpo.importance_sampling_cap",
+                self.importance_sampling_cap,
+                1e-12,
+                math.inf,
+                "must be > 0 or null (no correction)",
+            )
         require_finite("model.grpo.clip_high", self.clip_high, 0.0, math.inf, "must be >= 0")
 
 

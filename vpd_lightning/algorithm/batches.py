@@ -53,6 +53,15 @@ class MicroBatch:
         return torch.tensor([len(r.completion_ids) for r in self.rollouts], device=device)
 
     @property
+    def sampler_logprobs(self) -> torch.Tensor | None:
+        """(T,) the sampling engine's log-prob of each completion token, in `student.targets`'
+        order; None where the engine reports none."""
+        if any(r.sampler_logprobs is None for r in self.rollouts):
+            return None
+        values = [p for r in self.rollouts for p in r.sampler_logprobs]
+        return torch.tensor(values, dtype=torch.float32, device=self.student.targets.device)
+
+    @property
     def has_context(self) -> torch.Tensor:
         """(B,) whether each rollout's teacher saw a context (the others are not trained on)."""
         return torch.tensor([r.has_context for r in self.rollouts])

@@ -14,7 +14,11 @@ import torch
 
 import vpd_kernels as vk
 from vpd_lightning.algorithm.batches import MicroBatch, UpdateRunner, completion_tokens
-from vpd_lightning.algorithm.objectives import group_advantages, grpo_token_loss
+from vpd_lightning.algorithm.objectives import (
+    group_advantages,
+    grpo_token_loss,
+    truncated_importance_weights,
+)
 from vpd_lightning.options import DistillOptions, GrpoOptions
 from vpd_lightning.policy.packing import PackedBatch
 from vpd_lightning.policy.roles import Policy
@@ -45,6 +49,7 @@ class MStepStats:
     entropy: float = 0.0
     trust_region_kl: float = 0.0
     grpo: float = 0.0
+    sampler_gap: float = 0.0
 
     def __add__(self, other: MStepStats) -> MStepStats:
         return MStepStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -61,6 +66,7 @@ def mstep_loss(
     anchor: Features | None,
     distill_tokens: int,
     all_tokens: int,
+    sampler_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MStepStats]:
     """One micro-batch of the student update, run with the student's weights live.
 
@@ -69,6 +75,9 @@ def mstep_loss(
     anchor: the rollout-time policy's features, for the trust region and GRPO's old log-probs
         (None with one update per batch: then the current policy is the rollout-time one).
     distill_tokens / all_tokens: the batch's distilled / total completion tokens (>= 1).
+    sampler_logp: (T,) the sampling engine's own log-probs of the completion tokens (None: the
+        engine samples from the trainer's weights themselves): their gap to the trainer's
+        rollout-time log-probs is measured, and GRPO corrects for it (truncated importance weights).
     """
     stats = MStepStats()
     loss = torch.zeros((), device=student.targets.device, dtype=torch.float32)
@@ -103,18 +112,17 @@ def mstep_loss(
         stats.entropy = float((token_stats.entropy * weights).sum())
         if trust_region:
             stats.trust_region_kl = float((token_stats.ref_kl * weights).sum())
-    if terms.grpo_coef:
-        if advantages is None:
-            raise ValueError("GRPO needs the micro-batch's advantages")
+    if terms.grpo_coef or sampler_logp is not None:
         hidden = policy.hidden(student) if hidden is None else hidden
         temperature = terms.sampling_temperature or 1.0
-        logp = vk.fused_linear_token_logprobs(
-            hidden,
-            policy.head_weight,
-            student.targets,
-            temperature=temperature,
-            **policy.head_kwargs,
-        )
+        with torch.set_grad_enabled(bool(terms.grpo_coef) and torch.is_grad_enabled()):
+            logp = vk.fused_linear_token_logprobs(
+                hidden,
+                policy.head_weight,
+                student.targets,
+                temperature=temperature,
+                **policy.head_kwargs,
+            )
         old_logp = logp.detach()
         if anchor is not None:
             with torch.no_grad():
@@ -125,9 +133,19 @@ def mstep_loss(
                     temperature=temperature,
                     **policy.head_kwargs,
                 )
+        if sampler_logp is not None:
+            stats.sampler_gap = float((old_logp - sampler_logp).abs().sum())
+    if terms.grpo_coef:
+        if advantages is None:
+            raise ValueError("GRPO needs the micro-batch's advantages")
         token_advantages = advantages.to(logp.device)[student.seq_index]
         g = terms.grpo
-        grpo_sum = grpo_token_loss(logp, old_logp, token_advantages, g.clip_low, g.clip_high).sum()
+        token_loss = grpo_token_loss(logp, old_logp, token_advantages, g.clip_low, g.clip_high)
+        if sampler_logp is not None and g.importance_sampling_cap is not None:
+            token_loss = token_loss * truncated_importance_weights(
+                old_logp, sampler_logp, g.importance_sampling_cap
+            )
+        grpo_sum = token_loss.sum()
         loss = loss + terms.grpo_coef * grpo_sum / all_tokens
         stats.grpo = float(grpo_sum.detach()) / all_tokens
     return loss, stats
@@ -180,6 +198,7 @@ def student_update(
                 anchor=anchors[index] if anchors else None,
                 distill_tokens=distill_tokens,
                 all_tokens=all_tokens,
+                sampler_logp=batch.sampler_logprobs,
             )
             runner.backward(loss)
             local_loss += float(loss.detach())
@@ -197,6 +216,8 @@ def student_update(
             out["mstep/trust_region_kl"] = totals.trust_region_kl / distill_tokens
     if terms.grpo_coef:
         out["mstep/grpo_loss"] = totals.grpo
+    if all(r.sampler_logprobs is not None for r in rollouts):
+        out["rollout/sampler_logprob_gap"] = totals.sampler_gap / all_tokens
     grad_norm, skipped = runner.step("student", local_loss, counted)
     out["mstep/grad_norm"] = grad_norm
     out["mstep/skipped"] = float(skipped)

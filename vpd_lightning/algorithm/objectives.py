@@ -87,3 +87,12 @@ def grpo_token_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
     return -torch.minimum(unclipped, clipped)
+
+
+def truncated_importance_weights(
+    logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """min(pi_trainer / pi_sampler, cap) per token, without gradient: the truncated importance
+    sampling (TIS) correction for tokens drawn by an engine whose probabilities differ from the
+    trainer's (TRL's `vllm_importance_sampling_correction`, mode token_truncate; verl's TIS)."""
+    return torch.exp(logp.detach() - sampler_logp).clamp(max=cap)

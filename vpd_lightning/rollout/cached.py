@@ -12,6 +12,7 @@ in every layer at every token, and keeps computing rows that already ended. This
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -82,6 +83,15 @@ class MergedLora:
                 module._disable_adapters = False
 
 
+def cache_keyword(network: torch.nn.Module) -> str:
+    """The name the model's forward gives its KV cache: `cache` (transformers 5.2x, which still
+    accepts `past_key_values` with a warning) or `past_key_values` (earlier releases, whose
+    forwards would take `cache=` into **kwargs unread and sample without the prompt)."""
+    base = network.get_base_model() if hasattr(network, "get_base_model") else network
+    names = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def sample_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -138,9 +148,12 @@ class CachedEngine:
 
     @staticmethod
     def _forward(network: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        """The network's forward, giving the last position's logits in float32."""
+        """The network's forward, giving the last position's logits in float32, with the KV cache
+        passed as `cache=`."""
+        keyword = cache_keyword(network)
 
-        def forward(**kwargs) -> torch.Tensor:
+        def forward(cache: DynamicCache, **kwargs) -> torch.Tensor:
+            kwargs[keyword] = cache
             return network(**kwargs, logits_to_keep=1, use_cache=True).logits[:, -1].float()
 
         return forward

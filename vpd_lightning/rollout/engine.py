@@ -15,6 +15,8 @@ class RolloutEngine(Protocol):
         """Completion ids for each prompt, `num_samples` in a row per prompt (prompt-major).
 
         A completion ends with the eos token when the model stopped, and never holds padding.
+        An engine with log-probs of its own (`vllm`) also keeps the call's sampled-token
+        log-probs as `last_logprobs`, one list per completion.
         """
         ...
 
@@ -71,9 +73,17 @@ class HFGenerateEngine:
 
 
 def make_engine(
-    name: str, model: torch.nn.Module, pad_id: int, eos_ids: Sequence[int]
+    name: str,
+    model: torch.nn.Module,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    sampler_dtype: str | None = None,
 ) -> RolloutEngine:
     """The engine `model.rollout.engine` names, on the live `model` (the Policy)."""
+    if name == "vllm":
+        from vpd_lightning.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, pad_id, eos_ids, sampler_dtype)
     if name == "cached":
         from vpd_lightning.rollout.cached import CachedEngine
 

@@ -28,6 +28,8 @@ class Attempts:
     texts: list[str]
     verdicts: list[Verdict]
     n: int
+    sampler_logprobs: list[list[float]] | None = None
+    """The engine's own log-prob of each sampled token, where it reports them (`vllm`)."""
 
     def groups(self) -> list[slice]:
         """The slice of each prompt's responses."""
@@ -71,7 +73,10 @@ def sample_and_verify(
     verdicts = [truncated_verdict(params.max_new_tokens)] * len(completions)
     for i, verdict in zip(finished, judged, strict=True):
         verdicts[i] = verdict
-    return Attempts(list(records), [list(p) for p in prompt_ids], completions, texts, verdicts, n)
+    logprobs = getattr(engine, "last_logprobs", None)
+    return Attempts(
+        list(records), [list(p) for p in prompt_ids], completions, texts, verdicts, n, logprobs
+    )
 
 
 def stop_ids(engine: RolloutEngine, tokenizer) -> set[int]:
@@ -102,6 +107,8 @@ class Rollout:
     has_context: bool
     finished: bool = True
     """Whether the response ended by itself (not at the token cap)."""
+    sampler_logprobs: list[float] | None = None
+    """The sampling engine's log-prob of each completion token, where it reports them."""
 
 
 def to_rollouts(
@@ -123,6 +130,9 @@ def to_rollouts(
                     reward=float(attempts.verdicts[j].reward),
                     has_context=has_context,
                     finished=not attempts.verdicts[j].info.get("truncated", False),
+                    sampler_logprobs=None
+                    if attempts.sampler_logprobs is None
+                    else attempts.sampler_logprobs[j],
                 )
             )
     return rollouts

@@ -186,7 +186,11 @@ class VPDModule(pl.LightningModule):
         )
         eos_ids = {self.tokenizer.eos_token_id, *generation_eos_ids(network)}
         self.engine = make_engine(
-            self.opts.rollout.engine, self.policy, self.tokenizer.pad_token_id, eos_ids
+            self.opts.rollout.engine,
+            self.policy,
+            self.tokenizer.pad_token_id,
+            eos_ids,
+            self.opts.rollout.sampler_dtype,
         )
 
         # State that checkpoints carry (`on_save_checkpoint`).
