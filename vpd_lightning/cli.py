@@ -35,7 +35,12 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.predict import PredictOptions, predict
 from vpd_lightning.rollout.prompts import render_prompt
-from vpd_lightning.trainer.checkpoint import check_checkpoint, check_learning_rates
+from vpd_lightning.run.config_files import bound_jsonargparse_yaml, read_config_text
+from vpd_lightning.trainer.checkpoint import (
+    check_checkpoint,
+    check_checkpoint_fits,
+    check_learning_rates,
+)
 from vpd_lightning.trainer.checkpoint_io import AtomicCheckpointIO
 from vpd_lightning.trainer.data import VPDDataModule
 from vpd_lightning.trainer.distributed import end_process_group
@@ -71,6 +76,7 @@ EPILOG = (
 
 # `fit --help` shows each option group's attribute docstrings (vpd_lightning/options.py).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+bound_jsonargparse_yaml()
 # Lightning warns that step-interval checkpoints hold the weights after the step's updates; that
 # is what resuming needs here (one step = rollouts + all of its updates), as the resume test shows.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -207,6 +213,9 @@ class VPDCLI(LightningCLI):
         """Prompts need the tokenizer, so their lengths are checked once it is loaded, before
         anything runs: every prompt of the splits this run reads must fit the model."""
         model, data = self.model, self.datamodule
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and self.subcommand != "predict":  # predict loads the policy's weights only
+            check_checkpoint_fits(ckpt_path, model)
         positions = positions_of(model.policy.model.config)
         check_lengths_fit(positions, model.hparams)
         if self.subcommand == "predict":
@@ -285,8 +294,9 @@ class VPDCLI(LightningCLI):
 
 
 def check_config_files(args: list[str]) -> None:
-    """Each `--config` file exists and holds a YAML mapping (jsonargparse's own message for an
-    empty file is `Unexpected config:` and nothing after it)."""
+    """Each `--config` file exists, is within the YAML budget (`run.config_files`) and holds a
+    YAML mapping (jsonargparse's own message for an empty file is `Unexpected config:` and
+    nothing after it)."""
     for index, arg in enumerate(args):
         if arg in ("--config", "-c") and index + 1 < len(args):
             path = args[index + 1]
@@ -294,14 +304,12 @@ def check_config_files(args: list[str]) -> None:
             path = arg.split("=", 1)[1]
         else:
             continue
-        file = Path(path)
-        if not file.is_file():
-            raise UserInputError(f"--config {path}: no such file")
+        text = read_config_text(path)
         try:
-            content = yaml.load(file.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
+            content = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader
         except DuplicateKeyError as error:
             raise UserInputError(f"--config {path}: {error}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
+        except yaml.YAMLError as error:
             line = getattr(getattr(error, "problem_mark", None), "line", None)
             where = f" at line {line + 1}" if line is not None else ""
             raise UserInputError(f"--config {path}: not valid YAML{where}") from None

@@ -21,12 +21,20 @@ from vpd_lightning.algorithm.methods import METHODS
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.policy.snapshots import WeightSnapshot
 from vpd_lightning.rollout.sampling import Rollout
+from vpd_lightning.trainer.checkpoint_files import (
+    SHARDED_METADATA,
+    check_size,
+    parameter_bytes,
+    read_archive,
+    read_dcp_metadata,
+    size_budget,
+    verify_folder,
+)
 from vpd_lightning.trainer.distributed import gather_objects
 from vpd_lightning.trainer.seeding import get_rng_state
 from vpd_lightning.trainer.stepping import NonFiniteGuard
 
 DEFAULT_OPTIMIZER = "AdamW"
-SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 ROLES = ("student", "teacher")
 # Settings that only some methods have (`MethodSpec.resume_keys` says which).
 METHOD_SPECIFIC = {"model.estep.prior", "model.teacher_optimizer", "model.sdpo.teacher"}
@@ -44,8 +52,10 @@ def check_learning_rates(model_config: Any) -> None:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    """The checkpoint's contents (of a sharded folder: its `meta.pt`, without the weights), or a
-    `UserInputError` that names the file and what is wrong."""
+    """The checkpoint's contents (of a sharded folder: its `meta.pt`, without the weights), read
+    without running or expanding anything (`checkpoint_files`), or a `UserInputError` that names
+    the file and what is wrong. A folder's checksums and items are verified here, a file's
+    checksum where its weights are loaded."""
     file = Path(path)
     if not file.exists():
         raise UserInputError(f"ckpt_path {path}: no such file")
@@ -55,22 +65,52 @@ def load_checkpoint_file(path: str | Path) -> dict:
                 f"ckpt_path {path}: is a directory without {SHARDED_METADATA}, so not a sharded "
                 "(fsdp2) checkpoint; give the .ckpt file in it"
             )
+        verify_folder(file)
         file = file / SHARDED_METADATA
-    if file.stat().st_size == 0:
-        raise UserInputError(f"ckpt_path {path}: the file is empty (0 bytes), not a checkpoint")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        raise UserInputError(
-            f"ckpt_path {path}: not a checkpoint of this trainer (torch.load cannot read it "
-            "as one); give a .ckpt file from a run's checkpoints/ folder"
-        ) from None
+    checkpoint = read_archive(file, str(path))
     if not isinstance(checkpoint, dict) or "vpd_state" not in checkpoint:
         raise UserInputError(
             f"ckpt_path {path}: not written by vpd_lightning's VPDModule (no vpd_state); give "
             "a .ckpt file from a run's checkpoints/ folder"
         )
     return checkpoint
+
+
+def check_checkpoint_fits(path: str | Path, module: torch.nn.Module) -> None:
+    """The checkpoint holds at most `size_budget` of the built module, and exactly its weights,
+    each of the module's shape; checked from the file's index (no weight is read)."""
+    check_size(path, size_budget(parameter_bytes(module)))
+    folder = Path(path)
+    if folder.is_dir():
+        metadata = read_dcp_metadata(folder).state_dict_metadata
+        prefix = "state_dict."
+        shapes = {
+            k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix)
+        }
+    else:
+        shapes = {k: tuple(v.shape) for k, v in read_archive(folder)["state_dict"].items()}
+    problem = weight_differences(
+        {k: tuple(v.shape) for k, v in module.state_dict().items()}, shapes
+    )
+    if problem:
+        raise UserInputError(f"ckpt_path {path}: {problem}; it was not written for this model")
+
+
+def weight_differences(own: dict[str, tuple], theirs: dict[str, tuple]) -> str | None:
+    """What differs between a model's weight shapes and a checkpoint's, or None."""
+    missing, extra = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+    for problem, keys in (("lacks", missing), ("has unknown", extra)):
+        if keys:
+            more = " ..." if len(keys) > 3 else ""
+            return f"{problem} weight(s) {', '.join(keys[:3])}{more} ({len(keys)} in all)"
+    reshaped = sorted(k for k in own.keys() & theirs.keys() if own[k] != theirs[k])
+    if reshaped:
+        key = reshaped[0]
+        return (
+            f"weight {key} has shape {theirs[key]}, the model's is {own[key]} "
+            f"({len(reshaped)} differ)"
+        )
+    return None
 
 
 def trained_as(hparams: dict, optimizers: list[str]) -> dict[str, object]:
@@ -130,6 +170,13 @@ def _applicable(method: str | None, settings: dict[str, object]) -> dict[str, ob
 def check_checkpoint(path: str | Path, model_config: Any) -> None:
     """The checkpoint is readable and was trained as the config says; else list what differs."""
     checkpoint = load_checkpoint_file(path)
+    for key in ("global_step", "epoch"):
+        value = checkpoint.get(key)
+        if type(value) is not int or value < 0:
+            raise UserInputError(
+                f"ckpt_path {path}: {key} = {value!r}: must be a whole number >= 0 (a counter "
+                "the trainer wrote); the checkpoint was edited or is broken"
+            )
     before = trained_as(
         checkpoint.get("hyper_parameters", {}), checkpoint["vpd_state"].get("optimizers", [])
     )

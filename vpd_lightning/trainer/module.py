@@ -56,7 +56,7 @@ from vpd_lightning.rollout.sampling import (
     rollout_stats,
 )
 from vpd_lightning.tasks import Task
-from vpd_lightning.trainer import checkpoint
+from vpd_lightning.trainer import checkpoint, checkpoint_files
 from vpd_lightning.trainer.distributed import mean_over_processes
 from vpd_lightning.trainer.evaluation import (
     TEACHER_VALIDATION_SEED,
@@ -396,6 +396,8 @@ class VPDModule(pl.LightningModule):
             self.policy.snapshot,
             [type(o).__name__ for o in self.trainer.strategy.optimizers],
         )
+        if not self.policy.sharded_units:  # a sharded folder carries a manifest of checksums
+            checkpoint_files.seal(ckpt)
 
     def on_load_checkpoint(self, ckpt: dict) -> None:
         fit = self.trainer.state.fn == "fit"
