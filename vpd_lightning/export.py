@@ -23,15 +23,16 @@ from pathlib import Path
 import torch
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.options import DTYPE_NAMES, LoraOptions
+from vpd_lightning.options import LoraOptions
 from vpd_lightning.policy.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
     add_lora,
     load_causal_lm,
     load_tokenizer,
+    torch_dtype,
 )
-from vpd_lightning.trainer.checkpoint import load_checkpoint_file, weight_differences
+from vpd_lightning.run.checks import load_checkpoint_file, weight_differences
 from vpd_lightning.trainer.checkpoint_files import (
     check_size,
     load_sharded_weights,
@@ -75,7 +76,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, adapter_only: bool = Fal
             f"--adapter-only: {checkpoint} was trained without LoRA (model.lora: null); export "
             "the full model instead (drop --adapter-only)"
         )
-    network = load_causal_lm(hparams["model"], dtype_of(hparams.get("dtype", "float32")))
+    network = load_causal_lm(hparams["model"], torch_dtype(hparams.get("dtype", "float32")))
     if lora:
         adapters = (STUDENT_ADAPTER,)
         if hparams.get("teacher_mode") == "adapter":
@@ -157,9 +158,3 @@ def _save_student_adapter(network: torch.nn.Module, out: Path) -> None:
     state = get_peft_model_state_dict(network, adapter_name=STUDENT_ADAPTER)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "adapter_model.safetensors")
     network.peft_config[STUDENT_ADAPTER].save_pretrained(out)
-
-
-def dtype_of(name: str) -> torch.dtype:
-    if name not in DTYPE_NAMES:
-        raise UserInputError(f"model.dtype = {name!r} in the checkpoint: not one of {DTYPE_NAMES}")
-    return getattr(torch, name)

@@ -127,7 +127,7 @@ def test_a_sharded_folder_with_a_changed_file_or_no_manifest_is_refused(honest, 
     with pytest.raises(UserInputError, match=r"\.distcp does not match its checksum"):
         verify_folder(folder)
     (folder / "checksums.json").unlink()
-    with pytest.raises(UserInputError, match="no checksums.json"):
+    with pytest.raises(UserInputError, match=r"no checksums\.json"):
         verify_folder(folder)
 
 
@@ -278,7 +278,7 @@ def test_export_is_atomic_a_failure_leaves_nothing_and_the_retry_succeeds(
         return Tokenizer()
 
     monkeypatch.setattr(export_lib, "load_tokenizer", full_disk)
-    with pytest.raises(UserInputError, match="No space left on device.*nothing was left there"):
+    with pytest.raises(UserInputError, match=r"No space left on device.*nothing was left there"):
         export(honest, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     monkeypatch.setattr(export_lib, "load_tokenizer", real)

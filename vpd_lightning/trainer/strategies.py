@@ -147,22 +147,6 @@ def check_strategy(strategy: object) -> None:
             )
 
 
-def check_checkpoint_strategy(ckpt_path: str | Path, strategy: object) -> None:
-    """A sharded checkpoint (a folder) loads only under FSDP2; a checkpoint file loads under any
-    strategy. `strategy` is the config's value: a name, a class_path config, or an instance."""
-    if not Path(ckpt_path).is_dir():
-        return
-    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None)
-    name = name or type(strategy).__name__
-    if name == FSDP2 or name.endswith(("ModelParallelStrategy", "FSDP2Strategy")):
-        return
-    raise UserInputError(
-        f"ckpt_path {ckpt_path}: a sharded (fsdp2) checkpoint folder, but trainer.strategy = "
-        f"{name!r}; load it with --trainer.strategy {FSDP2}, or write it as a Hugging Face model "
-        "with `python -m vpd_lightning export`"
-    )
-
-
 def register_strategies() -> None:
     """Make `--trainer.strategy fsdp2` a name Lightning knows (idempotent)."""
     if FSDP2 not in StrategyRegistry:
