@@ -154,7 +154,7 @@ def test_self_critique(tiny_tokenizer):
     ]
     broken = TeacherContextBuilder(tiny_tokenizer, source="self_critique", critique_fn=lambda p: [])
     with pytest.raises(ValueError, match="critique_fn returned 0"):
-        broken.build(RECORD, ["a"], [OK])
+        build(broken, RECORD, ["a"], [OK])
 
 
 def test_reference_context(tiny_tokenizer):
@@ -176,7 +176,7 @@ def test_bad_builder_options(tiny_tokenizer):
     with pytest.raises(ValueError, match="max_context_tokens"):
         TeacherContextBuilder(tiny_tokenizer, max_context_tokens=0)
     with pytest.raises(ValueError, match="verdicts"):
-        TeacherContextBuilder(tiny_tokenizer).build(RECORD, ["a", "b"], [OK])
+        build(TeacherContextBuilder(tiny_tokenizer), RECORD, ["a", "b"], [OK])
 
 
 def test_success_threshold_decides_siblings_and_critique_outcomes(tiny_tokenizer):
@@ -185,8 +185,8 @@ def test_success_threshold_decides_siblings_and_critique_outcomes(tiny_tokenizer
     strict = TeacherContextBuilder(tiny_tokenizer, source="sibling")
     lenient = TeacherContextBuilder(tiny_tokenizer, source="sibling", success_threshold=0.5)
     completions = ["a", "b"]
-    assert [c.source for c in strict.build(RECORD, completions, [half, BAD])] == ["verifier"] * 2
-    assert lenient.build(RECORD, completions, [half, BAD])[1].context == "a"
+    assert [c.source for c in build(strict, RECORD, completions, [half, BAD])] == ["verifier"] * 2
+    assert build(lenient, RECORD, completions, [half, BAD])[1].context == "a"
     critique = lenient.critique_prompts(RECORD, ["a"], [half])[0]
     assert "the response is correct" in critique
     assert "the response is incorrect" in strict.critique_prompts(RECORD, ["a"], [half])[0]
