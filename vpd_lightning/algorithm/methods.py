@@ -16,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.errors import (
+    UserInputError,
+    require,
+    require_choice,
+    require_finite,
+    require_int,
+)
 from vpd_lightning.options import (
     DTYPE_NAMES,
     DistillOptions,
@@ -27,9 +33,6 @@ from vpd_lightning.options import (
     RolloutOptions,
     SdpoOptions,
     TeacherMode,
-    require_choice,
-    require_finite,
-    require_positive_int,
 )
 from vpd_lightning.policy.roles import TeacherWeights
 from vpd_lightning.rollout.contexts import FeedbackSource
@@ -128,7 +131,7 @@ def check_module_options(given: dict, opts: OptionGroups) -> tuple[MethodSpec, s
         "max_nonfinite_in_a_row",
         "verify_workers",
     ):
-        require_positive_int(f"model.{name}", given[name])
+        require_int(f"model.{name}", given[name])
     threshold = given["success_threshold"]
     require_finite("model.success_threshold", threshold, 1e-12, 1.0, "must be in (0, 1]")
     for name in ("student_grad_clip", "teacher_grad_clip"):
