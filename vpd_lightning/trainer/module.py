@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.tensor import DTensor
 
 from vpd_lightning.algorithm.batches import MicroBatch, micro_batches
 from vpd_lightning.algorithm.estep import EStep
@@ -400,8 +401,8 @@ class VPDModule(pl.LightningModule):
             self.policy.snapshot,
             [type(o).__name__ for o in self.trainer.strategy.optimizers],
         )
-        if not self.policy.sharded_units:  # a sharded folder carries a manifest of checksums
-            checkpoint_files.seal(ckpt)
+        if not any(isinstance(v, DTensor) for v in ckpt["state_dict"].values()):
+            checkpoint_files.seal(ckpt)  # a file; a sharded folder carries checksums.json
 
     def on_load_checkpoint(self, ckpt: dict) -> None:
         fit = self.trainer.state.fn == "fit"
