@@ -117,8 +117,8 @@ def check_archive(handle: BinaryIO, size: int, name: str) -> None:
     end = zipfile._EndRecData(handle)  # the end record alone, before any member is parsed
     if end is None:
         raise CheckpointError(
-            f"{where}: not a checkpoint (no zip directory: torch.save writes a zip archive); "
-            "give a .ckpt file from a run's checkpoints/ folder"
+            f"{where}: not a checkpoint of this trainer (no zip directory: torch.save writes a "
+            "zip archive); give a .ckpt file from a run's checkpoints/ folder"
         )
     members = end[zipfile._ECD_ENTRIES_TOTAL]
     if members > MAX_MEMBERS or end[zipfile._ECD_SIZE] > size:
