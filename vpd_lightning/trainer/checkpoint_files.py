@@ -233,10 +233,11 @@ def verify_folder(folder: Path) -> None:
             "checksums; it was written by an older vpd_lightning or by another program"
         )
     try:
-        listed = json.loads(manifest.read_text(encoding="utf-8"))["sha256"]
-        assert isinstance(listed, dict)
-    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-        raise CheckpointError(f"{where}: {MANIFEST} is not a manifest of checksums") from None
+        listed = json.loads(manifest.read_text(encoding="utf-8")).get("sha256")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        listed = None
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise CheckpointError(f"{where}: {MANIFEST} is not a manifest of checksums")
     files = {e.name for e in entries} - {MANIFEST}
     if files != set(listed):
         extra = sorted(files ^ set(listed))
@@ -278,12 +279,13 @@ def read_dcp_metadata(folder: Path) -> Any:
     try:
         with open(file, "rb") as handle:
             metadata = MetadataUnpickler(handle).load()
-        assert isinstance(metadata, Metadata) and isinstance(metadata.storage_data, dict)
     except Exception as error:
         raise CheckpointError(
             f"{where}: its {DCP_METADATA} is not plain DCP metadata ({_first_line(error)}); "
             "refused unread"
         ) from None
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.storage_data, dict)):
+        raise CheckpointError(f"{where}: its {DCP_METADATA} holds no DCP Metadata")
     return metadata
 
 
