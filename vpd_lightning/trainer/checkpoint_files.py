@@ -58,8 +58,10 @@ ALLOWED_METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # a lookup of torch.layout by name
-    ("pathlib", "PosixPath"),
+    ("pathlib", "PosixPath"),  # storage_meta.checkpoint_id
     ("pathlib", "WindowsPath"),
+    ("pathlib._local", "PosixPath"),  # Python 3.13's module for them
+    ("pathlib._local", "WindowsPath"),
     ("collections", "OrderedDict"),
 }
 
