@@ -8,8 +8,8 @@ every process takes part in the collectives that find them). `--trainer.strategy
 model folder from a checkpoint (`export.py`); `predict` samples a task split to JSONL (`predict.py`).
 
 Every run writes its checkpoints atomically (`trainer/checkpoint_io.py`), saves and exits non-zero
-on SIGTERM or SIGINT (`trainer/preemption.py`), and prints one line per logged step when no
-terminal is attached (`trainer/progress.py`).
+on SIGTERM or SIGINT (`run/preemption.py`), and prints one line per logged step when no
+terminal is attached (`run/progress.py`). Every check a run meets is in `run/checks.py`.
 
 Bad input (options, config files, data files, model ids, checkpoints) is refused before the model
 loads, with one line on stderr and exit status 2; `VPD_TRACEBACK=1` shows the traceback instead.
@@ -24,9 +24,9 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-import yaml
 from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -35,24 +35,32 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.predict import PredictOptions, predict
 from vpd_lightning.rollout.prompts import render_prompt
-from vpd_lightning.trainer.checkpoint import check_checkpoint, check_learning_rates
-from vpd_lightning.trainer.checkpoint_io import AtomicCheckpointIO
-from vpd_lightning.trainer.data import VPDDataModule
-from vpd_lightning.trainer.distributed import end_process_group
-from vpd_lightning.trainer.module import VPDModule
-from vpd_lightning.trainer.plot import plot_run
-from vpd_lightning.trainer.preemption import Preempted, PreemptionCheckpoint
-from vpd_lightning.trainer.progress import BatchLog
-from vpd_lightning.trainer.run_checks import (
+from vpd_lightning.run.checks import (
+    check_checkpoint,
+    check_checkpoint_fits,
+    check_checkpoint_strategy,
+    check_config_files,
+    check_data_options,
+    check_learning_rates,
     check_lengths_fit,
+    check_output_folders,
+    check_predict_options,
     check_prompts_fit,
     check_trainer_flags,
+    check_trainer_values,
     model_positions,
     positions_of,
     resolve_last_checkpoint,
 )
+from vpd_lightning.run.config_files import bound_jsonargparse_yaml
+from vpd_lightning.run.plot import plot_run
+from vpd_lightning.run.preemption import Preempted, PreemptionCheckpoint
+from vpd_lightning.run.progress import BatchLog
+from vpd_lightning.trainer.checkpoint_io import AtomicCheckpointIO
+from vpd_lightning.trainer.data import VPDDataModule
+from vpd_lightning.trainer.distributed import end_process_group
+from vpd_lightning.trainer.module import VPDModule
 from vpd_lightning.trainer.stepping import NonFiniteLossError
-from vpd_lightning.trainer.strategies import check_checkpoint_strategy
 
 TRAINER_DEFAULTS = {
     "logger": lazy_instance(CSVLogger, save_dir="runs", name="vpd"),
@@ -71,6 +79,7 @@ EPILOG = (
 
 # `fit --help` shows each option group's attribute docstrings (vpd_lightning/options.py).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+bound_jsonargparse_yaml()
 # Lightning warns that step-interval checkpoints hold the weights after the step's updates; that
 # is what resuming needs here (one step = rollouts + all of its updates), as the resume test shows.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -147,8 +156,12 @@ class VPDCLI(LightningCLI):
         return parser
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        """The trainer, with atomic checkpoint writes, the preemption save and the batch log."""
-        trainer = super().instantiate_trainer(**kwargs)
+        """The trainer, with atomic checkpoint writes, the preemption save and the batch log.
+        Lightning's own refusal of a trainer option (after `run.checks`) is one line too."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            raise UserInputError(f"trainer: {' '.join(str(error).split())}") from None
         self.preemption = PreemptionCheckpoint()
         trainer.callbacks.extend([self.preemption, BatchLog()])
         strategy = trainer.strategy
@@ -197,16 +210,22 @@ class VPDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Checks that need no model and that no constructor runs before the model loads."""
         config = self.config[self.subcommand]
-        data = config["data"]  # the task is instantiated before the model, the data module after
-        VPDDataModule.check_options(data.prompts_per_step, data.val_size, data.val_batch_size)
+        check_data_options(config["data"])  # the task is built before the model, this module after
         check_learning_rates(config["model"])
         check_trainer_flags(config["trainer"])
+        check_trainer_values(config["trainer"])
+        check_output_folders(config["trainer"])
+        if self.subcommand == "predict":
+            check_predict_options(config["sample"])
         check_lengths_fit(model_positions(config["model"]["model"]), config["model"])
 
     def after_instantiate_classes(self) -> None:
         """Prompts need the tokenizer, so their lengths are checked once it is loaded, before
         anything runs: every prompt of the splits this run reads must fit the model."""
         model, data = self.model, self.datamodule
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path and self.subcommand != "predict":  # predict loads the policy's weights only
+            check_checkpoint_fits(ckpt_path, model)
         positions = positions_of(model.policy.model.config)
         check_lengths_fit(positions, model.hparams)
         if self.subcommand == "predict":
@@ -282,60 +301,6 @@ class VPDCLI(LightningCLI):
             fmt = lambda x: "   -  " if x is None else f"{x:.3f}"  # noqa: E731
             lines.append(f"  {key:<22} before {fmt(b)}  after {fmt(a)}")
         return "\n".join(lines)
-
-
-def check_config_files(args: list[str]) -> None:
-    """Each `--config` file exists and holds a YAML mapping (jsonargparse's own message for an
-    empty file is `Unexpected config:` and nothing after it)."""
-    for index, arg in enumerate(args):
-        if arg in ("--config", "-c") and index + 1 < len(args):
-            path = args[index + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        else:
-            continue
-        file = Path(path)
-        if not file.is_file():
-            raise UserInputError(f"--config {path}: no such file")
-        try:
-            content = yaml.load(file.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
-        except DuplicateKeyError as error:
-            raise UserInputError(f"--config {path}: {error}") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            line = getattr(getattr(error, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise UserInputError(f"--config {path}: not valid YAML{where}") from None
-        if content is None:
-            raise UserInputError(
-                f"--config {path}: the file is empty; start from configs/tiny.yaml or "
-                "`fit --print_config`"
-            )
-        if not isinstance(content, dict):
-            raise UserInputError(
-                f"--config {path}: expected a mapping of option groups (trainer:, model:, data:), "
-                f"got a {type(content).__name__}"
-            )
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A mapping that gives one key twice (plain YAML keeps the last and drops the rest)."""
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that refuses a key given twice in one mapping, at any depth."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[object, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key != "<<" and key in seen:
-                raise DuplicateKeyError(
-                    f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would keep "
-                    "only the second block and drop the first silently: merge them into one"
-                )
-            seen.setdefault(key, line)
-        return super().construct_mapping(node, deep=deep)
 
 
 def find_user_error(error: BaseException) -> BaseException | None:

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal, get_args
+from typing import Literal
 
-from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.errors import (
+    UserInputError,
+    require,
+    require_choice,
+    require_finite,
+    require_int,
+)
 
 Method = Literal["vpd", "sdpo", "opsd", "grpo"]
 TeacherMode = Literal["shared", "adapter"]
@@ -24,22 +30,6 @@ Divergence = Literal["reverse_kl", "forward_kl", "jsd"]
 TopkFrom = Literal["student", "teacher"]
 RolloutEngineName = Literal["generate", "cached", "vllm"]
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def require_choice(key: str, value: object, choices: type) -> None:
-    """`value` must be one of the `Literal` type's values."""
-    allowed = get_args(choices)
-    require(value in allowed, key, value, f"must be one of {', '.join(map(str, allowed))}")
-
-
-def require_positive_int(key: str, value: object) -> None:
-    require(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
-
-
-def require_finite(key: str, value: object, low: float, high: float, rule: str) -> None:
-    """A finite number in [low, high] (the rule text says which ends are open)."""
-    ok = isinstance(value, int | float) and math.isfinite(value) and low <= value <= high
-    require(ok, key, value, rule)
 
 
 @dataclass
@@ -67,7 +57,7 @@ class LoraOptions:
     """Modules that get adapters: `all-linear` or a list of module names."""
 
     def __post_init__(self) -> None:
-        require_positive_int("model.lora.r", self.r)
+        require_int("model.lora.r", self.r)
         require_finite("model.lora.alpha", self.alpha, 1e-12, math.inf, "must be > 0")
         require_finite("model.lora.dropout", self.dropout, 0.0, 1.0 - 1e-12, "must be in [0, 1)")
         require(
@@ -117,10 +107,10 @@ class RolloutOptions:
                 self.sampler_dtype,
                 "applies to model.rollout.engine: vllm only; set it to null or use that engine",
             )
-        require_positive_int("model.rollout.num_generations", self.num_generations)
+        require_int("model.rollout.num_generations", self.num_generations)
         require_finite("model.rollout.temperature", self.temperature, 0.0, math.inf, "must be >= 0")
         require_finite("model.rollout.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")
-        require_positive_int("model.rollout.max_new_tokens", self.max_new_tokens)
+        require_int("model.rollout.max_new_tokens", self.max_new_tokens)
 
     def sampling(self, seed: int) -> SamplingParams:
         """The training rollouts' sampling parameters, seeded."""
@@ -301,7 +291,7 @@ class ValidationOptions:
 
     def __post_init__(self) -> None:
         key = "model.validation"
-        require_positive_int(f"{key}.num_samples", self.num_samples)
+        require_int(f"{key}.num_samples", self.num_samples)
         require(
             bool(self.pass_k)
             and all(isinstance(k, int) and 1 <= k <= self.num_samples for k in self.pass_k),
@@ -312,7 +302,7 @@ class ValidationOptions:
         require_finite(f"{key}.temperature", self.temperature, 0.0, math.inf, "must be >= 0")
         require_finite(f"{key}.top_p", self.top_p, 1e-12, 1.0, "must be in (0, 1]")
         if self.max_new_tokens is not None:
-            require_positive_int(f"{key}.max_new_tokens", self.max_new_tokens)
+            require_int(f"{key}.max_new_tokens", self.max_new_tokens)
 
     def sampling(self, rollout: RolloutOptions, seed: int) -> SamplingParams:
         """The held-out sampling parameters (the rollout's length unless given), seeded."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vpd_lightning.export import policy_state_dict
+from vpd_lightning.export import load_policy_weights
 from vpd_lightning.rollout.sampling import answer_records
 from vpd_lightning.trainer.module import VPDModule
 
@@ -41,7 +41,7 @@ class PredictOptions:
 def predict(module: VPDModule, options: PredictOptions, ckpt_path: str | None) -> dict:
     """Write the attempts to `options.out` and return the summary."""
     if ckpt_path:
-        module.policy.model.load_state_dict(policy_state_dict(ckpt_path), strict=True)
+        load_policy_weights(module.policy.model, ckpt_path)
     module.eval()
     task = module.task
     records = task.records(options.split)

@@ -10,8 +10,8 @@ import torch
 
 from vpd_lightning.algorithm.batches import micro_batches
 from vpd_lightning.algorithm.estep import EStep, prior_pass
-from vpd_lightning.options import EStepOptions, SdpoOptions
-from vpd_lightning.policy.roles import Policy
+from vpd_lightning.options import EStepOptions
+from vpd_lightning.policy.roles import Policy, TeacherWeights
 from vpd_lightning.policy.tiny import build_tiny_model
 from vpd_lightning.rollout.sampling import Rollout
 
@@ -56,7 +56,7 @@ def rollouts(rewards: list[float]) -> list[Rollout]:
 @pytest.fixture
 def policy(tiny_tokenizer) -> Policy:
     torch.manual_seed(0)
-    return Policy(build_tiny_model(len(tiny_tokenizer)), None, False, None, SdpoOptions())
+    return Policy(build_tiny_model(len(tiny_tokenizer)), None, False, TeacherWeights())
 
 
 def test_cadence_and_buffer():

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from vpd_lightning.algorithm.estep import estep_loss, prior_pass
 from vpd_lightning.algorithm.methods import METHODS
 from vpd_lightning.algorithm.mstep import MStepTerms, mstep_loss
-from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions, SdpoOptions
+from vpd_lightning.options import DistillOptions, EStepOptions, GrpoOptions
 from vpd_lightning.policy.packing import pack
-from vpd_lightning.policy.roles import Policy
+from vpd_lightning.policy.roles import Policy, TeacherWeights
 from vpd_lightning.policy.tiny import build_tiny_model
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -28,7 +28,7 @@ PAD = 0
 def policy(tiny_tokenizer) -> Policy:
     torch.manual_seed(0)
     model = build_tiny_model(len(tiny_tokenizer))
-    return Policy(model, None, False, None, SdpoOptions())
+    return Policy(model, None, False, TeacherWeights())
 
 
 def resolved(**distill) -> DistillOptions:

@@ -15,6 +15,7 @@ from vpd_lightning.options import (
     RolloutOptions,
     SdpoOptions,
 )
+from vpd_lightning.policy.roles import TeacherWeights
 
 
 def combos(method: str, **overrides):
@@ -43,11 +44,13 @@ def test_the_rows_say_what_each_method_is():
     assert vpd.trains_teacher and not any(s.trains_teacher for s in (sdpo, opsd, grpo))
     assert not grpo.distils and grpo.grpo_coef(DistillOptions(grpo_coef=0.0)) == 1.0
     assert vpd.grpo_coef(DistillOptions(grpo_coef=0.3)) == 0.3
-    assert sdpo.teacher_weights(SdpoOptions(teacher="ema")) == "ema"
-    assert (
-        opsd.teacher_weights(SdpoOptions()) == "initial"
-        and vpd.teacher_weights(SdpoOptions()) is None
-    )
+    ema = sdpo.teacher_weights(SdpoOptions(teacher="ema", ema_decay=0.1))
+    assert ema == TeacherWeights(snapshot=True, ema_decay=0.1)
+    mixed = sdpo.teacher_weights(SdpoOptions(teacher="interpolate", interpolation=0.3))
+    assert mixed == TeacherWeights(snapshot=True, interpolation=0.3)
+    assert sdpo.teacher_weights(SdpoOptions(teacher="current")) == TeacherWeights()
+    assert opsd.teacher_weights(SdpoOptions()) == TeacherWeights(snapshot=True)
+    assert vpd.teacher_weights(SdpoOptions()) == TeacherWeights()
     assert grpo.resolved_distill(DistillOptions()) is None
     assert vpd.resume_keys() == ("model.estep.prior", "model.teacher_optimizer")
     assert sdpo.resume_keys() == ("model.sdpo.teacher",) and grpo.resume_keys() == ()

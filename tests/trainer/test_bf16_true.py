@@ -18,7 +18,7 @@ from vpd_lightning.cli import main
 from vpd_lightning.policy.snapshots import WeightSnapshot
 from vpd_lightning.rollout.sampling import Attempts
 from vpd_lightning.tasks import Verdict
-from vpd_lightning.trainer.run_checks import HALF_MANTISSA_STEPS, half_precision_update_warning
+from vpd_lightning.trainer.half_precision import HALF_MANTISSA_STEPS, half_precision_update_warning
 
 ROOT = Path(__file__).resolve().parents[2]
 

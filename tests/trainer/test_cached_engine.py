@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.options import LoraOptions, RolloutOptions, SdpoOptions
-from vpd_lightning.policy.roles import Policy
+from vpd_lightning.options import LoraOptions, RolloutOptions
+from vpd_lightning.policy.roles import Policy, TeacherWeights
 from vpd_lightning.policy.tiny import build_tiny_model
 from vpd_lightning.rollout import render_prompt
 from vpd_lightning.rollout.cached import CachedEngine
@@ -20,7 +20,7 @@ def lora_policy(tokenizer, dtype=torch.float64) -> Policy:
     """A tiny policy whose LoRA adapter matters (B is random, not PEFT's zeros)."""
     torch.manual_seed(0)
     network = build_tiny_model(len(tokenizer)).to(dtype)
-    policy = Policy(network, LoraOptions(r=4, alpha=8), False, None, SdpoOptions())
+    policy = Policy(network, LoraOptions(r=4, alpha=8), False, TeacherWeights())
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:

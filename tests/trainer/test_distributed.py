@@ -20,12 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vpd_lightning.cli import main
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.export import export
+from vpd_lightning.run.checks import check_checkpoint_strategy
 from vpd_lightning.trainer.distributed import end_process_group
-from vpd_lightning.trainer.strategies import (
-    FSDP2Strategy,
-    check_checkpoint_strategy,
-    check_strategy,
-)
+from vpd_lightning.trainer.strategies import FSDP2Strategy, check_strategy
 
 from .ddp_run import CASES, run_case
 from .helpers import tiny_module, tiny_trainer

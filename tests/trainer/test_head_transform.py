@@ -9,9 +9,8 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 import vpd_kernels as vk
-from vpd_lightning.options import SdpoOptions
 from vpd_lightning.policy.models import _check_plain_lm_head, head_transform
-from vpd_lightning.policy.roles import Policy
+from vpd_lightning.policy.roles import Policy, TeacherWeights
 
 V, H = 64, 16
 
@@ -50,7 +49,7 @@ def test_fused_losses_match_the_models_eager_logits(kind):
 
     _check_plain_lm_head(model, kind)  # loading accepts the model (it refused both before)
     both = {**kw, **{f"teacher_{k}": v for k, v in kw.items()}}
-    policy = Policy(model, None, False, None, SdpoOptions())
+    policy = Policy(model, None, False, TeacherWeights())
     assert policy.head_kwargs == kw and policy.distill_head_kwargs == both
     ours = vk.fused_linear_distill_loss(hidden, head, teacher_hidden, backend="torch", **both)
     eager = vk.distill_loss(logits, teacher_logits, backend="torch")

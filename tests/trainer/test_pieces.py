@@ -50,7 +50,7 @@ def test_prompt_sampler_is_a_pure_function_of_step_and_rank():
 
 
 def test_plot_draws_the_logged_curves_and_explains_a_wrong_folder(tmp_path):
-    from vpd_lightning.trainer.plot import plot_run, read_series
+    from vpd_lightning.run.plot import plot_run, read_series
 
     (tmp_path / "metrics.csv").write_text(
         "epoch,step,train/reward_mean,estep/loss,val/mean@1\n"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from vpd_lightning.export import policy_state_dict
-from vpd_lightning.trainer.checkpoint import load_checkpoint_file
+from vpd_lightning.run.checks import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")

@@ -16,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from vpd_lightning.errors import UserInputError, require
+from vpd_lightning.errors import (
+    UserInputError,
+    require,
+    require_choice,
+    require_finite,
+    require_int,
+)
 from vpd_lightning.options import (
     DTYPE_NAMES,
     DistillOptions,
@@ -27,10 +33,8 @@ from vpd_lightning.options import (
     RolloutOptions,
     SdpoOptions,
     TeacherMode,
-    require_choice,
-    require_finite,
-    require_positive_int,
 )
+from vpd_lightning.policy.roles import TeacherWeights
 from vpd_lightning.rollout.contexts import FeedbackSource
 
 PassiveTeacher = Literal["configured", "initial"]
@@ -61,11 +65,16 @@ class MethodSpec:
         """The weight of GRPO's surrogate in the student update: all of it, or the hybrid term."""
         return distill.grpo_coef if self.distils else 1.0
 
-    def teacher_weights(self, sdpo: SdpoOptions) -> str | None:
-        """Which weights the passive teacher runs with (`Policy`'s `passive_teacher`)."""
-        if self.passive_teacher == "configured":
-            return sdpo.teacher
-        return self.passive_teacher
+    def teacher_weights(self, sdpo: SdpoOptions) -> TeacherWeights:
+        """Which weights the teacher runs with when it is not trained (what `Policy` runs)."""
+        kind = sdpo.teacher if self.passive_teacher == "configured" else self.passive_teacher
+        return {
+            None: TeacherWeights(),
+            "current": TeacherWeights(),
+            "initial": TeacherWeights(snapshot=True),
+            "ema": TeacherWeights(snapshot=True, ema_decay=sdpo.ema_decay),
+            "interpolate": TeacherWeights(snapshot=True, interpolation=sdpo.interpolation),
+        }[kind]
 
     def resolved_distill(self, distill: DistillOptions) -> DistillOptions | None:
         """The M-step's divergence options with the top-k and whose ids resolved (topk None: the
@@ -122,13 +131,13 @@ def check_module_options(given: dict, opts: OptionGroups) -> tuple[MethodSpec, s
         "max_nonfinite_in_a_row",
         "verify_workers",
     ):
-        require_positive_int(f"model.{name}", given[name])
+        require_int(f"model.{name}", given[name])
     threshold = given["success_threshold"]
     require_finite("model.success_threshold", threshold, 1e-12, 1.0, "must be in (0, 1]")
     for name in ("student_grad_clip", "teacher_grad_clip"):
         if given[name] is not None:
             require_finite(f"model.{name}", given[name], 1e-12, float("inf"), "must be > 0")
-    if opts.validation.teacher and spec.teacher_weights(opts.sdpo) == "interpolate":
+    if opts.validation.teacher and spec.teacher_weights(opts.sdpo).interpolation is not None:
         raise UserInputError(
             "model.validation.teacher = true with model.sdpo.teacher = interpolate: the "
             "interpolated teacher mixes two networks' logits and cannot be sampled from; use "

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.options import LoraOptions
+from vpd_lightning.options import DTYPE_NAMES, LoraOptions
 
 TINY_ALIAS = "builtin:tiny-random"
 SMOLLM2_ALIAS = "builtin:smollm2-135m-instruct"
@@ -153,11 +153,39 @@ def add_lora(
             task_type="CAUSAL_LM",
         )
 
+    check_lora_targets(model, lora.target_modules)
     peft_model = get_peft_model(model, config(), adapter_name=adapters[0])
     for name in adapters[1:]:
         peft_model.add_adapter(name, config())
     peft_model.set_adapter(adapters[0])
     return peft_model
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named by one of `options.DTYPE_NAMES` (the one list of them)."""
+    if name not in DTYPE_NAMES:
+        raise UserInputError(f"model.dtype = {name!r}: must be one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def check_lora_targets(model: torch.nn.Module, targets: object) -> None:
+    """A list of `target_modules` names at least one module (PEFT's rule for a list: a module's
+    full name or its last dotted parts); a string (a regex, `all-linear`) is left to PEFT."""
+    if not isinstance(targets, list | tuple):
+        return
+    names = [name for name, _ in model.named_modules()]
+    if not any(n == t or n.endswith(f".{t}") for n in names for t in targets):
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise UserInputError(
+            f"model.lora.target_modules = {list(targets)!r}: matches no module of the model; "
+            f"its linear layers are named {', '.join(linear)}"
+        )
 
 
 def adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parameter]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.options import LoraOptions, SdpoOptions
+from vpd_lightning.options import LoraOptions
 from vpd_lightning.policy.models import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
@@ -37,6 +38,18 @@ from vpd_lightning.policy.snapshots import WeightSnapshot
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class TeacherWeights:
+    """The weights a teacher that is not trained runs with, as the methods table says
+    (`MethodSpec.teacher_weights`): the live weights (the default), or a snapshot of the initial
+    student that stays fixed, follows the student as an EMA (`ema_decay`), or is mixed with the
+    live weights' logits as `interpolation x initial + (1 - interpolation) x current`."""
+
+    snapshot: bool = False
+    ema_decay: float | None = None
+    interpolation: float | None = None
+
+
 class Policy(torch.nn.Module):
     """A causal LM plus the bookkeeping of which weights play student and teacher."""
 
@@ -45,8 +58,7 @@ class Policy(torch.nn.Module):
         model: torch.nn.Module,
         lora: LoraOptions | None,
         separate_teacher_adapter: bool,
-        passive_teacher: str | None,
-        sdpo: SdpoOptions,
+        teacher_weights: TeacherWeights,
         initial_prior: bool = False,
     ) -> None:
         super().__init__()
@@ -72,11 +84,10 @@ class Policy(torch.nn.Module):
                         t.copy_(s)
         self.model = model
         self.uses_lora = lora is not None
-        self.sdpo = sdpo
-        self.passive_teacher = passive_teacher  # None, "current", "ema", "initial", "interpolate"
+        self.teacher_weights = teacher_weights
         self.initial_prior = initial_prior  # the E-step anchors to the initial snapshot
         self.snapshot: WeightSnapshot | None = None
-        if initial_prior or passive_teacher in ("ema", "initial", "interpolate"):
+        if initial_prior or teacher_weights.snapshot:
             self.snapshot = self._take_snapshot()
         self.sharded_units: list[torch.nn.Module] = []  # FSDP2 units besides the root
         self._enable_all_trainable()
@@ -192,13 +203,13 @@ class Policy(torch.nn.Module):
         live weights, or the passive teacher's snapshot (EMA, initial). For sampling from it (the
         teacher's held-out repair rate); an interpolated teacher mixes two networks' logits,
         which `generate` cannot sample from."""
-        if self.passive_teacher == "interpolate":
+        if self.teacher_weights.interpolation is not None:
             raise UserInputError(
                 "model.validation.teacher = true with model.sdpo.teacher = interpolate: the "
                 "interpolated teacher mixes two networks' logits and cannot be sampled from; use "
                 "sdpo.teacher ema or current, or set model.validation.teacher: false"
             )
-        if self.passive_teacher in ("ema", "initial"):
+        if self.teacher_weights.snapshot:
             with self.student(), self.snapshot.swapped_in():
                 yield
             return
@@ -257,16 +268,17 @@ class Policy(torch.nn.Module):
         copied out before the live weights come back.
         """
         head_is_swapped = self._head_is_swapped()
-        if self.passive_teacher in (None, "current"):
+        weights = self.teacher_weights
+        if not weights.snapshot:
             with self.trainable_teacher():
                 return self.hidden(batch), None
-        if self.passive_teacher in ("ema", "initial"):
+        if weights.interpolation is None:
             with self.snapshot.swapped_in():
                 hidden = self.hidden(batch)
                 weight = self.head_weight.detach().clone() if head_is_swapped else None
             return hidden, weight
         # interpolate: a * initial_logits + (1 - a) * current_logits
-        a = self.sdpo.interpolation
+        a = weights.interpolation
         current = self.hidden(batch)
         with self.snapshot.swapped_in():
             initial = self.hidden(batch)
@@ -277,5 +289,5 @@ class Policy(torch.nn.Module):
         return torch.cat([a * initial, (1 - a) * current], dim=1), weight
 
     def after_student_update(self) -> None:
-        if self.passive_teacher == "ema":
-            self.snapshot.ema_update(self.sdpo.ema_decay)
+        if self.teacher_weights.ema_decay is not None:
+            self.snapshot.ema_update(self.teacher_weights.ema_decay)

@@ -4,7 +4,6 @@ from vpd_lightning.rollout.contexts import (
     FeedbackSource,
     TeacherContext,
     TeacherContextBuilder,
-    teacher_sequence,
 )
 from vpd_lightning.rollout.prompts import (
     question_text,
@@ -21,5 +20,4 @@ __all__ = [
     "render_messages",
     "render_prompt",
     "student_messages",
-    "teacher_sequence",
 ]

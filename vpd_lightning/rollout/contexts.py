@@ -6,7 +6,7 @@ instruction to answer the question, through the same chat template as the studen
 context is cut to ``max_context_tokens``; the question is never truncated. A rollout whose context is
 empty gets ``has_context=False`` and is masked out of distillation.
 
-The teacher then teacher-forces the student's completion ids: :func:`teacher_sequence`.
+The teacher then teacher-forces the student's completion ids (`policy.packing`).
 """
 
 from __future__ import annotations
@@ -58,12 +58,6 @@ class TeacherContext:
     source: str
 
 
-def teacher_sequence(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[int]:
-    """The teacher's input: its own prompt followed by the very same completion token ids the student
-    generated (never re-tokenized text), so both score identical response tokens."""
-    return [*prompt_ids, *completion_ids]
-
-
 class TeacherContextBuilder:
     """Builds :class:`TeacherContext` for each rollout of a group.
 
@@ -100,12 +94,6 @@ class TeacherContextBuilder:
         self.tokenizer, self.source, self.max_context_tokens = tokenizer, source, max_context_tokens
         self.task, self.critique_fn = task, critique_fn
         self.success_threshold = success_threshold
-
-    def build(
-        self, record: Record, completions: Sequence[str], verdicts: Sequence[Verdict]
-    ) -> list[TeacherContext]:
-        """Contexts for one prompt's group of rollouts, in rollout order."""
-        return self.build_batch([record], [completions], [verdicts])[0]
 
     def build_batch(
         self,

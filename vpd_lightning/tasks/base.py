@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vpd_lightning.errors import require
+from vpd_lightning.errors import require_choice, require_finite, require_int
 
 Record = dict[str, Any]
 SPLITS = ("train", "test")
@@ -22,18 +22,18 @@ def option(name: str) -> str:
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    require(value in choices, option(name), value, f"must be one of {', '.join(choices)}")
+    """`errors.require_choice` for the task's argument `name`."""
+    require_choice(option(name), value, choices)
 
 
 def check_int(name: str, value: object, low: int) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    require(ok, option(name), value, f"must be an integer >= {low}")
+    """`errors.require_int` for the task's argument `name`."""
+    require_int(option(name), value, low)
 
 
 def check_number(name: str, value: object, low: float, rule: str) -> None:
-    """A finite number >= ``low``; ``rule`` says so in words."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    require(ok and math.isfinite(value) and value >= low, option(name), value, rule)
+    """`errors.require_finite` (>= ``low``) for the task's argument `name`."""
+    require_finite(option(name), value, low, math.inf, rule)
 
 
 @dataclass(frozen=True)

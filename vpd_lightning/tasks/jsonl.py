@@ -34,7 +34,7 @@ from vpd_lightning.tasks.base import (
     register_task,
 )
 from vpd_lightning.tasks.parsing import extract_code, extract_tagged_answer, parse_number
-from vpd_lightning.tasks.records import check_fraction, load_split, read_jsonl
+from vpd_lightning.tasks.records import check_fraction, load_split, prompt_problem, read_jsonl
 from vpd_lightning.tasks.sandbox.harness import RESPONSE, TESTS, run_tests, truncate
 from vpd_lightning.tasks.sandbox.judge import run_judged
 from vpd_lightning.tasks.sandbox.runner import SandboxLimits, launch_plan
@@ -154,11 +154,9 @@ def check_record(record: Record) -> str | None:
     them: records whose tests pay a wrong answer (they assert nothing), fail every answer (they do
     not compile) or would crash the training step (an ``entry_point`` that is not a name) are
     refused here, when the file is read."""
-    prompt = record.get("prompt")
-    if not (isinstance(prompt, str) and prompt.strip()) and not (
-        isinstance(prompt, list) and prompt
-    ):
-        return "needs `prompt`: a non-empty string or a non-empty list of chat messages"
+    problem = prompt_problem(record.get("prompt"))
+    if problem:
+        return problem
     if ("answer" in record) == ("tests" in record):
         return "needs exactly one of `answer` and `tests`"
     if "tests" in record:

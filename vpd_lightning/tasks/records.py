@@ -14,6 +14,30 @@ from vpd_lightning.tasks.base import Record, Task, option
 from vpd_lightning.tasks.sandbox.wire import count_values
 
 T = TypeVar("T")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """What is wrong with a record's `prompt`, or None: a non-empty string, or a non-empty list
+    of chat messages, each `{"role": one of CHAT_ROLES, "content": a string}`, one from the user."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "needs `prompt`: a non-empty string"
+    if not (isinstance(prompt, list) and prompt):
+        return "needs `prompt`: a non-empty string or a non-empty list of chat messages"
+    for index, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("content"), str)):
+            return (
+                f"`prompt[{index}]` = {str(message)[:60]!r}: a chat message is an object "
+                '{"role": ..., "content": "text"}'
+            )
+        if message.get("role") not in CHAT_ROLES:
+            return (
+                f"`prompt[{index}].role` = {str(message.get('role'))[:40]!r}: must be one of "
+                f"{', '.join(CHAT_ROLES)}"
+            )
+    if not any(m["role"] == "user" for m in prompt):
+        return "`prompt` has no user message: give the question as a user message"
+    return None
 
 
 # What one JSONL file may expand to, checked on its text before it is parsed: parsed, a record

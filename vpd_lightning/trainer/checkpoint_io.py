@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from vpd_lightning.errors import UserInputError
+from vpd_lightning.trainer.checkpoint_files import CHECKSUM_KEY, read_archive, verify_checksum
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 TEMP_MARK = ".tmp-"
@@ -45,6 +46,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         write_file_atomically(Path(path), lambda file: torch.save(checkpoint, file), checkpoint)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint read by `checkpoint_files` (nothing runs, nothing expands past the
+        file) with its checksum verified."""
+        checkpoint = read_archive(Path(path))
+        verify_checksum(checkpoint, path)
+        checkpoint.pop(CHECKSUM_KEY)
+        return checkpoint
 
 
 def temp_path(target: Path) -> Path:

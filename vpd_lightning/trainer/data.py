@@ -13,8 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vpd_lightning.errors import UserInputError
-from vpd_lightning.options import require_positive_int
+from vpd_lightning.errors import UserInputError, require_int
 from vpd_lightning.tasks import Task
 from vpd_lightning.trainer.seeding import mix_seed
 
@@ -98,10 +97,10 @@ class VPDDataModule(pl.LightningDataModule):
     @staticmethod
     def check_options(prompts_per_step: int, val_size: int | None, val_batch_size: int) -> None:
         """The counts must be positive (the CLI calls this before the model loads, too)."""
-        require_positive_int("data.prompts_per_step", prompts_per_step)
+        require_int("data.prompts_per_step", prompts_per_step)
         if val_size is not None:
-            require_positive_int("data.val_size", val_size)
-        require_positive_int("data.val_batch_size", val_batch_size)
+            require_int("data.val_size", val_size)
+        require_int("data.val_batch_size", val_batch_size)
 
     def train_records(self) -> list[dict]:
         return self.task.records(self.train_split)

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.tensor import DTensor
 
 from vpd_lightning.algorithm.batches import MicroBatch, micro_batches
 from vpd_lightning.algorithm.estep import EStep
@@ -44,7 +45,12 @@ from vpd_lightning.options import (
     TeacherMode,
     ValidationOptions,
 )
-from vpd_lightning.policy.models import generation_eos_ids, load_causal_lm, load_tokenizer
+from vpd_lightning.policy.models import (
+    generation_eos_ids,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
 from vpd_lightning.policy.roles import Policy
 from vpd_lightning.rollout import FeedbackSource, TeacherContextBuilder
 from vpd_lightning.rollout.contexts import engine_critic
@@ -56,20 +62,18 @@ from vpd_lightning.rollout.sampling import (
     rollout_stats,
 )
 from vpd_lightning.tasks import Task
-from vpd_lightning.trainer import checkpoint
+from vpd_lightning.trainer import checkpoint, checkpoint_files
 from vpd_lightning.trainer.distributed import mean_over_processes
 from vpd_lightning.trainer.evaluation import (
     TEACHER_VALIDATION_SEED,
     VALIDATION_SEED,
     teacher_answers,
 )
+from vpd_lightning.trainer.half_precision import half_precision_update_warning
 from vpd_lightning.trainer.metrics import MeanAtN, PassAtK, RepairRate
-from vpd_lightning.trainer.run_checks import half_precision_update_warning
 from vpd_lightning.trainer.seeding import mix_seed, set_rng_state
 from vpd_lightning.trainer.stepping import NonFiniteGuard, Stepper
 from vpd_lightning.trainer.strategies import check_strategy, is_sharded
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class VPDModule(pl.LightningModule):
@@ -172,7 +176,9 @@ class VPDModule(pl.LightningModule):
 
         # Everything above is cheap and checked; loading the model is the first costly thing.
         self.tokenizer = load_tokenizer(model)
-        network = load_causal_lm(model, DTYPES[dtype]).train()  # from_pretrained gives eval mode
+        network = load_causal_lm(
+            model, torch_dtype(dtype)
+        ).train()  # from_pretrained gives eval mode
         if gradient_checkpointing:
             network.gradient_checkpointing_enable()
             network.config.use_cache = False
@@ -181,7 +187,6 @@ class VPDModule(pl.LightningModule):
             self.opts.lora,
             teacher_mode == "adapter",
             self.spec.teacher_weights(self.opts.sdpo),
-            self.opts.sdpo,
             initial_prior=self.spec.trains_teacher and self.opts.estep.prior == "initial",
         )
         eos_ids = {self.tokenizer.eos_token_id, *generation_eos_ids(network)}
@@ -300,7 +305,7 @@ class VPDModule(pl.LightningModule):
         self.log(
             "reward", stats["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(batch)
         )
-        return stats  # the step's metrics, for callbacks (trainer/progress.py)
+        return stats  # the step's metrics, for callbacks (run/progress.py)
 
     def collect_rollouts(self, records: list[dict]) -> list[Rollout]:
         """This process's rollouts of `records`, seeded by (seed, step, rank), with contexts."""
@@ -402,6 +407,8 @@ class VPDModule(pl.LightningModule):
             self.policy.snapshot,
             [type(o).__name__ for o in self.trainer.strategy.optimizers],
         )
+        if not any(isinstance(v, DTensor) for v in ckpt["state_dict"].values()):
+            checkpoint_files.seal(ckpt)  # a file; a sharded folder carries checksums.json
 
     def on_load_checkpoint(self, ckpt: dict) -> None:
         fit = self.trainer.state.fn == "fit"

@@ -21,6 +21,12 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from vpd_lightning.errors import UserInputError
+from vpd_lightning.trainer.checkpoint_files import (
+    read_archive,
+    verify_checksum,
+    verify_folder,
+    write_manifest,
+)
 from vpd_lightning.trainer.checkpoint_io import (
     disk_full,
     no_space,
@@ -88,8 +94,22 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise
         self.barrier("vpd_ckpt_written")
         if self.global_rank == 0:
+            write_manifest(temp)
             replace_folder_atomically(temp, path)
         self.barrier("vpd_ckpt_done")
+
+    def load_checkpoint(
+        self, checkpoint_path: str | Path, weights_only: bool | None = None
+    ) -> dict:
+        """Lightning's loader reads a folder's `.metadata` and non-tensor items with a full
+        unpickler: every process first verifies what it will read (`checkpoint_files`)."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_dir():
+            verify_folder(path)
+            return super().load_checkpoint(path, weights_only=True)
+        checkpoint = read_archive(path)
+        verify_checksum(checkpoint, path)
+        return super().load_checkpoint(path, weights_only=True)
 
 
 def _tensor_bytes(state: object) -> int:
@@ -125,22 +145,6 @@ def check_strategy(strategy: object) -> None:
                 f"this module has no tensor-parallel plan; use trainer.strategy: {FSDP2}, or "
                 "ModelParallelStrategy with tensor_parallel_size: 1"
             )
-
-
-def check_checkpoint_strategy(ckpt_path: str | Path, strategy: object) -> None:
-    """A sharded checkpoint (a folder) loads only under FSDP2; a checkpoint file loads under any
-    strategy. `strategy` is the config's value: a name, a class_path config, or an instance."""
-    if not Path(ckpt_path).is_dir():
-        return
-    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", None)
-    name = name or type(strategy).__name__
-    if name == FSDP2 or name.endswith(("ModelParallelStrategy", "FSDP2Strategy")):
-        return
-    raise UserInputError(
-        f"ckpt_path {ckpt_path}: a sharded (fsdp2) checkpoint folder, but trainer.strategy = "
-        f"{name!r}; load it with --trainer.strategy {FSDP2}, or write it as a Hugging Face model "
-        "with `python -m vpd_lightning export`"
-    )
 
 
 def register_strategies() -> None:

@@ -1,4 +1,4 @@
-"""Learning curves of a run: `python -m vpd_lightning.trainer.plot runs/<name>/version_N`.
+"""Learning curves of a run: `python -m vpd_lightning.run.plot runs/<name>/version_N`.
 
 Reads the CSV logger's `metrics.csv` and draws the curves a person checks first (reward, held-out
 accuracy, M-step and E-step losses, teacher-student KL, entropy) into `curves.png` next to it.
@@ -80,7 +80,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m vpd_lightning.trainer.plot runs/<name>/version_N")
+        sys.exit("usage: python -m vpd_lightning.run.plot runs/<name>/version_N")
     print(plot_run(sys.argv[1]))
 
 
