@@ -156,8 +156,8 @@ def test_fsdp2_and_unsupported_options_are_refused_in_one_line(tiny_tokenizer):
     policy.sharded_units = [torch.nn.Linear(1, 1)]  # what `shard` leaves behind
     with pytest.raises(UserInputError, match=r"fsdp2.*engine: generate"):
         cached.generate([[1, 2]], SamplingParams(max_new_tokens=2))
-    with pytest.raises(UserInputError, match=r"model\.rollout\.engine.*generate, cached"):
-        RolloutOptions(engine="vllm")
+    with pytest.raises(UserInputError, match=r"model\.rollout\.engine.*generate, cached, vllm"):
+        RolloutOptions(engine="sglang")
 
 
 def test_no_prompts_give_no_completions_in_both_engines(tiny_tokenizer):
