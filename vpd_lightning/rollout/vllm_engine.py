@@ -25,6 +25,7 @@ import torch
 
 from vpd_lightning.errors import UserInputError
 from vpd_lightning.options import SamplingParams
+from vpd_lightning.policy.models import torch_dtype
 from vpd_lightning.policy.roles import Policy
 from vpd_lightning.rollout.cached import MergedLora
 
@@ -35,7 +36,6 @@ PROBE_TOKENS = 32
 # SmolLM2, a bf16 one to ~0.03 (0.44 at worst on a token); a corrupted or half-pushed model is off
 # by whole nats.
 PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.25}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def configure_cpu_environment() -> None:
@@ -176,7 +176,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------------- sampling
     def _dtype(self, network: torch.nn.Module) -> torch.dtype:
         if self.dtype_name is not None:
-            return DTYPES[self.dtype_name]
+            return torch_dtype(self.dtype_name)
         return next(network.parameters()).dtype
 
     def _start(self, network: torch.nn.Module) -> None:
