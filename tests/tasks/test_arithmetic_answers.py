@@ -11,6 +11,7 @@ it may refuse (a format error), which costs only a reward.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,30 @@ def test_the_parser_reads_the_stated_answer_of_nearly_every_response():
     labelled = [row for row in FINISHED if row["label"] is not None]
     read = sum(parsed(row["response"]) == row["label"] for row in labelled)
     assert read >= 0.9 * len(labelled), f"{read} of {len(labelled)}"
+
+
+HELD_OUT = [
+    json.loads(line)
+    for line in (FIXTURE.parent / "smollm2_arithmetic_heldout.jsonl").read_text().splitlines()
+]
+
+
+def last_integer(text: str) -> int | None:
+    """The rule the parser replaced: the last integer anywhere in the response."""
+    found = re.findall(r"-?\d+", text)
+    return int(found[-1]) if found else None
+
+
+def test_on_held_out_responses_it_misquotes_less_than_the_last_integer_rule():
+    """`smollm2_arithmetic_heldout.jsonl`: 48 responses to the next 24 prompts, made and labelled
+    after the parser was written, so this is its out-of-sample record. Measured when the file was
+    made: of 45 labelled finished responses it read 39, refused 4 and misquoted 2 (rows 3 and 42:
+    a conclusion, then an aside with a new equation that it took as the answer); the last-integer
+    rule was right on 40 and misquoted the other 5. Misquotes are what poison feedback."""
+    labelled = [r for r in HELD_OUT if not r["truncated"] and r["label"] is not None]
+    assert len(labelled) == 45
+    misquoted = sum(parsed(r["response"]) not in (None, r["label"]) for r in labelled)
+    old_misquoted = sum(last_integer(r["response"]) != r["label"] for r in labelled)
+    read = sum(parsed(r["response"]) == r["label"] for r in labelled)
+    assert misquoted <= 2 < old_misquoted == 5, (misquoted, old_misquoted)
+    assert read >= 39, read
