@@ -148,7 +148,8 @@ def test_a_model_folder_without_config_is_refused(tmp_path, capsys):
 
 
 def test_an_unreachable_model_id_fails_fast_without_traceback(tmp_path):
-    """Not a local folder, not in the cache, and the hub unreachable: one line within 15 s."""
+    """Not a local folder, not in the cache, and the hub unreachable: one line, with no retries:
+    within 30 s, most of it the interpreter's imports (10 s alone, 19 s seen on 2 busy cores)."""
     env = {
         **os.environ,
         "HF_HOME": str(tmp_path / "hf"),
@@ -170,7 +171,7 @@ def test_an_unreachable_model_id_fails_fast_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     assert "model.model = 'someone/no-such-model': not found locally" in result.stderr
     assert "could not be reached" in result.stderr
-    assert elapsed < 15, f"took {elapsed:.1f} s"
+    assert elapsed < 30, f"took {elapsed:.1f} s"
 
 
 def test_missing_empty_and_foreign_checkpoints_are_refused(tmp_path, capsys, no_model_loading):
