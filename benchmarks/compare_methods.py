@@ -56,7 +56,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from gate import CONTEXTS, GateRule, run_gate
+from gate import CONTEXTS, GateRule, paired_items, run_gate
 from lightning.pytorch.loggers import Logger
 from power import minimum_detectable_effect, sd_upper_bound, t_interval
 
@@ -538,7 +538,7 @@ def baseline(setup: Setup, accelerator: str) -> dict:
     params = SamplingParams(setup.val_samples, setup.val_temperature, 1.0, setup.max_new_tokens, 0)
     with module.policy.student():
         attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
-    probe, bank = probe_items(attempts, setup.probe_size), sample_bank(attempts)
+    probe, bank = paired_items(attempts, setup.probe_size), sample_bank(attempts)
     student = student_measures(module, setup, -1, bank)
     return {
         "student": student,
@@ -548,27 +548,6 @@ def baseline(setup: Setup, accelerator: str) -> dict:
         "teacher": teacher_repair(module, probe, setup, seed=-1),
         "seconds": time.perf_counter() - start,
     }
-
-
-def probe_items(attempts: Attempts, size: int) -> list[dict]:
-    """Prompts with a finished wrong attempt and a right one: the first of each, in prompt order."""
-    items = []
-    for i, group in enumerate(attempts.groups()):
-        verdicts = attempts.verdicts[group]
-        wrong = [j for j, v in enumerate(verdicts) if v.reward < 1 and not v.info.get("truncated")]
-        right = [j for j, v in enumerate(verdicts) if v.reward >= 1]
-        if wrong and right:
-            w, r = group.start + wrong[0], group.start + right[0]
-            items.append(
-                {
-                    "record": attempts.records[i],
-                    "wrong_text": attempts.texts[w],
-                    "wrong_ids": attempts.completion_ids[w],
-                    "right_ids": attempts.completion_ids[r],
-                    "feedback": attempts.verdicts[w].feedback,
-                }
-            )
-    return items[:size]
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -871,8 +850,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--previous",
         type=Path,
-        default=RESULTS / "compare-cpu.json",
-        help="the previous study, read before anything is written: the plan's minimum "
+        default=RESULTS / "previous-study-cpu.json",
+        help="the previous study (issue 23's 12 runs): the plan's minimum "
         "detectable effect and prices come from its seeds and times",
     )
     parser.add_argument("--calibrate", action="store_true", help="phase 1 only (unless --run)")
@@ -994,11 +973,14 @@ def main() -> None:
         result = {"calibration": result["calibration"], "gate": gate}
         write(args.output, result)
         print(f"gate: {gate['verdict']}", flush=True)
-    if not args.no_gate and not resuming and gate["chosen"] is None:
-        raise SystemExit(f"the study stops at the gate ({args.output}): {gate['verdict']}")
+    stopped = not args.no_gate and not resuming and gate["chosen"] is None
     setup = replace(setup, context=gate["chosen"] or "diagnostic")
     kept_plan = result.get("plan") if args.resume else None
     plan = plan_of(setup, result, previous, kept_plan)
+    if stopped:  # the plan it would have run is kept: what it could have detected, and its price
+        plan["stopped_at_gate"] = gate["verdict"]
+        write(args.output, {"calibration": result["calibration"], "gate": gate, "plan": plan})
+        raise SystemExit(f"the study stops at the gate ({args.output}): {gate['verdict']}")
     kept = []
     if args.resume and result.get("runs"):
         changed = plan_changes(result.get("plan") or {}, plan)

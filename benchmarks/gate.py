@@ -49,8 +49,9 @@ class GateRule:
     temperature: float = 0.6
 
 
-def gate_items(attempts: Attempts, size: int) -> list[dict]:
-    """Prompts with a finished wrong attempt and a right one: the first of each, in prompt order."""
+def paired_items(attempts: Attempts, size: int) -> list[dict]:
+    """Prompts with a finished wrong attempt and a right one: the first of each, in prompt order
+    (the gate's items here, the study's teacher probe in compare_methods.py)."""
     items = []
     for i, group in enumerate(attempts.groups()):
         verdicts = attempts.verdicts[group]
@@ -63,6 +64,8 @@ def gate_items(attempts: Attempts, size: int) -> list[dict]:
                     "record": attempts.records[i],
                     "wrong_text": attempts.texts[w],
                     "right_text": attempts.texts[r],
+                    "wrong_ids": attempts.completion_ids[w],
+                    "right_ids": attempts.completion_ids[r],
                     "feedback": attempts.verdicts[w].feedback,
                 }
             )
@@ -162,7 +165,7 @@ def run_gate(module, task, records: list[dict], rule: GateRule, budget: dict) ->
     params = SamplingParams(rule.draws, rule.temperature, 1.0, budget["max_new_tokens"], 0)
     with module.policy.student():
         attempts = answer_records(module.engine, module.tokenizer, task, records, params, 1)
-    items = gate_items(attempts, rule.items)
+    items = paired_items(attempts, rule.items)
     rates = repair_rates(module, task, items, rule, budget, seed=1) if items else {}
     decision = decide(rates or {"student": []}, rule.margin)
     return {

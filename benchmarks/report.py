@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from bench_kernels import precision_markdown
+from compare_methods import PRIMARY
 from compare_methods import markdown_tables as compare_table
 from floor import markdown_table as floor_table
 from train_step import markdown_table as train_step_table
@@ -168,12 +169,48 @@ def timing_sentence(compare: dict) -> str:
     )
 
 
-def compare_section(compare: dict, device: str) -> list[str]:
+def unrun_study_section(compare: dict, device: str) -> list[str]:
+    """A study without its summary: stopped by its gate, or planned and not (all) run yet."""
+    plan = compare["plan"]
+    s = plan["setup"]
+    stopped = "stopped_at_gate" in plan
+    planned = sum(len(s["seeds"] if a in PRIMARY else s["secondary_seeds"]) for a in s["arms"])
+    done = len(compare.get("runs") or [])
+    state = (
+        "The gate ran before any training and stopped the study: nothing was trained."
+        if stopped
+        else f"The gate passed (training uses the {s['context']} context); {done} of the "
+        f"{planned} planned runs are done, and no result is read before all are (`--resume` "
+        "continues it)."
+    )
+    return [
+        f"#### Does training the teacher help? {'Stopped at the gate' if stopped else 'Under way'} "
+        f"({device})",
+        "",
+        f"`benchmarks/compare_methods.py` (issue 32): {s['model']}, arithmetic, the arms "
+        f"{', '.join(s['arms'])} planned for {s['steps']} steps, seeds {s['seeds']} for the "
+        f"primary pair and {s['secondary_seeds']} for the others. {state}",
+        "",
+        *calibration_lines(compare["calibration"]),
+        "",
+        *gate_lines(compare["gate"]),
+        *power_lines(plan),
+        f"The plan was priced at {plan['sizing'].get('expected_minutes', float('nan')):.0f} min "
+        "on this machine.",
+    ]
+
+
+def compare_section(
+    compare: dict, device: str, title: str = "Does training the teacher help?", png: str = ""
+) -> list[str]:
+    if "summary" not in compare:
+        return unrun_study_section(compare, device)
     plan = compare["plan"]
     s = plan["setup"]
     base = compare["baseline"]
+    png = png or f"compare-{device}.png"
     return [
-        f"#### Does training the teacher help? {', '.join(s['arms'])} ({device})",
+        f"#### {title} {', '.join(s['arms'])} ({device})",
         "",
         f"`benchmarks/compare_methods.py`: {s['model']} with LoRA r={s['lora_r']}, arithmetic "
         f"{s['task']} with diagnostic feedback, {s['steps']} steps of {s['prompts_per_step']} "
@@ -195,7 +232,7 @@ def compare_section(compare: dict, device: str) -> list[str]:
         "",
         compare_table(compare),
         "",
-        f"![learning and teacher-skill curves](benchmarks/results/compare-{device}.png)",
+        f"![learning and teacher-skill curves](benchmarks/results/{png})",
         "",
         "What the intervals support:",
         "",
@@ -221,6 +258,35 @@ def trl_section(trl: dict) -> list[str]:
     for row in trl["results"]:
         lines.append(
             f"| {row['name']} | {row['rollout_s']:.1f} | {row['update_s']:.1f} "
+            f"| {row['step_s']:.1f} |"
+        )
+    return lines
+
+
+def engines_section(engines: dict) -> list[str]:
+    """The rollout engines side by side in one run, vLLM's rows included (issue 31)."""
+    s = engines["setup"]
+    rows = engines["results"]
+    cached = {r["method"]: r for r in rows if r.get("engine") == "cached"}
+    lines = [
+        "#### One training step per rollout engine, vLLM included (CPU)",
+        "",
+        f"`benchmarks/train_step.py --compare`: {s['model']}, LoRA {s['lora']}, "
+        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, "
+        f"{s['max_new_tokens']} new tokens, float32 training; median of {s['timed_steps']} steps "
+        f"after {s['warmup_steps']} warm-up, each row in its own process, one after the other; "
+        f"load average at the end {s['load_average_at_end'][0]:.1f}. `vllm-bf16`: a bfloat16 "
+        "engine beside the float32 trainer. A vLLM row's rollout includes pushing and checking "
+        "the merged weights after every step.",
+        "",
+        "| step | rollout (s) | rollout x cached | update (s) | step (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        base = cached.get(row.get("method"))
+        ratio = f"{row['rollout_s'] / base['rollout_s']:.2f}" if base else "-"
+        lines.append(
+            f"| {row['name']} | {row['rollout_s']:.1f} | {ratio} | {row['update_s']:.1f} "
             f"| {row['step_s']:.1f} |"
         )
     return lines
@@ -344,9 +410,16 @@ def render() -> str:
         compare = load(f"compare-{device}.json")
         if compare is not None:
             sections.append(compare_section(compare, device))
+    previous = load("previous-study-cpu.json")
+    if previous is not None:
+        title = "The previous study (issue 23, before the gate):"
+        sections.append(compare_section(previous, "cpu", title, "previous-study-cpu.png"))
     trl = load("train-step-vs-trl-cpu.json")
     if trl is not None:
         sections.append(trl_section(trl))
+    engines = load("train-step-vllm-cpu.json")
+    if engines is not None:
+        sections.append(engines_section(engines))
     precision = load("train-step-precision-cpu.json")
     if precision is not None:
         sections.append(precision_section(precision))

@@ -127,7 +127,7 @@ def test_calibration_picks_the_smallest_cap_then_the_accuracy_nearest_the_band_m
         compare.choose(rows[:1], rule)
 
 
-def test_probe_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
+def test_paired_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
     wrong, right = Verdict(0.0, "too high", {}), Verdict(1.0, "Correct", {})
     cut = Verdict(0.0, "cut off", {"truncated": True})
     attempts = Attempts(
@@ -138,7 +138,7 @@ def test_probe_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
         verdicts=[cut, right, wrong, right, wrong, wrong],
         n=2,
     )
-    (item,) = compare.probe_items(attempts, size=5)  # a: only cut off; c: never right
+    (item,) = compare.paired_items(attempts, size=5)  # a: only cut off; c: never right
     assert item["record"] == {"id": "b"} and item["wrong_ids"] == [20]
     assert item["right_ids"] == [21] and item["feedback"] == "too high"
 
@@ -202,7 +202,7 @@ def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_stu
     assert 0.76 < found / 4000 < 0.84
     assert power.minimum_detectable_effect(1.0, 8) < mde  # more seeds, smaller effects
 
-    previous = json.loads((BENCHMARKS / "results" / "compare-cpu.json").read_text())
+    previous = json.loads((BENCHMARKS / "results" / "previous-study-cpu.json").read_text())
     setup = compare.Setup(model="m", task={}, max_new_tokens=8)
     plan = compare.power_plan(setup, previous)
     assert len(plan["seed_differences"]) >= 3  # the committed study's primary pair
@@ -228,10 +228,11 @@ def test_gate_passes_only_a_context_that_beats_the_student_and_its_shuffled_cont
     assert refused["chosen"] is None and refused["verdict"].startswith("stop: no context")
 
 
-def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_path):
+def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_path, monkeypatch):
     """The tiny random model never answers right, so no held-out prompt has a right and a wrong
-    attempt: the gate says this model cannot test the method, and nothing trains."""
-    output = tmp_path / "compare.json"
+    attempt: the gate says this model cannot test the method, nothing trains, and the report says
+    so with the plan that was not run."""
+    output = tmp_path / "compare-cpu.json"
     command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--model"]
     command += ["builtin:tiny-random", "--val-size", "4", "--calibration-prompts", "2"]
     command += ["--accuracy-band", "0", "1", "--finish-target", "0", "--steps", "3"]
@@ -241,9 +242,17 @@ def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_p
     assert "the study stops at the gate" in done.stderr
     assert "this model cannot test the method" in done.stderr
     result = json.loads(output.read_text())
-    assert set(result) == {"calibration", "gate"}  # no plan, no baseline, no runs
+    assert set(result) == {"calibration", "gate", "plan"}  # no baseline, no runs
+    assert result["plan"]["stopped_at_gate"] == result["gate"]["verdict"]
     assert result["gate"]["chosen"] is None and result["gate"]["items"] == 0
     assert "load_average_1_5_15" in result["gate"]["machine"]
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    report = importlib.import_module("report")
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    section = report.render()
+    assert "Does training the teacher help? Stopped at the gate (cpu)" in section
+    assert "this model cannot test the method" in section and "nothing was trained" in section
 
 
 def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
@@ -272,7 +281,7 @@ def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, t
 
     # the committed study, resumed with one option changed: refused, and the file kept as it was
     output = tmp_path / "compare.json"
-    before = (BENCHMARKS / "results" / "compare-cpu.json").read_text()
+    before = (BENCHMARKS / "results" / "previous-study-cpu.json").read_text()
     output.write_text(before)
     command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--steps", "21"]
     done = subprocess.run(
