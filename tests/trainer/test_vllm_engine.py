@@ -1,12 +1,16 @@
 """The `vllm` rollout engine on SmolLM2 (float32) against `generate` and the trainer's log-probs:
 greedy equal token for token, sampled log-probs equal, new weights (tied embeddings, LoRA) pushed,
-and a wrong copy of the weights caught. One vLLM instance serves the whole module (vLLM is
-installed by `make test`; these tests fail, not skip, without it)."""
+a wrong copy of the weights caught, and the README's quickstart command with the vllm engine runs
+as written (shortened). One vLLM instance serves the whole module (vLLM is installed by `make
+test`; these tests fail, not skip, without it)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
+import shlex
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tests need little
@@ -28,6 +32,7 @@ from vpd_lightning.rollout.engine import HFGenerateEngine, SamplingParams
 from vpd_lightning.rollout.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = ["What is 7 + 5?", "Name a colour of the sky."]
 GREEDY = SamplingParams(num_samples=1, temperature=0.0, max_new_tokens=16)
 
@@ -168,3 +173,29 @@ def test_truncated_importance_weights_are_capped_ratios_without_gradient():
     weights = truncated_importance_weights(logp, sampler, cap=3.0)
     torch.testing.assert_close(weights, torch.tensor([1.0, torch.e, 3.0]))
     assert not weights.requires_grad
+
+
+def test_the_readmes_vllm_quickstart_command_runs(smollm2, tmp_path, monkeypatch, capsys):
+    """The command as the README gives it, shortened, in this process; its engine is handed the
+    module's vLLM instance (built for the same SmolLM2 config) instead of building its own."""
+    from vpd_lightning.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("#### vLLM (`model.rollout.engine: vllm`)") :]
+    (line,) = re.findall(r"^\.venv/bin/python -m vpd_lightning (fit .*)$", block, re.M)[:1]
+    args = shlex.split(line)
+    assert "--model.rollout.engine" in args and "configs/quickstart.yaml" in args
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        VLLMEngine, "_start", lambda self, network: setattr(self, "llm", smollm2.engine.llm)
+    )
+    short = ["--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
+    short += ["--data.val_size", "2", "--data.prompts_per_step", "1"]
+    short += ["--model.rollout.max_new_tokens", "8", "--model.validation.max_new_tokens", "8"]
+    try:
+        cli = main([*args, *short])
+    finally:
+        smollm2.engine.pushed = None  # the shared instance holds the quickstart's weights now
+    assert "vpd_lightning: training finished" in capsys.readouterr().out
+    assert cli.model.engine.pushes >= 1 and cli.model.engine.last_probe_gap < 1e-3

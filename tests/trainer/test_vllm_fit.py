@@ -1,14 +1,12 @@
 """`fit` with `model.rollout.engine: vllm` on two CPU processes (DDP, one engine per process):
 training, validation and the teacher's repair probe all sample with vLLM, on weights pushed after
-every step, and the sampler's log-prob gap to the trainer is logged; the README's quickstart
-command with the vllm engine runs as written (shortened)."""
+every step, and the sampler's log-prob gap to the trainer is logged. (The README's quickstart
+command with the vllm engine runs in test_vllm_engine.py, on that module's vLLM instance.)"""
 
 from __future__ import annotations
 
 import csv
 import os
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -43,31 +41,9 @@ def test_fit_on_two_processes_with_one_vllm_engine_each(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.count("training finished") == 1
+    assert "Traceback" not in result.stderr  # vLLM shut down before the process group ends
     rows = list(csv.DictReader((tmp_path / "runs/tiny/version_0/metrics.csv").open()))
     gaps = [float(r["rollout/sampler_logprob_gap"]) for r in rows if r.get("train/reward_mean")]
     assert len(gaps) == 2 and all(0 <= g < 1e-3 for g in gaps)  # float32 engine: equal
     assert any(r.get("val/mean@2") for r in rows)
     assert any(r.get("val/teacher_repair_rate") for r in rows)
-
-
-@pytest.mark.slow
-def test_the_readmes_vllm_quickstart_command_runs(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("#### vLLM (`model.rollout.engine: vllm`)") :]
-    (line,) = re.findall(r"^\.venv/bin/python -m vpd_lightning (fit .*)$", block, re.M)[:1]
-    args = shlex.split(line)
-    assert "--model.rollout.engine" in args and "configs/quickstart.yaml" in args
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    short = ["--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
-    short += ["--data.val_size", "2", "--data.prompts_per_step", "1"]
-    short += ["--model.rollout.max_new_tokens", "8", "--model.validation.max_new_tokens", "8"]
-    result = subprocess.run(
-        [sys.executable, "-m", "vpd_lightning", *args, *short],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=ENV,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("training finished") == 1

@@ -285,7 +285,10 @@ class VLLMEngine:
         return completions
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights); the next call starts a new one."""
+        """Shut the engine down (its KV cache, weights and process groups; vLLM's shutdown also
+        destroys the default process group); the next call starts a new one."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         self.pushed = None
 
