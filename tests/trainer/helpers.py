@@ -69,3 +69,15 @@ def snapshot(params) -> list[torch.Tensor]:
 
 def changed(before: list[torch.Tensor], params) -> bool:
     return any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True))
+
+
+def fit_run(tmp_path: Path, module_options: dict, steps: int, ckpt_in=None, ckpt_out=None):
+    """A tiny run of `steps` steps (from `ckpt_in` if given, saved to `ckpt_out` if given), with
+    the same LoRA initialisation in every run, as the CLI's seed gives."""
+    pl.seed_everything(0)
+    module = tiny_module(**module_options)
+    trainer = tiny_trainer(tmp_path, steps)
+    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_in)
+    if ckpt_out is not None:
+        trainer.save_checkpoint(ckpt_out)
+    return module

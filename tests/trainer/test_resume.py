@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from vpd_lightning.options import EStepOptions, RolloutOptions, SdpoOptions
 
-from .helpers import lora, tiny_data, tiny_module, tiny_trainer
-
-
-def run(tmp_path, module_options, steps, ckpt_in=None, ckpt_out=None):
-    pl.seed_everything(0)  # the same LoRA initialisation in every run, as the CLI's seed gives
-    module = tiny_module(**module_options)
-    trainer = tiny_trainer(tmp_path, steps)
-    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_in)
-    if ckpt_out is not None:
-        trainer.save_checkpoint(ckpt_out)
-    return module
+from .helpers import fit_run, lora
 
 
 @pytest.mark.parametrize(
@@ -47,10 +36,10 @@ def run(tmp_path, module_options, steps, ckpt_in=None, ckpt_out=None):
     ],
 )
 def test_resume_equals_straight_run(tmp_path, options):
-    straight = run(tmp_path / "a", options, steps=4)
+    straight = fit_run(tmp_path / "a", options, steps=4)
     ckpt = tmp_path / "k2.ckpt"
-    run(tmp_path / "b", options, steps=2, ckpt_out=ckpt)
-    resumed = run(tmp_path / "c", options, steps=4, ckpt_in=ckpt)
+    fit_run(tmp_path / "b", options, steps=2, ckpt_out=ckpt)
+    resumed = fit_run(tmp_path / "c", options, steps=4, ckpt_in=ckpt)
 
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
     for (name, a), b in zip(

@@ -13,7 +13,6 @@ import os
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tests need little
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from vpd_lightning.options import EStepOptions, RolloutOptions
 from vpd_lightning.policy.tiny import build_tiny_model, build_tiny_tokenizer
 from vpd_lightning.rollout.vllm_engine import VLLMEngine
 
-from .helpers import lora, tiny_data, tiny_module, tiny_trainer
+from .helpers import fit_run, lora
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +52,6 @@ def shared_llm():
     patch.undo()
 
 
-def run(tmp_path, options, steps, ckpt_in=None, ckpt_out=None):
-    pl.seed_everything(0)
-    module = tiny_module(**options)
-    trainer = tiny_trainer(tmp_path, steps)
-    trainer.fit(module, datamodule=tiny_data(), ckpt_path=ckpt_in)
-    if ckpt_out is not None:
-        trainer.save_checkpoint(ckpt_out)
-    return module
-
-
 @pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
 def test_resume_with_the_vllm_engine_equals_the_straight_run(
     tmp_path, head32_model, shared_llm, adapter
@@ -74,10 +63,10 @@ def test_resume_with_the_vllm_engine_equals_the_straight_run(
     )
     if adapter:
         options["lora"] = lora()
-    straight = run(tmp_path / "a", options, steps=4)
+    straight = fit_run(tmp_path / "a", options, steps=4)
     ckpt = tmp_path / "k2.ckpt"
-    run(tmp_path / "b", options, steps=2, ckpt_out=ckpt)
-    resumed = run(tmp_path / "c", options, steps=4, ckpt_in=ckpt)
+    fit_run(tmp_path / "b", options, steps=2, ckpt_out=ckpt)
+    resumed = fit_run(tmp_path / "c", options, steps=4, ckpt_in=ckpt)
 
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
     assert resumed.engine.pushes >= 2  # the resumed run pushed its own weights, then new ones
