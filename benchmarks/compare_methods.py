@@ -31,9 +31,10 @@ step is never an E-step (`Setup` refuses such a schedule): the trainer runs a du
 the M-step of the same step (`trainer/module.py`, `training_step`), which would change the
 student just before evaluation with no M-step after it.
 
-    .venv/bin/python benchmarks/compare_methods.py --calibrate   # phase 1 (about 5 min)
-    .venv/bin/python benchmarks/compare_methods.py --gate        # phases 2-3 (about 15 min)
-    .venv/bin/python benchmarks/compare_methods.py               # phases 2-6 (the plan's time)
+    .venv/bin/python benchmarks/compare_methods.py --calibrate   # phase 1 (25 min, half of it loaded)
+    .venv/bin/python benchmarks/compare_methods.py --gate        # phases 2-3 (25 min)
+    .venv/bin/python benchmarks/compare_methods.py               # phases 4-6 (the plan's time)
+    .venv/bin/python benchmarks/compare_methods.py --resume      # go on after an interruption
     .venv/bin/python benchmarks/compare_methods.py --model builtin:tiny-random --steps 3 \
         --estep-every 2 --val-size 4 --probe-size 2 --seeds 0 --calibration-prompts 2 \
         --accuracy-band 0 1 --finish-target 0 --no-gate --output /tmp/smoke.json --calibrate --run
