@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from bench_kernels import precision_markdown
-from compare_methods import PRIMARY
+from compare_methods import Setup
 from compare_methods import markdown_tables as compare_table
 from floor import markdown_table as floor_table
 from train_step import markdown_table as train_step_table
@@ -174,7 +174,7 @@ def unrun_study_section(compare: dict, device: str) -> list[str]:
     plan = compare["plan"]
     s = plan["setup"]
     stopped = "stopped_at_gate" in plan
-    planned = sum(len(s["seeds"] if a in PRIMARY else s["secondary_seeds"]) for a in s["arms"])
+    planned = sum(len(Setup(**s).seeds_of(arm)) for arm in s["arms"])
     done = len(compare.get("runs") or [])
     state = (
         "The gate ran before any training and stopped the study: nothing was trained."
@@ -240,17 +240,24 @@ def compare_section(
     ]
 
 
+def step_setup(s: dict, dtype: str, how: str) -> str:
+    """The sentence that says what a `train_step.py --compare` row measured."""
+    return (
+        f"`benchmarks/train_step.py --compare`: {s['model']}, LoRA {s['lora']}, "
+        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, "
+        f"{s['max_new_tokens']} new tokens, {dtype}; median of {s['timed_steps']} steps after "
+        f"{s['warmup_steps']} warm-up{how}; load average at the end "
+        f"{s['load_average_at_end'][0]:.1f}."
+    )
+
+
 def trl_section(trl: dict) -> list[str]:
     s = trl["setup"]
     lines = [
         "#### One training step against TRL's trainers (CPU)",
         "",
-        f"`benchmarks/train_step.py --compare`: {s['model']}, LoRA {s['lora']}, "
-        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, "
-        f"{s['max_new_tokens']} new tokens, {s['dtype']}; median of {s['timed_steps']} steps "
-        f"after {s['warmup_steps']} warm-up; load average at the end "
-        f"{s['load_average_at_end'][0]:.1f}. vpd's update counts its M-step plus one third of an "
-        "E-step (make demo's interval).",
+        step_setup(s, s["dtype"], "")
+        + " vpd's update counts its M-step plus one third of an E-step (make demo's interval).",
         "",
         "| step | rollout (s) | update (s) | step (s) |",
         "|---|---|---|---|",
@@ -271,13 +278,9 @@ def engines_section(engines: dict) -> list[str]:
     lines = [
         "#### One training step per rollout engine, vLLM included (CPU)",
         "",
-        f"`benchmarks/train_step.py --compare`: {s['model']}, LoRA {s['lora']}, "
-        f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, "
-        f"{s['max_new_tokens']} new tokens, float32 training; median of {s['timed_steps']} steps "
-        f"after {s['warmup_steps']} warm-up, each row in its own process, one after the other; "
-        f"load average at the end {s['load_average_at_end'][0]:.1f}. `vllm-bf16`: a bfloat16 "
-        "engine beside the float32 trainer. A vLLM row's rollout includes pushing and checking "
-        "the merged weights after every step.",
+        step_setup(s, "float32 training", ", each row in its own process, one after the other")
+        + " `vllm-bf16`: a bfloat16 engine beside the float32 trainer. A vLLM row's rollout "
+        "includes pushing and checking the merged weights after every step.",
         "",
         "| step | rollout (s) | rollout x cached | update (s) | step (s) |",
         "|---|---|---|---|---|",

@@ -322,15 +322,6 @@ def find_user_error(error: BaseException) -> BaseException | None:
     return UserInputError(text.group(1)) if text else None
 
 
-def close_rollout_engine(module: VPDModule) -> None:
-    """Shut the rollout engine down before the process group ends: an in-process vLLM engine
-    owns process groups of its own, and its shutdown at exit fails (a traceback after a run that
-    succeeded) once the default group has been destroyed under it."""
-    close = getattr(module.engine, "close", None)
-    if close is not None:
-        close()
-
-
 def main(args: list[str] | None = None) -> VPDCLI | None:
     arguments = sys.argv[1:] if args is None else args
     try:
@@ -347,7 +338,7 @@ def main(args: list[str] | None = None) -> VPDCLI | None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-        close_rollout_engine(cli.model)
+        cli.model.engine.close()  # before the process group ends (`RolloutEngine.close`)
         end_process_group()
         return cli
     except Preempted as stop:

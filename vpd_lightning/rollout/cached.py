@@ -118,6 +118,9 @@ class CachedEngine:
         self.eos_ids = sorted(set(eos_ids))
         self.merged = MergedLora()
 
+    def close(self) -> None:
+        """Nothing to free: the engine runs on the live policy."""
+
     def _network(self) -> torch.nn.Module:
         if getattr(self.model, "sharded_units", None):
             raise UserInputError(

@@ -20,6 +20,12 @@ class RolloutEngine(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Free what the engine holds beside the policy (an in-process vLLM's KV cache, weights
+        and process groups); before the process group ends, since vLLM's own exit-time shutdown
+        fails once the default group is gone."""
+        ...
+
 
 class HFGenerateEngine:
     """`transformers` `generate` on the live policy, in eval mode and without gradients."""
@@ -28,6 +34,9 @@ class HFGenerateEngine:
         self.model = model
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids)
+
+    def close(self) -> None:
+        """Nothing to free: the engine runs on the live policy."""
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
