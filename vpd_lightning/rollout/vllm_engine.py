@@ -16,7 +16,9 @@ no prompt's prefill is chunked (vLLM's CPU sampler cannot seed a split prefill).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -59,6 +61,32 @@ def check_cpu_head_size(config) -> None:
             f"model.rollout.engine = vllm: the model's attention head size is {head}, and vLLM's "
             f"CPU backend serves head sizes {supported} only; use model.rollout.engine: cached"
         )
+
+
+class _TokenizerlessChatWarmup(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning when the failure is the missing
+    tokenizer: the engine runs with `skip_tokenizer_init` (it is given token ids, never chat
+    messages), so that warmup always fails, harmlessly, with a traceback in the run's output.
+    Any other warmup failure is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage() == "Chat template warmup failed"
+            and isinstance(error, ValueError)
+            and "skip_tokenizer_init" in str(error)
+        )
+
+
+@contextlib.contextmanager
+def _without_tokenizerless_chat_warmup_warning() -> Iterator[None]:
+    logger = logging.getLogger("vllm.renderers.base")
+    quiet = _TokenizerlessChatWarmup()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -197,8 +225,6 @@ class VLLMEngine:
         config = copy.deepcopy(base.config)
         if hasattr(config, "quantization_config"):  # the GGUF file's: the network is dequantized
             del config.quantization_config
-        folder = tempfile.mkdtemp(prefix="vpd-vllm-config-")
-        config.save_pretrained(folder)
         if device.type == "cpu":
             check_cpu_head_size(config)
         max_model_len = min(
@@ -207,20 +233,26 @@ class VLLMEngine:
         kwargs = {}
         if device.type == "cuda":
             kwargs["gpu_memory_utilization"] = 0.3
-        self.llm = LLM(
-            model=folder,
-            load_format="dummy",
-            skip_tokenizer_init=True,
-            dtype=self._dtype(network),
-            max_model_len=max_model_len,
-            max_num_seqs=MAX_NUM_SEQS,
-            max_num_batched_tokens=max(max_model_len, 4096),
-            enforce_eager=True,
-            generation_config="vllm",
-            logprobs_mode="processed_logprobs",
-            distributed_executor_backend="uni",
-            **kwargs,
-        )
+        # the folder holds only config.json, read while the engine is built
+        with (
+            tempfile.TemporaryDirectory(prefix="vpd-vllm-config-") as folder,
+            _without_tokenizerless_chat_warmup_warning(),
+        ):
+            config.save_pretrained(folder)
+            self.llm = LLM(
+                model=folder,
+                load_format="dummy",
+                skip_tokenizer_init=True,
+                dtype=self._dtype(network),
+                max_model_len=max_model_len,
+                max_num_seqs=MAX_NUM_SEQS,
+                max_num_batched_tokens=max(max_model_len, 4096),
+                enforce_eager=True,
+                generation_config="vllm",
+                logprobs_mode="processed_logprobs",
+                distributed_executor_backend="uni",
+                **kwargs,
+            )
 
     def _chunks(self, lengths: list[int]) -> Iterator[range]:
         """Consecutive requests whose prompts fit one scheduler step with room for every running
