@@ -11,6 +11,7 @@ the README holds exactly what it renders.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -20,8 +21,13 @@ from compare_methods import markdown_tables as compare_table
 from floor import markdown_table as floor_table
 from train_step import markdown_table as train_step_table
 
+from vpd_lightning.tasks.arithmetic import ArithmeticTask
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+ARITHMETIC_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(ArithmeticTask).parameters.items()
+}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -60,6 +66,16 @@ def reading(compare: dict) -> list[str]:
     return lines
 
 
+def task_text(task: dict) -> str:
+    """ArithmeticTask keywords as words: `1 operation of +-, operands up to 10`."""
+    task = {**ARITHMETIC_DEFAULTS, **task}
+    ops = task["num_ops"]
+    return (
+        f"{ops} operation{'s' if ops > 1 else ''} of {task['operations']}, operands up to "
+        f"{task['max_operand']}"
+    )
+
+
 def calibration_lines(calibration: dict) -> list[str]:
     rule, choice = calibration["rule"], calibration["choice"]
     rows = [
@@ -71,14 +87,15 @@ def calibration_lines(calibration: dict) -> list[str]:
             f"{row['per_cap'][str(c)]['finished']:.2f} / {row['per_cap'][str(c)]['accuracy']:.2f}"
             for c in rule["caps"]
         ]
-        rows.append(f"| {row['task']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {task_text(row['task'])} | " + " | ".join(cells) + " |")
     return [
         f"The task, fixed from the untrained model on {rule['prompts']} training prompts x "
         f"{rule['samples']} samples at T={rule['temperature']} before any method ran (finished "
         "fraction / accuracy, a cut-off response scoring 0): the smallest cap at which at least "
         f"{rule['finish_target']:.0%} finish, and the difficulty whose accuracy there is in "
         f"[{rule['accuracy_band'][0]}, {rule['accuracy_band'][1]}], nearest the middle. Chosen: "
-        f"{choice['task']}, max_new_tokens {choice['max_new_tokens']} ({choice['finished']:.0%} "
+        f"{task_text(choice['task'])}, max_new_tokens {choice['max_new_tokens']} "
+        f"({choice['finished']:.0%} "
         f"finish, accuracy {choice['accuracy']:.2f}).",
         "",
         *rows,
@@ -200,6 +217,17 @@ def unrun_study_section(compare: dict, device: str) -> list[str]:
     ]
 
 
+def context_text(context: str) -> str:
+    """What the vpd arms' teacher is shown besides the prompt (`Setup.context`)."""
+    shown = {
+        "diagnostic": "the verifier's feedback on the attempt",
+        "binary": "only 'Your answer is incorrect.'",
+        "sibling": "a right sibling attempt (else the feedback, when none was right)",
+        "reference": "the task's reference solution",
+    }[context]
+    return f"vpd's teacher shown {shown}"
+
+
 def compare_section(
     compare: dict, device: str, title: str = "Does training the teacher help?", png: str = ""
 ) -> list[str]:
@@ -208,12 +236,16 @@ def compare_section(
     plan = compare["plan"]
     s = plan["setup"]
     base = compare["baseline"]
+    context = s.get("context", "diagnostic")  # studies before the gate had no other
+    per_token = "/ its tokens" in plan["measures"]["teacher_margin"]
+    margin_unit = "each per token of its attempt, nats" if per_token else "summed over tokens, nats"
     png = png or f"compare-{device}.png"
     return [
         f"#### {title} {', '.join(s['arms'])} ({device})",
         "",
         f"`benchmarks/compare_methods.py`: {s['model']} with LoRA r={s['lora_r']}, arithmetic "
-        f"{s['task']} with diagnostic feedback, {s['steps']} steps of {s['prompts_per_step']} "
+        f"({task_text(s['task'])}) with diagnostic feedback, {context_text(context)}, "
+        f"{s['steps']} steps of {s['prompts_per_step']} "
         f"prompts x {s['num_generations']} rollouts, lr {s['lr']:g} for every arm, vpd's E-step "
         f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
         f"gives every arm the same prompt order and rollout seeds). {timing_sentence(compare)}",
@@ -226,9 +258,15 @@ def compare_section(
         f"Primary endpoint, fixed before the runs: {plan['primary_endpoint']}. Student measures "
         f"on {s['val_size']} held-out prompts; teacher measures on the {len(base['probe'])} "
         "probe items (held-out prompts where the untrained student had a wrong and a right "
-        "attempt; C is the verifier's feedback on the wrong one). Teacher skill: the repair rate "
-        "of the teacher the method distils from minus the student's rate without feedback; "
-        "teacher margin: log q(right attempt | x, C) - log q(wrong attempt | x, C), nats.",
+        "attempt; C is the verifier's feedback on the wrong one"
+        + (
+            f", not the {context} context the vpd arms train with"
+            if context not in ("diagnostic", "binary")
+            else ""
+        )
+        + "). Teacher skill: the repair rate of the teacher the method distils from minus the "
+        "student's rate without feedback; teacher margin: log q(right attempt | x, C) - "
+        f"log q(wrong attempt | x, C), {margin_unit}.",
         "",
         compare_table(compare),
         "",

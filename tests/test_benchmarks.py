@@ -255,6 +255,24 @@ def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_p
     assert "this model cannot test the method" in section and "nothing was trained" in section
 
 
+def test_the_report_says_which_context_vpd_trained_with_and_what_the_probes_measured(
+    monkeypatch,
+):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    report = importlib.import_module("report")
+    study = json.loads((BENCHMARKS / "results/previous-study-cpu.json").read_text())
+    diagnostic = "\n".join(report.compare_section(study, "cpu"))
+    assert "vpd's teacher shown the verifier's feedback on the attempt" in diagnostic
+    assert (
+        "summed over tokens" in diagnostic and "context the vpd arms train with" not in diagnostic
+    )
+    assert "{'num_ops'" not in diagnostic  # the task in words: "1 operation of +-, operands up..."
+    study["plan"]["setup"]["context"] = "sibling"
+    sibling = "\n".join(report.compare_section(study, "cpu"))
+    assert "vpd's teacher shown a right sibling attempt" in sibling
+    assert "not the sibling context the vpd arms train with" in sibling
+
+
 def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
     output = tmp_path / "floor.json"
     command = [sys.executable, str(BENCHMARKS / "floor.py"), "--model", "builtin:tiny-random"]
