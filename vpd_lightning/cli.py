@@ -5,7 +5,8 @@ config saved next to the logs), `fit` evaluates before and after training, draws
 curves and ends by printing where the logs, curves, checkpoints and config went (process 0 only;
 every process takes part in the collectives that find them). `--trainer.strategy` takes `ddp` and
 `fsdp2` (`strategies.py`). `python -m vpd_lightning export CKPT OUT_DIR` writes a Hugging Face
-model folder from a checkpoint (`export.py`); `predict` samples a task split to JSONL (`predict.py`).
+model folder from a checkpoint (`export.py`); `seal CKPT` adds the checksum that loading verifies
+to a checkpoint written without one (`seal.py`); `predict` samples a task split to JSONL (`predict.py`).
 
 Every run writes its checkpoints atomically (`trainer/checkpoint_io.py`), saves and exits non-zero
 on SIGTERM or SIGINT (`run/preemption.py`), and prints one line per logged step when no
@@ -73,7 +74,8 @@ TRAINER_DEFAULTS = {
 TRACEBACK_VARIABLE = "VPD_TRACEBACK"
 EPILOG = (
     "other commands: `export CKPT OUT_DIR [--adapter-only]` writes a checkpoint as a Hugging "
-    "Face model folder; `predict --config X [--ckpt_path CKPT] [--sample.out F.jsonl] "
+    "Face model folder; `seal CKPT` adds the checksum that loading verifies to a checkpoint "
+    "written without one; `predict --config X [--ckpt_path CKPT] [--sample.out F.jsonl] "
     "[--sample.split test]` samples a task split, one JSONL line per attempt"
 )
 
@@ -329,6 +331,11 @@ def main(args: list[str] | None = None) -> VPDCLI | None:
             from vpd_lightning.export import export_main
 
             export_main(arguments[1:])
+            return None
+        if arguments[:1] == ["seal"]:
+            from vpd_lightning.seal import seal_main
+
+            seal_main(arguments[1:])
             return None
         check_config_files(arguments)
         cli = VPDCLI(

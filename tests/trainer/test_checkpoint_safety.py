@@ -3,6 +3,7 @@ them runs, nothing expands past the budget, corrupt or mismatched ones are one l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -293,6 +294,66 @@ def test_a_checkpoint_without_a_checksum_is_refused(honest, tmp_path, capsys):
     torch.save(full, tmp_path / "old.ckpt")
     line = refused(["export", str(tmp_path / "old.ckpt"), str(tmp_path / "out")], capsys)
     assert "carries no checksum" in line
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_seal_adopts_a_checkpoint_without_a_checksum_once_and_only_that(
+    honest, tmp_path, capsys, monkeypatch
+):
+    full = torch.load(honest, weights_only=True)
+    full.pop("vpd_checksum")
+    old = tmp_path / "old.ckpt"
+    torch.save(full, old)
+    assert "`python -m vpd_lightning seal`" in refused(
+        ["predict", "--config", TINY, "--ckpt_path", str(old)], capsys
+    )  # the refusal names the way out
+    unsealed = old.read_bytes()
+    with monkeypatch.context() as patch:  # a full disk: the checkpoint is left as it was
+        patch.setattr(os, "fsync", no_space)
+        assert "cannot be rewritten (disk full)" in refused(["seal", str(old)], capsys)
+    assert old.read_bytes() == unsealed and [p.name for p in tmp_path.iterdir()] == ["old.ckpt"]
+    main(["seal", str(old)])
+    assert capsys.readouterr().out.strip().endswith("sealed (added vpd_checksum)")
+    assert torch.load(old, weights_only=True)["vpd_checksum"] == content_digest(full)
+    main(["seal", str(old)])  # sealed already: verified, not rewritten
+    assert "already sealed; its checksum matches" in capsys.readouterr().out
+    out = export(old, tmp_path / "exported")
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "old.ckpt"]  # no temps
+
+
+def test_seal_does_not_hide_corruption_or_read_past_the_load_bounds(honest, tmp_path, capsys):
+    flipped = flip_embedding(honest, tmp_path / "flipped.ckpt")
+    before = flipped.read_bytes()
+    assert "does not match its checksum" in refused(["seal", str(flipped)], capsys)
+    assert flipped.read_bytes() == before
+    marker = tmp_path / "payload-ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"vpd_state": {}, "state_dict": {}, "x": Payload(marker)}, crafted)
+    assert "crafted.ckpt" in refused(["seal", str(crafted)], capsys)
+    assert not marker.exists(), "sealing ran the checkpoint's code"
+    bomb = deflated_copy(honest, tmp_path / "bomb.ckpt", padding_mib=4)
+    assert "bomb.ckpt" in refused(["seal", str(bomb)], capsys)
+
+
+def test_seal_writes_a_trusted_folder_s_manifest_and_refuses_a_crafted_one(
+    honest, tmp_path, capsys
+):
+    folder = sharded(honest, tmp_path / "old")
+    (folder / "checksums.json").unlink()
+    main(["seal", str(folder)])
+    assert "sealed (wrote checksums.json)" in capsys.readouterr().out
+    verify_folder(folder)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [".metadata"]
+    marker = tmp_path / "payload-ran"
+    crafted = sharded(honest, tmp_path / "crafted")
+    (crafted / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (crafted / "checksums.json").unlink()
+    assert "is not plain DCP metadata" in refused(["seal", str(crafted)], capsys)
+    assert not marker.exists() and not (crafted / "checksums.json").exists()
 
 
 def test_a_written_sharded_manifest_lists_every_file(honest, tmp_path):

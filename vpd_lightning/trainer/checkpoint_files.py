@@ -192,7 +192,7 @@ def verify_checksum(checkpoint: dict, name: str | Path) -> None:
         raise CheckpointError(
             f"ckpt_path {name}: carries no checksum ({CHECKSUM_KEY}), so corruption could not "
             "be detected; it was written by an older vpd_lightning or edited: use a checkpoint "
-            "this version wrote"
+            "this version wrote, or `python -m vpd_lightning seal` one you trust"
         )
     if content_digest(content) != expected:
         raise CheckpointError(
@@ -210,29 +210,39 @@ def file_digest(file: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    """`checksums.json` in a sharded folder: the SHA-256 of each of its files."""
+def manifest_text(folder: Path) -> str:
+    """The `checksums.json` of a sharded folder: the SHA-256 of each of its files."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != MANIFEST)
-    manifest = {"sha256": {f.name: file_digest(f) for f in files}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return json.dumps({"sha256": {f.name: file_digest(f) for f in files}}, indent=1)
+
+
+def write_manifest(folder: Path) -> None:
+    (folder / MANIFEST).write_text(manifest_text(folder), encoding="utf-8")
+
+
+def check_regular_files(folder: Path) -> list[Path]:
+    """The folder's entries, every one a regular file (no folder, link or device)."""
+    entries = list(folder.iterdir())
+    odd = [e.name for e in entries if not e.is_file() or e.is_symlink()]
+    if odd:
+        raise CheckpointError(
+            f"ckpt_path {folder}: holds {odd[0]!r}, not a regular file; a sharded checkpoint "
+            "folder holds only its shard files, .metadata, meta.pt and checksums.json"
+        )
+    return entries
 
 
 def verify_folder(folder: Path) -> None:
     """A sharded folder whose every file is listed in its manifest and matches it, and whose DCP
     metadata and items can be loaded without running or expanding anything (module docstring)."""
     where = f"ckpt_path {folder}"
-    entries = list(folder.iterdir())
-    odd = [e.name for e in entries if not e.is_file() or e.is_symlink()]
-    if odd:
-        raise CheckpointError(
-            f"{where}: holds {odd[0]!r}, not a regular file; a sharded checkpoint folder holds "
-            "only its shard files, .metadata, meta.pt and checksums.json"
-        )
+    entries = check_regular_files(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
         raise CheckpointError(
             f"{where}: no {MANIFEST} (at most {MAX_MANIFEST_BYTES} bytes) with its files' "
-            "checksums; it was written by an older vpd_lightning or by another program"
+            "checksums; it was written by an older vpd_lightning or by another program "
+            "(`python -m vpd_lightning seal` adds it to a folder you trust)"
         )
     try:
         listed = json.loads(manifest.read_text(encoding="utf-8")).get("sha256")
