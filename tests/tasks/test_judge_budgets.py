@@ -77,6 +77,33 @@ def test_collision_budget_is_checked_before_the_set_is_built():
         wire.decode({"frozenset": big})
 
 
+def test_a_list_of_colliding_values_is_charged_for_the_set_the_tests_may_make_of_it():
+    # Before: a list of 40,000 colliding ints decoded freely, and `set(f())` in the trusted tests
+    # then held the GIL for 8.8 s in one C call, past the 3 s deadline (0.6 s for 10,000: n**2).
+    response = "def f():\n    return [i * (2**61 - 1) for i in range(40000)]\n"
+    outcome, elapsed = judged(response, "assert set(f()) == {0}")
+    assert not outcome.passed
+    assert "too costly to check" in outcome.feedback and "hashes collide" in outcome.feedback
+    assert elapsed < 2.5, f"{elapsed:.1f} s"
+    with pytest.raises(wire.WireTooLarge, match="hashes collide"):  # tuples, and tuples of them
+        wire.decode({"tuple": [i * P for i in range(2000)]})
+    with pytest.raises(wire.WireTooLarge, match="hashes collide"):
+        wire.decode([{"tuple": [i * P, 0]} for i in range(2000)])
+
+
+def test_honest_lists_with_repeats_or_a_few_collisions_decode_as_before():
+    start = time.monotonic()
+    assert wire.decode([0] * 400_000) == [0] * 400_000  # one object repeated
+    assert len(wire.decode(list(range(300_000)))) == 300_000  # distinct hashes
+    pairs = [{"tuple": [i, i + 1]} for i in range(100_000)]
+    assert wire.decode(pairs)[-1] == (99_999, 100_000)
+    big = 7**300  # equal values decoded as separate objects: one distinct value
+    assert wire.loads("[" + ",".join([str(big)] * 50_000) + "]") == [big] * 50_000
+    mixed = [-1, -2, 1, True, 1.0, 3 * P, 4 * P, (1, 2), frozenset({-1, -2})] * 100
+    assert wire.loads(wire.dump(mixed)) == mixed
+    assert time.monotonic() - start < 3.0
+
+
 def nested_sets(sets: int, members: int) -> str:
     """JSON of a set of ``sets`` frozensets of ``members`` + 1 colliding ints, alike but for one
     member: each frozenset fits a per-set budget, but comparing two costs about members**2 / 4."""

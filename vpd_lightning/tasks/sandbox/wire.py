@@ -13,8 +13,9 @@ message (``MAX_WORK`` units): every JSON value costs a unit (counted on the text
 parsed), and building a set or dict costs the comparisons among members whose hashes collide
 (``hash(i * (2**61 - 1)) == 0`` for every int ``i``), each weighted by what comparing those members
 may cost: their own size and the comparisons inside them, so sets of sets of colliding values are
-charged for what comparing them costs, not for their length. The charge is made before the set is
-built; past the budget, :class:`WireTooLarge`.
+charged for what comparing them costs, not for their length. A list or tuple is charged for the
+set the trusted tests may make of it (a repeated value counts once per distinct value of its hash).
+The charge is made before the set is built; past the budget, :class:`WireTooLarge`.
 
 Messages are length-prefixed (4 bytes, big-endian). The judge's messages to the sandbox (call
 arguments from the trusted tests) are ``marshal`` data, which only the sandbox reads; the sandbox's
@@ -183,15 +184,20 @@ def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
     if data is None or kind in _SCALARS:
         return data, _scalar_cost(data)
     if kind is list:
-        return _decode_items(data, depth, budget)
+        costs = []
+        items, cost = _decode_items(data, depth, budget, costs)
+        _charge_as_set(items, costs, budget)
+        return items, cost
     if kind is not dict or len(data) != 1:
         raise WireError("bad value")
     ((tag, body),) = data.items()
     try:
         if tag in ("tuple", "set", "frozenset") and type(body) is list:
-            costs: list[int] | None = None if tag == "tuple" else []
+            costs = []
             items, cost = _decode_items(body, depth, budget, costs)
-            if costs is not None:
+            if tag == "tuple":
+                _charge_as_set(items, costs, budget)
+            else:
                 cost += _charge_hashes(items, costs, budget)
             return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), cost
         if tag == "dict" and type(body) is list:
@@ -262,6 +268,54 @@ def _charge_hashes(members: list, costs: list[int], budget: Budget) -> int:
         f"(about {work} comparisons to build it)",
     )
     return 2 * work
+
+
+# Members whose hash the sender can choose (an int's is the int mod 2**61 - 1; a tuple's and a
+# frozenset's combine their members'): a set built from them can be made to collide. A str's and a
+# bytes' hash is keyed (SipHash) and cannot be chosen; None's is fixed.
+_CHOSEN_HASH = frozenset({bool, int, float, complex, tuple, frozenset})
+
+
+def _charge_as_set(items: list, costs: list[int], budget: Budget) -> None:
+    """Charge ``budget`` for what making a set or dict of a list's or tuple's ``items`` would
+    take: the trusted tests may (``set(result)``, ``Counter(result)``, ``x in set(result)``), in
+    one C call that no deadline interrupts. As `_charge_hashes`, except that a member equal to an
+    earlier one costs one comparison per distinct value of its hash, not one per member (honest
+    lists repeat values): n members of one hash with d distinct values cost about n * d."""
+    chosen = [(i, c) for i, c in zip(items, costs, strict=True) if type(i) in _CHOSEN_HASH]
+    if len(chosen) < 2:
+        return
+    # hashing a tuple walks it, again at every level it is nested in: charged before
+    walks = sum(1 + (cost >> 4) for item, cost in chosen if type(item) is tuple)
+    budget.spend(walks, f"a list or tuple of {len(items)} members to hash")
+    hashed: list[tuple[int, object, int]] = []
+    for item, cost in chosen:
+        try:
+            hashed.append((hash(item), item, cost))
+        except TypeError:  # a tuple holding a list or dict: no set can hold it
+            continue
+    if len({key for key, _, _ in hashed}) == len(hashed):  # no collision (the common case)
+        return
+    groups: dict[int, list[tuple[object, int]]] = {}
+    for key, item, cost in hashed:
+        groups.setdefault(key, []).append((item, cost))
+    work = 0
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first = group[0][0]
+        if all(item is first for item, _ in group):  # one object repeated (a small int, a bool)
+            distinct = 1
+        else:  # equal values have equal text: tell them apart by it, in linear time
+            budget.spend(sum(cost for _, cost in group), "telling colliding members apart")
+            distinct = len({dump(item) for item, _ in group})
+        n = len(group)
+        work += (n * distinct - distinct * (distinct + 1) // 2) * max(c for _, c in group)
+    budget.spend(
+        work,
+        f"a list or tuple of {len(items)} members whose hashes collide "
+        f"(about {work} comparisons to make a set of it)",
+    )
 
 
 _MARKS = (b"[", b"{", b",", b":")
