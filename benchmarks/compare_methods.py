@@ -46,7 +46,9 @@ runs already in the JSON, and refuses when its plan differs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -233,6 +235,15 @@ MEASURES = {
     "right (the rate the teacher's repair is measured against)",
     "teacher_skill": "teacher_repair - student_self_fix, per probe item",
 }
+
+
+def task_text(task: dict) -> str:
+    """ArithmeticTask keywords as words: `1 operation of +-, operands up to 10`."""
+    defaults = inspect.signature(ArithmeticTask).parameters
+    ops = task.get("num_ops", defaults["num_ops"].default)
+    operations = task.get("operations", defaults["operations"].default)
+    operand = task.get("max_operand", defaults["max_operand"].default)
+    return f"{ops} operation{'s' if ops > 1 else ''} of {operations}, operands up to {operand}"
 
 
 # ----------------------------------------------------------------------------- modules and runs
@@ -704,6 +715,7 @@ def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
                     "measure": measure,
                     "seeds": common,
                     "difference": stats["mean"],
+                    "seed_differences": stats["seed_means"],
                     "ci95": [low, high],
                     "within_seed_ci95": stats["within_seed_ci95"],
                     "excludes_0": low > 0 or high < 0,
@@ -794,7 +806,7 @@ def plot(result: dict, path: Path) -> None:
             strict=True,
         )
     )
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
     summary = result["summary"]
     for arm in summary["arms"]:
         runs = [r for r in result["runs"] if r["arm"] == arm]
@@ -827,20 +839,67 @@ def plot(result: dict, path: Path) -> None:
     axes[3].bar(
         names, means, yerr=errors, capsize=4, color=["lightgray", *(colors[n] for n in names[1:])]
     )
+    plot_differences(axes[4], result, colors)
+    per_token = "/ its tokens" in result["plan"]["measures"]["teacher_margin"]
     axes[0].set(xlabel="training step", ylabel="train reward (mean over rollouts)")
     for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
-        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong) ({feedback} C)")
-        ax.set_title(f"teacher margin, {feedback} feedback")
+        unit = "nats per token" if per_token else "nats"
+        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong), {unit}")
+        ax.set_title(f"teacher margin, {feedback} feedback as C")
     axes[3].set_ylabel("held-out accuracy (95% CI)")
     axes[3].tick_params(axis="x", labelrotation=20)
     axes[0].legend(fontsize=8)
     setup = result["plan"]["setup"]
+    context = setup.get("context", "diagnostic")
     fig.suptitle(
         f"{setup['model'].removeprefix('builtin:')} + LoRA r={setup['lora_r']}: arithmetic "
-        f"{setup['task']}, {setup['steps']} steps, seeds {setup['seeds']}"
+        f"({task_text(setup['task'])}), vpd's teacher context: {context}, {setup['steps']} "
+        f"steps, seeds {setup['seeds']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def plot_differences(ax, result: dict, colors: dict[str, str]) -> None:
+    """The paired held-out accuracy differences to vpd-no-estep: one dot per seed, the mean and
+    its 95% t-interval across seeds, and the plan's minimum detectable effect."""
+    rows = [
+        d
+        for d in result["summary"]["differences"]
+        if d["measure"] == "student_accuracy" and d["b"] == "vpd-no-estep"
+    ]
+    for x, row in enumerate(rows):
+        seeds = row.get("seed_differences", [])
+        ax.scatter([x] * len(seeds), seeds, color=colors[row["a"]], alpha=0.5, s=18)
+        low, high = row["ci95"]
+        mean = row["difference"]
+        if math.isfinite(low):
+            ax.errorbar(
+                x + 0.15,
+                mean,
+                yerr=[[mean - low], [high - mean]],
+                fmt="o",
+                capsize=4,
+                color=colors[row["a"]],
+            )
+    ax.axhline(0, color="black", linewidth=0.8)
+    mde = result["plan"].get("power", {}).get("mde")
+    if mde:
+        for sign in (1, -1):
+            ax.axhline(sign * mde, color="gray", linestyle="--", linewidth=0.8)
+        ax.text(
+            len(rows) - 0.5,
+            mde,
+            f"planned MDE {mde:.3f}",
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="gray",
+        )
+    ax.set_xticks(range(len(rows)), [f"{row['a']}\n- vpd-no-estep" for row in rows])
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylabel("held-out accuracy difference (per seed; mean, 95% CI)")
+    ax.set_title("paired differences (primary: vpd)")
 
 
 # ----------------------------------------------------------------------------- main

@@ -11,23 +11,17 @@ the README holds exactly what it renders.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
 from bench_kernels import precision_markdown
-from compare_methods import Setup
+from compare_methods import Setup, task_text
 from compare_methods import markdown_tables as compare_table
 from floor import markdown_table as floor_table
 from train_step import markdown_table as train_step_table
 
-from vpd_lightning.tasks.arithmetic import ArithmeticTask
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-ARITHMETIC_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(ArithmeticTask).parameters.items()
-}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -64,16 +58,6 @@ def reading(compare: dict) -> list[str]:
             f"[{low:+.3f}, {high:+.3f}]: {verdict}."
         )
     return lines
-
-
-def task_text(task: dict) -> str:
-    """ArithmeticTask keywords as words: `1 operation of +-, operands up to 10`."""
-    task = {**ARITHMETIC_DEFAULTS, **task}
-    ops = task["num_ops"]
-    return (
-        f"{ops} operation{'s' if ops > 1 else ''} of {task['operations']}, operands up to "
-        f"{task['max_operand']}"
-    )
 
 
 def calibration_lines(calibration: dict) -> list[str]:

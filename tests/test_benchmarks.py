@@ -57,6 +57,8 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
             assert [row["step"] for row in r["train_curve"] if "estep/loss" in row] == [2]
     no_estep = [r for r in result["runs"] if r["arm"] == "vpd-no-estep"]
     assert all("estep/loss" not in row for r in no_estep for row in r["train_curve"])
+    for d in result["summary"]["differences"]:  # the plot's dots: one paired value per seed
+        assert len(d["seed_differences"]) == len(d["seeds"])
     pairs = {(d["a"], d["b"]) for d in result["summary"]["differences"]}
     assert {("vpd", "vpd-no-estep"), ("vpd", "sdpo"), ("vpd", "grpo")} <= pairs
     accuracy = result["summary"]["arms"]["vpd"]["student_accuracy"]
