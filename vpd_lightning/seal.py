@@ -56,7 +56,8 @@ def seal_checkpoint(path: Path) -> str:
         verify_checksum(checkpoint, path)
         return "already sealed; its checksum matches"
     seal(checkpoint)
-    _write(path, lambda file: torch.save(checkpoint, file), checkpoint)
+    # through a link (Lightning's last.ckpt may be one): the file it names, so the link stays
+    _write(path.resolve(), lambda file: torch.save(checkpoint, file), checkpoint)
     return f"sealed (added {CHECKSUM_KEY})"
 
 

@@ -318,6 +318,14 @@ def test_seal_adopts_a_checkpoint_without_a_checksum_once_and_only_that(
     main(["seal", str(old)])
     assert capsys.readouterr().out.strip().endswith("sealed (added vpd_checksum)")
     assert torch.load(old, weights_only=True)["vpd_checksum"] == content_digest(full)
+    link = tmp_path / "last.ckpt"  # a link to a sealed file: the file is sealed, the link stays
+    torch.save(full, tmp_path / "other.ckpt")
+    link.symlink_to(tmp_path / "other.ckpt")
+    main(["seal", str(link)])
+    assert link.is_symlink() and "vpd_checksum" in torch.load(link, weights_only=True)
+    link.unlink()
+    (tmp_path / "other.ckpt").unlink()
+    capsys.readouterr()
     main(["seal", str(old)])  # sealed already: verified, not rewritten
     assert "already sealed; its checksum matches" in capsys.readouterr().out
     out = export(old, tmp_path / "exported")
