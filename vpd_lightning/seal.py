@@ -32,7 +32,11 @@ from vpd_lightning.trainer.checkpoint_files import (
     verify_checksum,
     verify_folder,
 )
-from vpd_lightning.trainer.checkpoint_io import CheckpointDiskFullError, write_file_atomically
+from vpd_lightning.trainer.checkpoint_io import (
+    CheckpointDiskFullError,
+    remove_stale_temps,
+    write_file_atomically,
+)
 
 
 def seal_main(args: list[str]) -> None:
@@ -70,6 +74,7 @@ def _seal_folder(folder: Path) -> str:
             f"ckpt_path {folder}: is a directory without {SHARDED_METADATA}, so not a sharded "
             "(fsdp2) checkpoint; give the .ckpt file in it"
         )
+    remove_stale_temps(folder / MANIFEST)  # a killed seal's temporary is not a shard
     check_regular_files(folder)
     check_dcp_items(folder, read_dcp_metadata(folder))
     load_checkpoint_file(folder / SHARDED_METADATA)  # bounded, and a VPDModule checkpoint's

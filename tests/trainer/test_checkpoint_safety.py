@@ -27,6 +27,7 @@ from vpd_lightning.trainer.checkpoint_files import (
     verify_folder,
     write_manifest,
 )
+from vpd_lightning.trainer.checkpoint_io import temp_path
 
 from .test_bad_input import TINY, refused
 
@@ -352,6 +353,9 @@ def test_seal_writes_a_trusted_folder_s_manifest_and_refuses_a_crafted_one(
 ):
     folder = sharded(honest, tmp_path / "old")
     (folder / "checksums.json").unlink()
+    dead = 2**22 + 17  # above Linux's largest pid: no such process
+    stale = temp_path(folder / "checksums.json").name.rsplit("-", 1)[0] + f"-{dead}"
+    (folder / stale).write_text("{")  # a seal killed while writing
     main(["seal", str(folder)])
     assert "sealed (wrote checksums.json)" in capsys.readouterr().out
     verify_folder(folder)
