@@ -11,15 +11,17 @@ Phases, each written into the JSON before the next starts:
 2. `gate` (`gate.py`): can the untrained model's teacher use a context at all? Training proceeds
    only with a context whose teacher beats the student alone and a shuffled control by the
    margin fixed in advance; otherwise the study stops here and says so.
-3. `plan`: arms, seeds, steps, the gate's context, measures, the primary endpoint with its minimum
-   detectable effect (`power.py`, from the previous study's seed-to-seed spread), and every
-   part's expected duration, priced from the previous study's measured times. Runs only read it.
+3. `plan` (`study_design.py`): arms, seeds, steps, the gate's context, measures, the primary
+   endpoint with its minimum detectable effect (`power.py`, from the previous study's seed-to-seed
+   spread), and every part's expected duration, priced from the previous study's measured times.
+   Runs only read it.
 4. `baseline`: the untrained student on the held-out prompts (LoRA starts as the identity, so every
    arm starts from this model), the teacher probe set and the sample bank drawn from its answers.
 5. `runs`: every arm for each of its seeds (the same seed gives every arm the same prompt order
    and rollout seeds), teacher probes at the end, the held-out measures.
-6. `summary`: per arm and per paired difference, the mean, a 95% t-interval across seeds (seeds
-   are the unit: 3 degrees of freedom with 4 seeds) and, per seed, one over prompts.
+6. `summary` (`study_summary.py`, with the tables and the figure): per arm and per paired
+   difference, the mean, a 95% t-interval across seeds (seeds are the unit: 3 degrees of freedom
+   with 4 seeds) and, per seed, one over prompts.
 
 Arms differ from their neighbour in one setting: `vpd-no-estep` is `vpd` with `estep.every: 0`
 (same contexts, divergence, vocabulary and teacher weights), the thesis's control;
@@ -46,22 +48,30 @@ runs already in the JSON, and refuses when its plan differs.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import math
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from gate import CONTEXTS, GateRule, paired_items, run_gate
+from gate import GateRule, paired_items, run_gate
 from lightning.pytorch.loggers import Logger
-from power import minimum_detectable_effect, sd_upper_bound, t_interval
+from study_design import (
+    ARMS,
+    CONTEXT_SOURCE,
+    FEEDBACKS,
+    Calibration,
+    Setup,
+    choose,
+    plan_changes,
+    plan_of,
+)
+from study_summary import markdown_tables, mean_of, plot, summarize
 
 from vpd_lightning.options import (
     DistillOptions,
@@ -79,21 +89,6 @@ from vpd_lightning.trainer.data import VPDDataModule
 from vpd_lightning.trainer.module import VPDModule
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = ("grpo", "sdpo", "vpd-no-estep", "vpd", "vpd-adapter", "vpd-fixed-prior")
-PRIMARY = ("vpd", "vpd-no-estep")
-COMPARISONS = (
-    PRIMARY,
-    ("vpd-adapter", "vpd-no-estep"),
-    ("vpd", "vpd-adapter"),
-    ("vpd", "sdpo"),
-    ("vpd", "grpo"),
-    ("vpd-no-estep", "sdpo"),
-    ("sdpo", "grpo"),
-    ("vpd-fixed-prior", "vpd"),
-)
-CONTEXT_SOURCE = {"diagnostic": "verifier", "binary": "verifier", "sibling": "sibling"}
-"""The gate's context -> vpd's `feedback_source` (the task's feedback level is the context's
-name for the verifier ones); `reference` is its own source."""
 TRAIN_KEYS = (
     "train/reward_mean",
     "train/truncated_fraction",
@@ -104,146 +99,6 @@ TRAIN_KEYS = (
     "time/rollout_s",
     "time/update_s",
 )
-FEEDBACKS = ("diagnostic", "binary")
-ALPHA, POWER = 0.05, 0.8
-
-
-@dataclass
-class Calibration:
-    """How the task is fixed from the untrained model (training split only)."""
-
-    candidates: list[dict] = field(
-        default_factory=lambda: [
-            dict(num_ops=1, max_operand=10, operations="+-", num_test=128),
-            dict(num_ops=1, max_operand=20, operations="+"),
-            dict(num_ops=1, max_operand=50, operations="+"),
-            dict(num_ops=1, max_operand=20, operations="+-"),
-            dict(num_ops=2, max_operand=5, operations="+-"),
-        ]
-    )
-    """Difficulties tried, easiest first: ArithmeticTask keywords (a small problem space keeps
-    only as many test prompts as the held-out set needs, the rest train)."""
-    caps: list[int] = field(default_factory=lambda: [48, 64, 80, 96, 128, 160])
-    """Candidate `max_new_tokens`; the largest is the cap the calibration samples with."""
-    prompts: int = 48
-    samples: int = 4
-    temperature: float = 0.6
-    finish_target: float = 0.95
-    """Fraction of the untrained model's responses that must finish within the chosen cap."""
-    accuracy_band: tuple[float, float] = (0.3, 0.6)
-
-
-@dataclass
-class Setup:
-    """Everything the arms share, fixed before any run; recorded in the JSON as the plan."""
-
-    model: str
-    task: dict
-    """ArithmeticTask keywords, from the calibration."""
-    max_new_tokens: int
-    """Rollout and evaluation cap, from the calibration."""
-    steps: int = 21
-    """Not a multiple of `estep_every`: the last step is an M-step (see the module docstring)."""
-    prompts_per_step: int = 3
-    """With `num_generations`: 12 rollouts a step, sized so the whole run fits the CPU budget."""
-    num_generations: int = 4
-    temperature: float = 0.8
-    """Rollout temperature (training)."""
-    lr: float = 5e-5
-    """One learning rate for every arm, student and teacher (quickstart's, which gave a held-out
-    gain in 12 steps); fixed before any run."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    estep_every: int = 4
-    """vpd's E-step interval: E-steps after steps 4, 8, 12, 16 and 20, each over 4 steps'
-    rollouts; step 21 is the last M-step."""
-    micro_batch_size: int = 8
-    max_context_tokens: int = 128
-    context: str = "diagnostic"
-    """The teacher context of the vpd arms, from the gate (one of `gate.CONTEXTS`)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    """Seeds of the primary pair."""
-    secondary_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Seeds of the other arms (each also a seed of the primary pair, so differences pair)."""
-    arms: list[str] = field(
-        default_factory=lambda: ["vpd-no-estep", "vpd", "vpd-adapter", "sdpo", "grpo"]
-    )
-    val_size: int = 128
-    """Held-out prompts: the first `val_size` of the test split."""
-    val_samples: int = 2
-    val_temperature: float = 0.6
-    probe_size: int = 32
-    """Teacher probe items: held-out prompts where the untrained student had a finished wrong
-    attempt and a right one (its first of each)."""
-    probe_every: int = 0
-    """Teacher log-margins every this many steps besides step 0 and the last; 0: only those."""
-    repair_samples: int = 1
-    """Samples per probe item for the repair and self-fix rates (at `val_temperature`)."""
-
-    def __post_init__(self) -> None:
-        trains_teacher = any(a.startswith("vpd") and a != "vpd-no-estep" for a in self.arms)
-        if trains_teacher and self.estep_every and self.steps % self.estep_every == 0:
-            raise ValueError(
-                f"steps = {self.steps} is a multiple of estep_every = {self.estep_every}: the last "
-                "training step would be an E-step, changing the student (shared weights) or the "
-                "teacher just before evaluation with no M-step after it; use steps = "
-                f"{self.steps + 1} (or one that leaves a remainder)"
-            )
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context = {self.context!r}: must be one of {CONTEXTS}")
-        missing = sorted(set(self.secondary_seeds) - set(self.seeds))
-        if missing:
-            raise ValueError(
-                f"secondary_seeds {missing} are not seeds of the primary pair {self.seeds}: the "
-                "other arms' differences to vpd would have no paired run; use a subset"
-            )
-
-    def seeds_of(self, arm: str) -> list[int]:
-        return self.seeds if arm in PRIMARY else self.secondary_seeds
-
-    @property
-    def primary_endpoint(self) -> str:
-        return (
-            f"student accuracy (mean over {self.val_samples} samples at T={self.val_temperature}) "
-            f"on the {self.val_size} held-out prompts after {self.steps} steps: the paired "
-            f"difference vpd - vpd-no-estep over {len(self.seeds)} seeds, 95% t-interval across "
-            f"seeds ({len(self.seeds) - 1} degrees of freedom; the held-out prompts are fixed)"
-        )
-
-    def arithmetic(self, feedback: str = "diagnostic") -> ArithmeticTask:
-        return ArithmeticTask(**self.task, feedback=feedback, answer_format="last_number", seed=0)
-
-    def feedback_level(self, arm: str) -> str:
-        """The task's feedback: binary when vpd's context is the one-bit feedback, else
-        diagnostic (sdpo and grpo keep the task's diagnostic feedback whatever the gate says)."""
-        return "binary" if arm.startswith("vpd") and self.context == "binary" else "diagnostic"
-
-
-MEASURES = {
-    "student_accuracy": "per held-out prompt, the mean reward of its samples (cut off: 0)",
-    "student_bank_margin": "per held-out prompt of the bank (the untrained model's own finished "
-    "samples, with a right and a wrong one), the mean per-token log-probability of its right "
-    "samples minus that of its wrong ones under the trained student, in nats per token: one fixed "
-    "bank scored under every student, so the arms' values pair",
-    "teacher_margin": "per probe item, log q(right attempt | x, C) / its tokens - log q(wrong "
-    "attempt | x, C) / its tokens under the teacher the method distils from (grpo: its policy; "
-    "sdpo: its EMA weights), C the verifier's feedback on the wrong attempt (diagnostic, or "
-    "binary: 'Your answer is incorrect.'); length-normalised, in nats per token",
-    "teacher_repair": "per probe item, the fraction of that teacher's samples given (x, C) that "
-    "are right",
-    "student_self_fix": "per probe item, the fraction of the student's samples on x alone that are "
-    "right (the rate the teacher's repair is measured against)",
-    "teacher_skill": "teacher_repair - student_self_fix, per probe item",
-}
-
-
-def task_text(task: dict) -> str:
-    """ArithmeticTask keywords as words: `1 operation of +-, operands up to 10`."""
-    defaults = inspect.signature(ArithmeticTask).parameters
-    ops = task.get("num_ops", defaults["num_ops"].default)
-    operations = task.get("operations", defaults["operations"].default)
-    operand = task.get("max_operand", defaults["max_operand"].default)
-    return f"{ops} operation{'s' if ops > 1 else ''} of {operations}, operands up to {operand}"
 
 
 # ----------------------------------------------------------------------------- modules and runs
@@ -617,291 +472,6 @@ def calibrate(model: str, calibration: Calibration, accelerator: str) -> dict:
     return {"rule": asdict(calibration), "candidates": rows, "choice": choose(rows, calibration)}
 
 
-def choose(rows: list[dict], calibration: Calibration) -> dict:
-    """The smallest cap at which every candidate in the band finishes >= the target, and the
-    candidate whose accuracy there is nearest the band's middle; refuses when none qualifies."""
-    low, high = calibration.accuracy_band
-    for cap in sorted(calibration.caps):
-        ok = [
-            row
-            for row in rows
-            if row["per_cap"][str(cap)]["finished"] >= calibration.finish_target
-            and low <= row["per_cap"][str(cap)]["accuracy"] <= high
-        ]
-        if ok:
-            best = min(ok, key=lambda r: abs(r["per_cap"][str(cap)]["accuracy"] - (low + high) / 2))
-            return {"task": best["task"], "max_new_tokens": cap, **best["per_cap"][str(cap)]}
-    raise SystemExit(
-        f"calibration: no candidate difficulty finishes {calibration.finish_target:.0%} of its "
-        f"responses with accuracy in [{low}, {high}] at any cap {calibration.caps}; add "
-        "candidates or larger caps (the rows above say what each gave)"
-    )
-
-
-# ----------------------------------------------------------------------------- statistics
-def run_measures(run: dict, last_step: int) -> dict[str, list[float]]:
-    """One run's per-item values of every measure."""
-    out = {
-        "student_accuracy": run["student"]["accuracy"],
-        "student_bank_margin": run["student"]["bank_margin"],
-    }
-    teacher = run["teacher"]
-    for feedback in FEEDBACKS:
-        repair = teacher[f"repair_{feedback}"]
-        out[f"teacher_skill_{feedback}"] = [
-            t - s for t, s in zip(repair, teacher["self_fix"], strict=True)
-        ]
-        out[f"teacher_margin_{feedback}"] = run["teacher_margin_curve"][str(last_step)][feedback]
-    return out
-
-
-def baseline_measures(base: dict) -> dict[str, list[float]]:
-    """The untrained model's per-item values, in the runs' layout."""
-    return run_measures(
-        {
-            "student": base["student"],
-            "teacher": base["teacher"],
-            "teacher_margin_curve": {"0": base["teacher_margin"]},
-        },
-        0,
-    )
-
-
-def seed_stats(rows: dict[int, list[float]]) -> dict:
-    """Per-seed values (rows over items) -> the mean of the seed means, their 95% t-interval
-    across seeds (the seed is the unit), and each seed's own 95% t-interval over items."""
-    seed_means = [_mean([rows[s]]) for s in sorted(rows)]
-    return {
-        "mean": statistics.fmean(seed_means) if seed_means else float("nan"),
-        "ci95": t_interval(seed_means),
-        "seed_means": seed_means,
-        "within_seed_ci95": [t_interval(rows[s]) for s in sorted(rows)],
-    }
-
-
-def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
-    """Per arm and measure: mean and intervals; per comparison, over the seeds both arms ran:
-    the paired difference (item by item within a seed, then across seeds)."""
-    by_arm: dict[str, dict[int, dict[str, list[float]]]] = {}
-    for run in runs:
-        by_arm.setdefault(run["arm"], {})[run["seed"]] = run_measures(run, setup.steps)
-    summary: dict = {"before": {}, "arms": {}, "differences": []}
-    for measure, values in baseline_measures(base).items():  # one model: over items
-        summary["before"][measure] = {"mean": _mean([values]), "ci95": t_interval(values)}
-    for arm in [a for a in setup.arms if a in by_arm]:
-        seeds = by_arm[arm]
-        summary["arms"][arm] = {
-            m: seed_stats({s: seeds[s][m] for s in seeds}) for m in seeds[min(seeds)]
-        }
-    for a, b in COMPARISONS:
-        if a not in by_arm or b not in by_arm:
-            continue
-        common = sorted(set(by_arm[a]) & set(by_arm[b]))
-        if not common:
-            continue
-        for measure in by_arm[a][common[0]]:
-            rows = {
-                s: [
-                    x - y for x, y in zip(by_arm[a][s][measure], by_arm[b][s][measure], strict=True)
-                ]
-                for s in common
-            }
-            stats = seed_stats(rows)
-            low, high = stats["ci95"]
-            summary["differences"].append(
-                {
-                    "a": a,
-                    "b": b,
-                    "measure": measure,
-                    "seeds": common,
-                    "difference": stats["mean"],
-                    "seed_differences": stats["seed_means"],
-                    "ci95": [low, high],
-                    "within_seed_ci95": stats["within_seed_ci95"],
-                    "excludes_0": low > 0 or high < 0,
-                }
-            )
-    return summary
-
-
-def _mean(matrix: list[list[float]]) -> float:
-    values = [x for row in matrix for x in row]
-    return statistics.fmean(values) if values else float("nan")
-
-
-# ----------------------------------------------------------------------------- report
-TABLE_HEADS = {
-    "student_accuracy": "student accuracy",
-    "student_logp_correct": "student log p(ref)/token",
-    "student_bank_margin": "student bank margin (nats/token)",
-    "teacher_skill_diagnostic": "teacher skill (diag.)",
-    "teacher_skill_binary": "teacher skill (binary)",
-    "teacher_margin_diagnostic": "teacher margin (diag.)",
-    "teacher_margin_binary": "teacher margin (binary)",
-}
-"""Column heads of the measures a study recorded (the 20-step study had log p(reference); the
-studies since, the sample bank's margin)."""
-
-
-def interval_kind(result: dict) -> str:
-    """How the study's intervals were computed, as its plan recorded it."""
-    plan = result["plan"]
-    if "bootstrap" in plan:
-        return "95% bootstrap intervals over prompts and seeds"
-    return "95% t-intervals across seeds"
-
-
-def markdown_tables(result: dict) -> str:
-    """Per arm the end-of-run measures with intervals, then the paired differences."""
-    summary, setup = result["summary"], result["plan"]["setup"]
-    shown = [m for m in TABLE_HEADS if m in summary["before"]]
-    heads = [TABLE_HEADS[m] for m in shown]
-    lines = [
-        "| arm | seeds | " + " | ".join(heads) + " |",
-        "|---|---|" + "---|" * len(shown),
-    ]
-
-    def cell(stat: dict) -> str:
-        return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
-
-    lines.append(
-        "| before training | - | " + " | ".join(cell(summary["before"][m]) for m in shown) + " |"
-    )
-    for arm, stats in summary["arms"].items():
-        seeds = len(stats["student_accuracy"]["seed_means"])
-        lines.append(f"| {arm} | {seeds} | " + " | ".join(cell(stats[m]) for m in shown) + " |")
-    lines += [
-        "",
-        f"Paired differences after {setup['steps']} steps ({interval_kind(result)}; **bold**: "
-        "the interval excludes 0):",
-        "",
-        "| difference | " + " | ".join(heads) + " |",
-        "|---|" + "---|" * len(shown),
-    ]
-    by_pair: dict[tuple[str, str], dict[str, dict]] = {}
-    for d in summary["differences"]:
-        by_pair.setdefault((d["a"], d["b"]), {})[d["measure"]] = d
-    for (a, b), measures in by_pair.items():
-        cells = []
-        for m in shown:
-            d = measures[m]
-            text = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-            cells.append(f"**{text}**" if d["excludes_0"] else text)
-        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> None:
-    """Training reward per step, teacher margin per probe step (mean over seeds and items, both
-    feedback kinds), and end-of-run student accuracy with intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = dict(
-        zip(
-            ARMS,
-            ("tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:olive", "tab:purple"),
-            strict=True,
-        )
-    )
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
-    summary = result["summary"]
-    for arm in summary["arms"]:
-        runs = [r for r in result["runs"] if r["arm"] == arm]
-        steps = sorted({row["step"] for r in runs for row in r["train_curve"]})
-        reward = [
-            statistics.fmean(
-                row["train/reward_mean"]
-                for r in runs
-                for row in r["train_curve"]
-                if row["step"] == s and "train/reward_mean" in row
-            )
-            for s in steps
-        ]
-        axes[0].plot(steps, reward, color=colors[arm], label=f"{arm} (n={len(runs)})")
-        for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
-            probe_steps = sorted(int(s) for s in runs[0]["teacher_margin_curve"])
-            margin = [
-                _mean([r["teacher_margin_curve"][str(s)][feedback] for r in runs])
-                for s in probe_steps
-            ]
-            ax.plot(probe_steps, margin, marker="o", color=colors[arm], label=arm)
-    names = ["before", *summary["arms"]]
-    stats = [summary["before"]["student_accuracy"]]
-    stats += [summary["arms"][a]["student_accuracy"] for a in summary["arms"]]
-    means = [s["mean"] for s in stats]
-    errors = [
-        [m - s["ci95"][0] for m, s in zip(means, stats, strict=True)],
-        [s["ci95"][1] - m for m, s in zip(means, stats, strict=True)],
-    ]
-    axes[3].bar(
-        names, means, yerr=errors, capsize=4, color=["lightgray", *(colors[n] for n in names[1:])]
-    )
-    plot_differences(axes[4], result, colors)
-    per_token = "/ its tokens" in result["plan"]["measures"]["teacher_margin"]
-    axes[0].set(xlabel="training step", ylabel="train reward (mean over rollouts)")
-    for ax, feedback in zip(axes[1:3], FEEDBACKS, strict=True):
-        unit = "nats per token" if per_token else "nats"
-        ax.set(xlabel="training step", ylabel=f"log q(right) - log q(wrong), {unit}")
-        ax.set_title(f"teacher margin, {feedback} feedback as C")
-    axes[3].set_ylabel("held-out accuracy (95% CI)")
-    axes[3].tick_params(axis="x", labelrotation=20)
-    axes[0].legend(fontsize=8)
-    setup = result["plan"]["setup"]
-    context = setup.get("context", "diagnostic")
-    fig.suptitle(
-        f"{setup['model'].removeprefix('builtin:')} + LoRA r={setup['lora_r']}: arithmetic "
-        f"({task_text(setup['task'])}), vpd's teacher context: {context}, {setup['steps']} "
-        f"steps, seeds {setup['seeds']}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_differences(ax, result: dict, colors: dict[str, str]) -> None:
-    """The paired held-out accuracy differences to vpd-no-estep: one dot per seed, the mean and
-    its 95% t-interval across seeds, and the plan's minimum detectable effect."""
-    rows = [
-        d
-        for d in result["summary"]["differences"]
-        if d["measure"] == "student_accuracy" and d["b"] == "vpd-no-estep"
-    ]
-    for x, row in enumerate(rows):
-        seeds = row.get("seed_differences", [])
-        ax.scatter([x] * len(seeds), seeds, color=colors[row["a"]], alpha=0.5, s=18)
-        low, high = row["ci95"]
-        mean = row["difference"]
-        if math.isfinite(low):
-            ax.errorbar(
-                x + 0.15,
-                mean,
-                yerr=[[mean - low], [high - mean]],
-                fmt="o",
-                capsize=4,
-                color=colors[row["a"]],
-            )
-    ax.axhline(0, color="black", linewidth=0.8)
-    mde = result["plan"].get("power", {}).get("mde")
-    if mde:
-        for sign in (1, -1):
-            ax.axhline(sign * mde, color="gray", linestyle="--", linewidth=0.8)
-        ax.text(
-            len(rows) - 0.5,
-            mde,
-            f"planned MDE {mde:.3f}",
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="gray",
-        )
-    ax.set_xticks(range(len(rows)), [f"{row['a']}\n- vpd-no-estep" for row in rows])
-    ax.set_xlim(-0.5, len(rows) - 0.5)
-    ax.set_ylabel("held-out accuracy difference (per seed; mean, 95% CI)")
-    ax.set_title("paired differences (primary: vpd)")
-
-
 # ----------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1085,17 +655,6 @@ def main() -> None:
     finish(result, args.output, stopped_early=False)
 
 
-def plan_changes(old: dict, new: dict) -> list[str]:
-    """The entries (setup options by name) in which two plans differ."""
-    changed = [
-        f"setup.{k}"
-        for k in sorted(set(old.get("setup", {})) | set(new.get("setup", {})))
-        if old.get("setup", {}).get(k) != new.get("setup", {}).get(k)
-    ]
-    others = (set(old) | set(new)) - {"setup"}
-    return changed + sorted(k for k in others if old.get(k) != new.get(k))
-
-
 def finish(result: dict, output: Path, stopped_early: bool) -> None:
     """Summary over the runs there are (each difference over the seeds both arms ran), the plot
     and the tables. `stopped_early`: the runs were cut short; the plan stays as written."""
@@ -1121,117 +680,8 @@ def summary_line(measured: dict) -> str:
     accuracy = statistics.fmean(measured["student"]["accuracy"])
     curve = measured.get("teacher_margin_curve")
     margins = curve[max(curve, key=int)] if curve else measured["teacher_margin"]
-    margin = _mean([margins["diagnostic"]])
+    margin = mean_of([margins["diagnostic"]])
     return f"student accuracy {accuracy:.3f}, teacher margin (diagnostic) {margin:+.3f}/token"
-
-
-def plan_of(setup: Setup, result: dict, previous: dict | None, kept: dict | None) -> dict:
-    """The plan as written before any run: setup, measures, endpoint and its power, comparisons,
-    intervals, prices. A resumed study keeps its plan's power and prices (the previous study's
-    file may since have been replaced by this one)."""
-    return {
-        "setup": asdict(setup),
-        "primary_endpoint": setup.primary_endpoint,
-        "measures": MEASURES,
-        "comparisons": [f"{a} - {b}" for a, b in COMPARISONS],
-        "intervals": "per arm and per paired difference: a 95% t-interval across seeds of the "
-        "per-seed means (df = seeds - 1), and per seed a 95% t-interval over items",
-        "rollout_budget_per_run": setup.steps * setup.prompts_per_step * setup.num_generations,
-        "power": (kept or {}).get("power") or power_plan(setup, previous),
-        "sizing": (kept or {}).get("sizing") or sizing(setup, result, previous),
-    }
-
-
-def primary_seed_differences(study: dict) -> dict[int, float]:
-    """Per seed, vpd's mean held-out accuracy minus vpd-no-estep's, in a study's runs."""
-    means: dict[str, dict[int, float]] = {}
-    for run in study.get("runs", []):
-        means.setdefault(run["arm"], {})[run["seed"]] = statistics.fmean(run["student"]["accuracy"])
-    a, b = (means.get(arm, {}) for arm in PRIMARY)
-    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
-
-
-def power_plan(setup: Setup, previous: dict | None) -> dict:
-    """The primary endpoint's minimum detectable effect at this plan's seeds, from the previous
-    study's seed-to-seed spread of the same paired difference. That spread is measured on few
-    seeds, so the plan uses its one-sided 80% upper confidence bound."""
-    differences = primary_seed_differences(previous or {})
-    if len(differences) < 3:
-        return {
-            "note": "no previous study with 3 or more seeds of the primary pair: run a pilot of "
-            "the primary pair first and give it as --previous"
-        }
-    sd = statistics.stdev(differences.values())
-    df, n = len(differences) - 1, len(setup.seeds)
-    planning_sd = sd_upper_bound(sd, df, 0.8)
-    return {
-        "source": "previous study (--previous): per-seed vpd - vpd-no-estep held-out accuracy",
-        "seed_differences": differences,
-        "sd": sd,
-        "sd_upper_80": planning_sd,
-        "alpha": ALPHA,
-        "power": POWER,
-        "seeds": n,
-        "mde_at_sd": minimum_detectable_effect(sd, n, ALPHA, POWER),
-        "mde": minimum_detectable_effect(planning_sd, n, ALPHA, POWER),
-        "rule": f"two-sided t-test across {n} seeds (df {n - 1}) at alpha {ALPHA}: a true "
-        f"difference of at least `mde` is detected with probability about {POWER}; smaller "
-        "ones may be missed, and an interval that includes 0 then says only that",
-    }
-
-
-def sizing(setup: Setup, result: dict, previous: dict | None) -> dict:
-    """Expected minutes of every part, from the previous study's measured times (same machine
-    kind): seconds per training step of each arm (vpd-adapter and vpd-fixed-prior at vpd's:
-    not measured), per teacher-probe pass, per end-of-run evaluation (plus one probe pass for
-    the sample bank) and for the baseline; the gate's own measured time when it has run, else
-    the calibration's seconds per sampled response times the gate's responses."""
-    if not previous or not previous.get("runs"):
-        return {"note": "no previous study with runs to price from: give one as --previous"}
-    runs = previous["runs"]
-
-    def per_arm(key) -> dict[str, float]:
-        out: dict[str, list[float]] = {}
-        for r in runs:
-            out.setdefault(r["arm"], []).append(key(r))
-        return {arm: statistics.fmean(v) for arm, v in out.items()}
-
-    step_s = per_arm(lambda r: r["train_seconds"] / r["steps"])
-    for arm in ("vpd-adapter", "vpd-fixed-prior"):
-        step_s.setdefault(arm, step_s["vpd"])
-    probe_pass_s = statistics.fmean(
-        r["probe_seconds"] / max(len(r["teacher_margin_curve"]) - 1, 1) for r in runs
-    )
-    eval_s = statistics.fmean(r["eval_seconds"] for r in runs) + probe_pass_s
-    probes_per_run = (setup.steps // setup.probe_every if setup.probe_every else 0) + 1
-    gate = result.get("gate") or {}
-    if "seconds" in gate:
-        gate_s = gate["seconds"]
-    else:
-        calibration, rule = result["calibration"], GateRule()
-        chosen = next(
-            r for r in calibration["candidates"] if r["task"] == calibration["choice"]["task"]
-        )
-        per_response = chosen["seconds"] / (
-            calibration["rule"]["prompts"] * calibration["rule"]["samples"]
-        )
-        responses = setup.val_size * rule.draws + rule.items * rule.samples * 8
-        gate_s = per_response * responses
-    parts = {
-        "gate": gate_s,
-        "baseline": previous["baseline"]["seconds"] + probe_pass_s,
-    }
-    for arm in setup.arms:
-        per_run = step_s[arm] * setup.steps + probes_per_run * probe_pass_s + eval_s
-        parts[f"{arm} x {len(setup.seeds_of(arm))} seeds"] = per_run * len(setup.seeds_of(arm))
-    return {
-        "seconds_per_step": step_s,
-        "probe_pass_seconds": probe_pass_s,
-        "probes_per_run": probes_per_run,
-        "eval_seconds_per_run": eval_s,
-        "part_minutes": {k: v / 60 for k, v in parts.items()},
-        "expected_minutes": sum(parts.values()) / 60,
-    }
 
 
 if __name__ == "__main__":

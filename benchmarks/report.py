@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from bench_kernels import precision_markdown
-from compare_methods import Setup, task_text
-from compare_methods import markdown_tables as compare_table
 from floor import markdown_table as floor_table
+from study_design import Setup, task_text
+from study_summary import markdown_tables as compare_table
 from train_step import markdown_table as train_step_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ seed, summary, plot, report) and its decision rules on hand-made data."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -26,8 +27,26 @@ def compare(monkeypatch):
     return importlib.import_module("compare_methods")
 
 
+@pytest.fixture
+def design(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("study_design")
+
+
+@pytest.fixture
+def study_summary(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("study_summary")
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("gate")
+
+
 def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
-    compare, tmp_path, monkeypatch
+    tmp_path, monkeypatch, design
 ):
     output = tmp_path / "compare-cpu.json"
     command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--model"]
@@ -45,7 +64,7 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
     assert "vpd - vpd-no-estep" in result["plan"]["primary_endpoint"]
     assert result["gate"]["skipped"].startswith("--no-gate")
     assert result["plan"]["power"]["seeds"] == 2 and result["plan"]["sizing"]["expected_minutes"]
-    expected = {(a, s) for a in compare.PRIMARY for s in (0, 1)}
+    expected = {(a, s) for a in design.PRIMARY for s in (0, 1)}
     expected |= {(a, 0) for a in ("vpd-adapter", "sdpo", "grpo")}
     assert {(r["arm"], r["seed"]) for r in result["runs"]} == expected
     for run in result["runs"]:
@@ -80,8 +99,8 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
     assert "vpd − vpd-no-estep, student accuracy:" in section
 
 
-def test_vpd_no_estep_is_vpd_with_only_the_estep_off(compare):
-    setup = compare.Setup(
+def test_vpd_no_estep_is_vpd_with_only_the_estep_off(compare, design):
+    setup = design.Setup(
         model="builtin:tiny-random", task={"num_ops": 1, "max_operand": 5}, max_new_tokens=8
     )
     task = setup.arithmetic()
@@ -98,12 +117,12 @@ def test_vpd_no_estep_is_vpd_with_only_the_estep_off(compare):
     grpo, sdpo = (compare.build_module(setup, arm, 0, task) for arm in ("grpo", "sdpo"))
     assert not grpo.opts.grpo.normalize_std  # the paper's GRPO baseline
     assert sdpo.feedback_source == "sibling_and_feedback" and sdpo.opts.sdpo.teacher == "ema"
-    sibling = compare.build_module(compare.replace(setup, context="sibling"), "vpd", 0, task)
+    sibling = compare.build_module(dataclasses.replace(setup, context="sibling"), "vpd", 0, task)
     assert sibling.feedback_source == "sibling"
 
 
-def test_calibration_picks_the_smallest_cap_then_the_accuracy_nearest_the_band_middle(compare):
-    rule = compare.Calibration(caps=[48, 96], accuracy_band=(0.3, 0.6), finish_target=0.95)
+def test_calibration_picks_the_smallest_cap_then_the_accuracy_nearest_the_band_middle(design):
+    rule = design.Calibration(caps=[48, 96], accuracy_band=(0.3, 0.6), finish_target=0.95)
 
     def row(task, at48, at96):
         return {
@@ -119,17 +138,17 @@ def test_calibration_picks_the_smallest_cap_then_the_accuracy_nearest_the_band_m
         row("mid", (0.7, 0.3), (0.96, 0.5)),
         row("hard", (0.99, 0.1), (1.0, 0.35)),
     ]
-    assert compare.choose(rows, rule) == {
+    assert design.choose(rows, rule) == {
         "task": "mid",
         "max_new_tokens": 96,
         "finished": 0.96,
         "accuracy": 0.5,
     }
     with pytest.raises(SystemExit, match="no candidate difficulty"):
-        compare.choose(rows[:1], rule)
+        design.choose(rows[:1], rule)
 
 
-def test_paired_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
+def test_paired_items_pair_a_finished_wrong_attempt_with_a_right_one(gate):
     wrong, right = Verdict(0.0, "too high", {}), Verdict(1.0, "Correct", {})
     cut = Verdict(0.0, "cut off", {"truncated": True})
     attempts = Attempts(
@@ -140,17 +159,17 @@ def test_paired_items_pair_a_finished_wrong_attempt_with_a_right_one(compare):
         verdicts=[cut, right, wrong, right, wrong, wrong],
         n=2,
     )
-    (item,) = compare.paired_items(attempts, size=5)  # a: only cut off; c: never right
+    (item,) = gate.paired_items(attempts, size=5)  # a: only cut off; c: never right
     assert item["record"] == {"id": "b"} and item["wrong_ids"] == [20]
     assert item["right_ids"] == [21] and item["feedback"] == "too high"
 
 
-def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(compare):
+def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(design, study_summary):
     run = {"student": {"accuracy": [], "bank_margin": []}, "teacher": {"self_fix": []}}
-    run["teacher"] |= {f"repair_{f}": [] for f in compare.FEEDBACKS}
+    run["teacher"] |= {f"repair_{f}": [] for f in design.FEEDBACKS}
 
     def arm_run(arm, seed, accuracy):
-        curve = {"3": {f: [] for f in compare.FEEDBACKS}}
+        curve = {"3": {f: [] for f in design.FEEDBACKS}}
         student = {"accuracy": accuracy, "bank_margin": [0.0, 0.0]}
         return {**run, "arm": arm, "seed": seed, "student": student, "teacher_margin_curve": curve}
 
@@ -158,14 +177,14 @@ def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(compare):
     runs = [arm_run("vpd-no-estep", s, row) for s, row in enumerate(noise)]
     runs += [arm_run("vpd", s, [x + 0.1 for x in row]) for s, row in enumerate(noise)]
     runs.append(arm_run("sdpo", 0, [0.0, 0.0]))  # secondary arm: one seed
-    setup = compare.Setup(
+    setup = design.Setup(
         model="m", task={}, max_new_tokens=8, steps=3, estep_every=2, secondary_seeds=[0]
     )
     base = {"student": runs[0]["student"], "teacher": run["teacher"],
             "teacher_margin": runs[0]["teacher_margin_curve"]["3"]}  # fmt: skip
-    summary = compare.summarize(setup, base, runs)
+    summary = study_summary.summarize(setup, base, runs)
     primary = next(d for d in summary["differences"]
-                   if (d["a"], d["b"]) == compare.PRIMARY and d["measure"] == "student_accuracy")  # fmt: skip
+                   if (d["a"], d["b"]) == design.PRIMARY and d["measure"] == "student_accuracy")  # fmt: skip
     assert primary["difference"] == pytest.approx(0.1)  # paired: the shared noise cancels
     assert primary["ci95"] == pytest.approx([0.1, 0.1]) and primary["seeds"] == [0, 1, 2, 3]
     control = summary["arms"]["vpd-no-estep"]["student_accuracy"]
@@ -178,17 +197,17 @@ def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(compare):
     assert all(math.isnan(x) for x in versus_sdpo[0]["ci95"])  # one seed: no interval claimed
 
 
-def test_the_last_training_step_is_never_an_estep(compare):
+def test_the_last_training_step_is_never_an_estep(design):
     with pytest.raises(ValueError, match=r"steps = 20 is a multiple of estep_every = 4: the last"):
-        compare.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4)
-    assert compare.Setup(model="m", task={}, max_new_tokens=8).steps == 21
+        design.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4)
+    assert design.Setup(model="m", task={}, max_new_tokens=8).steps == 21
     passive = ["grpo", "sdpo", "vpd-no-estep"]  # no trained teacher: no E-step to avoid
-    compare.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4, arms=passive)
+    design.Setup(model="m", task={}, max_new_tokens=8, steps=20, estep_every=4, arms=passive)
     with pytest.raises(ValueError, match="secondary_seeds"):
-        compare.Setup(model="m", task={}, max_new_tokens=8, secondary_seeds=[7])
+        design.Setup(model="m", task={}, max_new_tokens=8, secondary_seeds=[7])
 
 
-def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_study(compare):
+def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_study(design):
     import power
 
     assert power.t_quantile(0.975, 3) == pytest.approx(3.182446, abs=1e-5)  # tables
@@ -205,17 +224,15 @@ def test_minimum_detectable_effect_has_its_power_and_comes_from_the_previous_stu
     assert power.minimum_detectable_effect(1.0, 8) < mde  # more seeds, smaller effects
 
     previous = json.loads((BENCHMARKS / "results" / "previous-study-cpu.json").read_text())
-    setup = compare.Setup(model="m", task={}, max_new_tokens=8)
-    plan = compare.power_plan(setup, previous)
+    setup = design.Setup(model="m", task={}, max_new_tokens=8)
+    plan = design.power_plan(setup, previous)
     assert len(plan["seed_differences"]) >= 3  # the committed study's primary pair
     assert plan["sd_upper_80"] > plan["sd"] and plan["mde"] > plan["mde_at_sd"]
     assert plan["mde"] == pytest.approx(power.minimum_detectable_effect(plan["sd_upper_80"], 4))
-    assert "pilot" in compare.power_plan(setup, None)["note"]
+    assert "pilot" in design.power_plan(setup, None)["note"]
 
 
-def test_gate_passes_only_a_context_that_beats_the_student_and_its_shuffled_control():
-    import gate
-
+def test_gate_passes_only_a_context_that_beats_the_student_and_its_shuffled_control(gate):
     n = 10
     rates = {"student": [0.0] * n, "binary": [0.5] * n}
     rates |= {"diagnostic": [0.5] * n, "shuffled_diagnostic": [0.5] * n}  # reads no content
@@ -257,9 +274,7 @@ def test_the_study_stops_at_the_gate_when_the_model_cannot_use_any_context(tmp_p
     assert "this model cannot test the method" in section and "nothing was trained" in section
 
 
-def test_the_report_says_which_context_vpd_trained_with_and_what_the_probes_measured(
-    monkeypatch,
-):
+def test_the_report_says_which_context_vpd_trained_with_and_what_the_probes_measured(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     report = importlib.import_module("report")
     study = json.loads((BENCHMARKS / "results/previous-study-cpu.json").read_text())
@@ -293,11 +308,11 @@ def test_floor_times_the_engine_and_its_forwards_against_their_floors(tmp_path):
     assert "| rollout, whole engine |" in done.stdout
 
 
-def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(compare, tmp_path):
+def test_resume_refuses_a_changed_plan_instead_of_discarding_the_runs(design, tmp_path):
     plan = {"setup": {"steps": 20, "lr": 5e-5}, "primary_endpoint": "accuracy"}
-    assert compare.plan_changes(plan, json.loads(json.dumps(plan))) == []
+    assert design.plan_changes(plan, json.loads(json.dumps(plan))) == []
     changed = {**plan, "setup": {"steps": 21, "lr": 5e-5}, "primary_endpoint": "logp"}
-    assert compare.plan_changes(plan, changed) == ["setup.steps", "primary_endpoint"]
+    assert design.plan_changes(plan, changed) == ["setup.steps", "primary_endpoint"]
 
     # the committed study, resumed with one option changed: refused, and the file kept as it was
     output = tmp_path / "compare.json"
@@ -331,12 +346,10 @@ def test_train_step_compare_runs_each_project_row_at_each_precision_and_trl_once
     assert all(r["step_s"] > 0 and r["rollout_s"] > 0 for r in rows)
 
 
-def test_gate_samples_every_condition_for_every_item(compare):
+def test_gate_samples_every_condition_for_every_item(compare, design, gate):
     """repair_rates on the tiny model: the student alone, each context and each shuffled control
     (only the plumbing; the tiny model's rates mean nothing)."""
-    import gate
-
-    setup = compare.Setup(
+    setup = design.Setup(
         model="builtin:tiny-random", task={"num_ops": 1, "max_operand": 5}, max_new_tokens=4
     )
     task = setup.arithmetic()
