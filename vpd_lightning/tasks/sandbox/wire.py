@@ -13,8 +13,9 @@ message (``MAX_WORK`` units): every JSON value costs a unit (counted on the text
 parsed), and building a set or dict costs the comparisons among members whose hashes collide
 (``hash(i * (2**61 - 1)) == 0`` for every int ``i``), each weighted by what comparing those members
 may cost: their own size and the comparisons inside them, so sets of sets of colliding values are
-charged for what comparing them costs, not for their length. A list or tuple is charged for the
-set the trusted tests may make of it (a repeated value counts once per distinct value of its hash).
+charged for what comparing them costs, not for their length. The value, and each list or tuple
+directly in it, is charged for the set the trusted tests may make of it (a repeated value counts
+once per distinct value of its hash).
 The charge is made before the set is built; past the budget, :class:`WireTooLarge`.
 
 Messages are length-prefixed (4 bytes, big-endian). The judge's messages to the sandbox (call
@@ -186,7 +187,8 @@ def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
     if kind is list:
         costs = []
         items, cost = _decode_items(data, depth, budget, costs)
-        _charge_as_set(items, costs, budget)
+        if depth <= _SET_DEPTH:
+            _charge_as_set(items, costs, budget)
         return items, cost
     if kind is not dict or len(data) != 1:
         raise WireError("bad value")
@@ -196,7 +198,8 @@ def _decode(data: object, depth: int, budget: Budget) -> tuple[object, int]:
             costs = []
             items, cost = _decode_items(body, depth, budget, costs)
             if tag == "tuple":
-                _charge_as_set(items, costs, budget)
+                if depth <= _SET_DEPTH:
+                    _charge_as_set(items, costs, budget)
             else:
                 cost += _charge_hashes(items, costs, budget)
             return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](items), cost
@@ -274,6 +277,10 @@ def _charge_hashes(members: list, costs: list[int], budget: Budget) -> int:
 # frozenset's combine their members'): a set built from them can be made to collide. A str's and a
 # bytes' hash is keyed (SipHash) and cannot be chosen; None's is fixed.
 _CHOSEN_HASH = frozenset({bool, int, float, complex, tuple, frozenset})
+# The lists and tuples charged for the set the tests may make of them: the value itself and those
+# directly in it (`set(f())`, `set(f()[0])`, a dict's values). Deeper ones are not: hashing their
+# tuple members at every level would walk them once per level.
+_SET_DEPTH = 1
 
 
 def _charge_as_set(items: list, costs: list[int], budget: Budget) -> None:
@@ -281,36 +288,34 @@ def _charge_as_set(items: list, costs: list[int], budget: Budget) -> None:
     take: the trusted tests may (``set(result)``, ``Counter(result)``, ``x in set(result)``), in
     one C call that no deadline interrupts. As `_charge_hashes`, except that a member equal to an
     earlier one costs one comparison per distinct value of its hash, not one per member (honest
-    lists repeat values): n members of one hash with d distinct values cost about n * d."""
-    chosen = [(i, c) for i, c in zip(items, costs, strict=True) if type(i) in _CHOSEN_HASH]
-    if len(chosen) < 2:
+    lists repeat values): n members of one hash with d distinct values cost about n * d. The
+    common case, members of distinct hashes, takes C calls only."""
+    if len(items) < 2 or not _CHOSEN_HASH.intersection(map(type, items)):
         return
-    # hashing a tuple walks it, again at every level it is nested in: charged before
-    walks = sum(1 + (cost >> 4) for item, cost in chosen if type(item) is tuple)
-    budget.spend(walks, f"a list or tuple of {len(items)} members to hash")
-    hashed: list[tuple[int, object, int]] = []
-    for item, cost in chosen:
+    try:
+        if len(set(map(hash, items))) == len(items):  # no two members share a hash
+            return
+    except TypeError:  # a tuple holding a list or dict (skipped below: no set can hold it)
+        pass
+    from collections import Counter  # the judge's side only
+
+    objects = dict(zip(map(id, items), items, strict=True))  # a repeat of one object: found by `is`
+    cost_of = dict(zip(map(id, items), costs, strict=True))
+    count_of = Counter(map(id, items))
+    groups: dict[int, list[int]] = {}
+    for key, item in objects.items():
         try:
-            hashed.append((hash(item), item, cost))
-        except TypeError:  # a tuple holding a list or dict: no set can hold it
+            groups.setdefault(hash(item), []).append(key)
+        except TypeError:
             continue
-    if len({key for key, _, _ in hashed}) == len(hashed):  # no collision (the common case)
-        return
-    groups: dict[int, list[tuple[object, int]]] = {}
-    for key, item, cost in hashed:
-        groups.setdefault(key, []).append((item, cost))
     work = 0
-    for group in groups.values():
-        if len(group) < 2:
+    for keys in groups.values():
+        if len(keys) == 1:  # one object, repeated: each repeat is found by identity
             continue
-        first = group[0][0]
-        if all(item is first for item, _ in group):  # one object repeated (a small int, a bool)
-            distinct = 1
-        else:  # equal values have equal text: tell them apart by it, in linear time
-            budget.spend(sum(cost for _, cost in group), "telling colliding members apart")
-            distinct = len({dump(item) for item, _ in group})
-        n = len(group)
-        work += (n * distinct - distinct * (distinct + 1) // 2) * max(c for _, c in group)
+        budget.spend(sum(cost_of[k] for k in keys), "telling colliding members apart")
+        distinct = len({dump(objects[k]) for k in keys})  # equal values have equal text
+        n = sum(count_of[k] for k in keys)
+        work += (n * distinct - distinct * (distinct + 1) // 2) * max(cost_of[k] for k in keys)
     budget.spend(
         work,
         f"a list or tuple of {len(items)} members whose hashes collide "
