@@ -21,28 +21,29 @@ from vpd_lightning.tasks import Verdict
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def import_benchmark(monkeypatch, name: str):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def compare(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("compare_methods")
+    return import_benchmark(monkeypatch, "compare_methods")
 
 
 @pytest.fixture
 def design(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("study_design")
+    return import_benchmark(monkeypatch, "study_design")
 
 
 @pytest.fixture
 def study_summary(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("study_summary")
+    return import_benchmark(monkeypatch, "study_summary")
 
 
 @pytest.fixture
 def gate(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("gate")
+    return import_benchmark(monkeypatch, "gate")
 
 
 def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
