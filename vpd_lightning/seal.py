@@ -19,11 +19,10 @@ from typing import BinaryIO
 import torch
 
 from vpd_lightning.errors import UserInputError
-from vpd_lightning.run.checks import load_checkpoint_file
+from vpd_lightning.run.checks import load_checkpoint_file, sharded_metadata
 from vpd_lightning.trainer.checkpoint_files import (
     CHECKSUM_KEY,
     MANIFEST,
-    SHARDED_METADATA,
     check_dcp_items,
     check_regular_files,
     manifest_text,
@@ -69,15 +68,11 @@ def _seal_folder(folder: Path) -> str:
     if (folder / MANIFEST).exists():
         verify_folder(folder)
         return f"already sealed; every file matches its {MANIFEST}"
-    if not (folder / SHARDED_METADATA).is_file():
-        raise UserInputError(
-            f"ckpt_path {folder}: is a directory without {SHARDED_METADATA}, so not a sharded "
-            "(fsdp2) checkpoint; give the .ckpt file in it"
-        )
+    metadata = sharded_metadata(folder)
     remove_stale_temps(folder / MANIFEST)  # a killed seal's temporary is not a shard
     check_regular_files(folder)
     check_dcp_items(folder, read_dcp_metadata(folder))
-    load_checkpoint_file(folder / SHARDED_METADATA)  # bounded, and a VPDModule checkpoint's
+    load_checkpoint_file(metadata)  # bounded, and a VPDModule checkpoint's
     text = manifest_text(folder).encode("utf-8")
     _write(folder / MANIFEST, lambda file: file.write(text), text)
     return f"sealed (wrote {MANIFEST})"

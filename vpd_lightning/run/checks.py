@@ -355,6 +355,16 @@ def resolve_last_checkpoint(trainer_config: Any) -> Path:
     return versions[-1] / "checkpoints" / LAST
 
 
+def sharded_metadata(folder: Path) -> Path:
+    """The `meta.pt` of a sharded (fsdp2) checkpoint folder, or a `UserInputError`."""
+    if not (folder / SHARDED_METADATA).is_file():
+        raise UserInputError(
+            f"ckpt_path {folder}: is a directory without {SHARDED_METADATA}, so not a sharded "
+            "(fsdp2) checkpoint; give the .ckpt file in it"
+        )
+    return folder / SHARDED_METADATA
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
     """The checkpoint's contents (of a sharded folder: its `meta.pt`, without the weights), read
     without running or expanding anything (`checkpoint_files`), or a `UserInputError` that names
@@ -364,13 +374,9 @@ def load_checkpoint_file(path: str | Path) -> dict:
     if not file.exists():
         raise UserInputError(f"ckpt_path {path}: no such file")
     if file.is_dir():
-        if not (file / SHARDED_METADATA).is_file():
-            raise UserInputError(
-                f"ckpt_path {path}: is a directory without {SHARDED_METADATA}, so not a sharded "
-                "(fsdp2) checkpoint; give the .ckpt file in it"
-            )
+        metadata = sharded_metadata(file)
         verify_folder(file)
-        file = file / SHARDED_METADATA
+        file = metadata
     checkpoint = read_archive(file, str(path))
     if not isinstance(checkpoint, dict) or "vpd_state" not in checkpoint:
         raise UserInputError(
