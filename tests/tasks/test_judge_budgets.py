@@ -79,7 +79,7 @@ def test_collision_budget_is_checked_before_the_set_is_built():
 
 def test_a_list_of_colliding_values_is_charged_for_the_set_the_tests_may_make_of_it():
     # Before: a list of 40,000 colliding ints decoded freely, and `set(f())` in the trusted tests
-    # then held the GIL for 8.8 s in one C call, past the 3 s deadline (0.6 s for 10,000: n**2).
+    # then held the GIL for 9.4 s in one C call, past the 3 s deadline (0.7 s for 10,000: n**2).
     response = "def f():\n    return [i * (2**61 - 1) for i in range(40000)]\n"
     outcome, elapsed = judged(response, "assert set(f()) == {0}")
     assert not outcome.passed
