@@ -7,6 +7,7 @@ test`; these tests fail, not skip, without it)."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import shlex
@@ -165,6 +166,26 @@ def test_fsdp2_and_unsupported_head_sizes_are_refused_in_one_line():
     config = SimpleNamespace(head_dim=None, hidden_size=64, num_attention_heads=4)
     with pytest.raises(UserInputError, match="head size is 16"):
         check_cpu_head_size(config)
+
+
+def test_only_the_tokenizerless_chat_warmup_warning_is_silenced(caplog):
+    from vpd_lightning.rollout.vllm_engine import _without_tokenizerless_chat_warmup_warning
+
+    logger = logging.getLogger("vllm.renderers.base")
+    tokenizerless = ValueError("cannot get the tokenizer: skip_tokenizer_init=True")
+    other = ValueError("the chat template has a syntax error")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        with _without_tokenizerless_chat_warmup_warning():
+            for error in (tokenizerless, other):
+                try:
+                    raise error
+                except ValueError:
+                    logger.warning("Chat template warmup failed", exc_info=True)
+        try:
+            raise tokenizerless
+        except ValueError:
+            logger.warning("Chat template warmup failed", exc_info=True)  # outside: kept
+    assert [r.exc_info[1] for r in caplog.records] == [other, tokenizerless]
 
 
 def test_truncated_importance_weights_are_capped_ratios_without_gradient():

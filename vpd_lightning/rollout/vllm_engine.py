@@ -63,30 +63,31 @@ def check_cpu_head_size(config) -> None:
         )
 
 
-class _TokenizerlessChatWarmup(logging.Filter):
-    """Drops vLLM's "Chat template warmup failed" warning when the failure is the missing
+def _is_tokenizerless_chat_warmup(record: logging.LogRecord) -> bool:
+    """Whether `record` is vLLM's "Chat template warmup failed" warning caused by the missing
     tokenizer: the engine runs with `skip_tokenizer_init` (it is given token ids, never chat
     messages), so that warmup always fails, harmlessly, with a traceback in the run's output.
     Any other warmup failure is still logged."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (
-            record.getMessage() == "Chat template warmup failed"
-            and isinstance(error, ValueError)
-            and "skip_tokenizer_init" in str(error)
-        )
+    error = record.exc_info[1] if record.exc_info else None
+    return (
+        record.getMessage() == "Chat template warmup failed"
+        and isinstance(error, ValueError)
+        and "skip_tokenizer_init" in str(error)
+    )
 
 
 @contextlib.contextmanager
 def _without_tokenizerless_chat_warmup_warning() -> Iterator[None]:
     logger = logging.getLogger("vllm.renderers.base")
-    quiet = _TokenizerlessChatWarmup()
-    logger.addFilter(quiet)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not _is_tokenizerless_chat_warmup(record)
+
+    logger.addFilter(keep)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        logger.removeFilter(keep)
 
 
 def request_seed(seed: int, index: int) -> int:
