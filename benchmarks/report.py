@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench_kernels import precision_markdown
 from floor import markdown_table as floor_table
-from study_design import Setup, task_text
+from study_design import PRIMARY, Setup, task_text
 from study_summary import markdown_tables as compare_table
 from train_step import markdown_table as train_step_table
 
@@ -47,15 +47,18 @@ def reading(compare: dict) -> list[str]:
     lines = []
     for d in compare["summary"]["differences"]:
         low, high = d["ci95"]
-        if low > 0:
+        if d.get("seeds_tie"):
+            verdict = "nothing is shown (the seeds tie exactly: no spread is measured)"
+        elif low > 0:
             verdict = f"{d['a']} is higher"
         elif high < 0:
             verdict = f"{d['a']} is lower"
         else:
             verdict = "no difference is shown (the interval includes 0)"
+        seeds = f" over {len(d['seeds'])} seeds" if "seeds" in d else ""
         lines.append(
-            f"- {d['a']} − {d['b']}, {MEASURE_NAMES[d['measure']]}: {d['difference']:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}]: {verdict}."
+            f"- {d['a']} − {d['b']}{seeds}, {MEASURE_NAMES[d['measure']]}: "
+            f"{d['difference']:+.3f} [{low:+.3f}, {high:+.3f}]: {verdict}."
         )
     return lines
 
@@ -156,10 +159,14 @@ def timing_sentence(compare: dict) -> str:
     minutes, sizing = compare["seconds"] / 60, compare["plan"]["sizing"]
     planned = sizing["expected_minutes"]
     if "part_minutes" in sizing:
+        gate = compare.get("gate", {}).get("seconds", 0) / 60  # 0: run with --no-gate
+        baseline = compare["baseline"]["seconds"] / 60
         return (
-            f"The baseline and the {len(compare['runs'])} runs took {minutes:.0f} min on "
-            f"{compare['machine']['cpu_count']} CPU cores, against {planned:.0f} min in the "
-            "plan, which priced every part (gate, baseline, training, probes, evaluations)."
+            f"The gate, the baseline and the {len(compare['runs'])} runs took "
+            f"{gate + minutes:.0f} min on {compare['machine']['cpu_count']} CPU cores (gate "
+            f"{gate:.0f}, baseline {baseline:.0f}, runs {minutes - baseline:.0f}), against "
+            f"{planned:.0f} min in the plan, which priced every part (gate, baseline, training, "
+            "probes, evaluations)."
         )
     probe_minutes = sum(r["probe_seconds"] for r in compare["runs"]) / 60
     return (
@@ -201,6 +208,18 @@ def unrun_study_section(compare: dict, device: str) -> list[str]:
     ]
 
 
+def seeds_text(s: dict) -> str:
+    """The seeds each arm ran (a study with `secondary_seeds` runs fewer beside its primary pair)."""
+    seeds = ", ".join(map(str, s["seeds"]))
+    if "secondary_seeds" not in s:
+        return f"seeds {seeds}"
+    primary = [a for a in s["arms"] if a in PRIMARY]
+    return (
+        f"seeds {seeds} for {' and '.join(primary)}, "
+        f"{', '.join(map(str, s['secondary_seeds']))} for the others"
+    )
+
+
 def context_text(context: str) -> str:
     """What the vpd arms' teacher is shown besides the prompt (`Setup.context`)."""
     shown = {
@@ -231,8 +250,8 @@ def compare_section(
         f"({task_text(s['task'])}) with diagnostic feedback, {context_text(context)}, "
         f"{s['steps']} steps of {s['prompts_per_step']} "
         f"prompts x {s['num_generations']} rollouts, lr {s['lr']:g} for every arm, vpd's E-step "
-        f"every {s['estep_every']} steps, seeds {', '.join(map(str, s['seeds']))} (each seed "
-        f"gives every arm the same prompt order and rollout seeds). {timing_sentence(compare)}",
+        f"every {s['estep_every']} steps, {seeds_text(s)} (each seed gives every arm the same "
+        f"prompt order and rollout seeds). {timing_sentence(compare)}",
         "",
         *stopped_lines(compare),
         *calibration_lines(compare["calibration"]),

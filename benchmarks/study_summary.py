@@ -46,9 +46,20 @@ def seed_stats(rows: dict[int, list[float]]) -> dict:
     return {
         "mean": statistics.fmean(seed_means) if seed_means else float("nan"),
         "ci95": t_interval(seed_means),
+        "seeds_tie": seeds_tie(seed_means),
         "seed_means": seed_means,
         "within_seed_ci95": [t_interval(rows[s]) for s in sorted(rows)],
     }
+
+
+def seeds_tie(seed_means: list[float]) -> bool:
+    """Whether two or more seeds have exactly one value (2 seeds of a measure on a grid of items,
+    such as a repair rate over 32 items, can): their t-interval has width 0, measures no spread
+    and so shows nothing."""
+    if len(seed_means) < 2:
+        return False
+    scale = max(1.0, *(abs(m) for m in seed_means))
+    return max(seed_means) - min(seed_means) <= 1e-9 * scale  # equal up to float rounding
 
 
 def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
@@ -90,7 +101,8 @@ def summarize(setup: Setup, base: dict, runs: list[dict]) -> dict:
                     "seed_differences": stats["seed_means"],
                     "ci95": [low, high],
                     "within_seed_ci95": stats["within_seed_ci95"],
-                    "excludes_0": low > 0 or high < 0,
+                    "seeds_tie": stats["seeds_tie"],
+                    "excludes_0": not stats["seeds_tie"] and (low > 0 or high < 0),
                 }
             )
     return summary
@@ -114,6 +126,10 @@ TABLE_HEADS = {
 studies since, the sample bank's margin)."""
 
 
+TIE = "†"
+"""Marks a value whose seeds tie exactly (`seeds_tie`)."""
+
+
 def interval_kind(result: dict) -> str:
     """How the study's intervals were computed, as its plan recorded it."""
     plan = result["plan"]
@@ -133,8 +149,17 @@ def markdown_tables(result: dict) -> str:
     ]
 
     def cell(stat: dict) -> str:
-        return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
+        tie = TIE if stat.get("seeds_tie") else ""
+        return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]{tie}"
 
+    stats_shown = summary["differences"] + [
+        stat for stats in summary["arms"].values() for stat in stats.values()
+    ]
+    tie_note = (
+        f"; {TIE}: the seeds tie exactly, so the interval measures no spread and is never bold"
+        if any(stat.get("seeds_tie") for stat in stats_shown)
+        else ""
+    )
     lines.append(
         "| before training | - | " + " | ".join(cell(summary["before"][m]) for m in shown) + " |"
     )
@@ -144,7 +169,7 @@ def markdown_tables(result: dict) -> str:
     lines += [
         "",
         f"Paired differences after {setup['steps']} steps ({interval_kind(result)}; **bold**: "
-        "the interval excludes 0):",
+        f"the interval excludes 0{tie_note}):",
         "",
         "| difference | " + " | ".join(heads) + " |",
         "|---|" + "---|" * len(shown),
@@ -157,6 +182,8 @@ def markdown_tables(result: dict) -> str:
         for m in shown:
             d = measures[m]
             text = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            if d.get("seeds_tie"):
+                text += TIE
             cells.append(f"**{text}**" if d["excludes_0"] else text)
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -97,7 +97,7 @@ def test_compare_methods_calibrates_plans_then_runs_every_arm_and_seed(
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     section = report.render()
     assert "| vpd − vpd-no-estep |" in section and "Primary endpoint" in section
-    assert "vpd − vpd-no-estep, student accuracy:" in section
+    assert "vpd − vpd-no-estep over 2 seeds, student accuracy:" in section
 
 
 def test_vpd_no_estep_is_vpd_with_only_the_estep_off(compare, design):
@@ -196,6 +196,18 @@ def test_intervals_are_t_intervals_across_seeds_and_paired_within_them(design, s
     versus_sdpo = [d for d in summary["differences"] if d["b"] == "sdpo"]
     assert versus_sdpo and all(d["seeds"] == [0] for d in versus_sdpo)
     assert all(math.isnan(x) for x in versus_sdpo[0]["ci95"])  # one seed: no interval claimed
+
+    # The paired difference is 0.1 in every seed: a zero-width interval that measures no spread
+    # shows nothing, in the summary, the table and the reading alike.
+    assert primary["seeds_tie"] and not primary["excludes_0"]
+    result = {"summary": summary, "plan": {"setup": {"steps": 3}}}
+    row = next(line for line in study_summary.markdown_tables(result).splitlines()
+               if line.startswith("| vpd − vpd-no-estep"))  # fmt: skip
+    assert "+0.100 [+0.100, +0.100]†" in row and "**" not in row
+    report = importlib.import_module("report")  # on the path through the study_summary fixture
+    (said,) = [line for line in report.reading(result)
+               if "vpd − vpd-no-estep over 4 seeds, student accuracy" in line]  # fmt: skip
+    assert said and "the seeds tie exactly" in said
 
 
 def test_the_last_training_step_is_never_an_estep(design):
