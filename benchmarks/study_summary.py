@@ -53,9 +53,9 @@ def seed_stats(rows: dict[int, list[float]]) -> dict:
 
 
 def seeds_tie(seed_means: list[float]) -> bool:
-    """Whether two or more seeds have exactly one value (2 seeds of a measure on a grid of items,
-    such as a repair rate over 32 items, can): their t-interval has width 0, measures no spread
-    and so shows nothing."""
+    """Whether two or more seeds share one value (2 seeds of a measure on a grid of items, such
+    as a repair rate over 32 items, can): their t-interval has width 0, measures no spread and so
+    shows nothing."""
     if len(seed_means) < 2:
         return False
     scale = max(1.0, *(abs(m) for m in seed_means))
