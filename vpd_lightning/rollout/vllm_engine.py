@@ -63,13 +63,13 @@ def check_cpu_head_size(config) -> None:
         )
 
 
-def _is_tokenizerless_chat_warmup(record: logging.LogRecord) -> bool:
-    """Whether `record` is vLLM's "Chat template warmup failed" warning caused by the missing
-    tokenizer: the engine runs with `skip_tokenizer_init` (it is given token ids, never chat
+def _not_tokenizerless_chat_warmup(record: logging.LogRecord) -> bool:
+    """A log filter: False for vLLM's "Chat template warmup failed" warning caused by the missing
+    tokenizer. The engine runs with `skip_tokenizer_init` (it is given token ids, never chat
     messages), so that warmup always fails, harmlessly, with a traceback in the run's output.
     Any other warmup failure is still logged."""
     error = record.exc_info[1] if record.exc_info else None
-    return (
+    return not (
         record.getMessage() == "Chat template warmup failed"
         and isinstance(error, ValueError)
         and "skip_tokenizer_init" in str(error)
@@ -79,15 +79,11 @@ def _is_tokenizerless_chat_warmup(record: logging.LogRecord) -> bool:
 @contextlib.contextmanager
 def _without_tokenizerless_chat_warmup_warning() -> Iterator[None]:
     logger = logging.getLogger("vllm.renderers.base")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not _is_tokenizerless_chat_warmup(record)
-
-    logger.addFilter(keep)
+    logger.addFilter(_not_tokenizerless_chat_warmup)
     try:
         yield
     finally:
-        logger.removeFilter(keep)
+        logger.removeFilter(_not_tokenizerless_chat_warmup)
 
 
 def request_seed(seed: int, index: int) -> int:
