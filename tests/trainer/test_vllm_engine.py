@@ -50,6 +50,7 @@ def smollm2():
         for q in QUESTIONS
     ]
     engine = VLLMEngine(network, tokenizer.pad_token_id, eos)
+    engine._start(network)  # now, not at the first call: any test may be the first to use it
     yield SimpleNamespace(
         tokenizer=tokenizer,
         network=network,
@@ -216,7 +217,7 @@ def test_the_readmes_vllm_quickstart_command_runs(smollm2, tmp_path, monkeypatch
     short += ["--model.rollout.max_new_tokens", "8", "--model.validation.max_new_tokens", "8"]
     try:
         cli = main([*args, *short])
-    finally:
-        smollm2.engine.pushed = None  # the shared instance holds the quickstart's weights now
+    finally:  # the CLI closed the shared instance; a later use starts a new one
+        smollm2.engine.llm = smollm2.engine.pushed = None
     assert "vpd_lightning: training finished" in capsys.readouterr().out
     assert cli.model.engine.pushes >= 1 and cli.model.engine.last_probe_gap < 1e-3
